@@ -1,0 +1,51 @@
+# Two commands on a fresh machine:  `make serve`  and  `make test`.
+PYTHON ?= python3.11
+ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
+PYTHON := python3
+endif
+PORT ?= 8000
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: serve test test-fast bench train lock clean
+
+.venv/.installed: requirements.txt
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	touch $@
+
+.venv-dev/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv .venv-dev
+	.venv-dev/bin/pip install -q -r requirements-dev.txt
+	touch $@
+
+.venv-train/.installed: requirements.txt requirements-dev.txt requirements-train.txt
+	$(PYTHON) -m venv .venv-train
+	.venv-train/bin/pip install -q -r requirements-train.txt
+	touch $@
+
+## serve: create the serving environment and run the service on the committed models (SQLite log)
+serve: .venv/.installed
+	mkdir -p var
+	PORT=$(PORT) .venv/bin/gunicorn -c gunicorn.conf.py app.main:app
+
+## test: create the test environment and run the whole suite (unit + contract, SQLite + PostgreSQL)
+test: .venv-dev/.installed
+	.venv-dev/bin/python -m pytest
+
+## bench: start the server and print boot time, RSS and per-task figures (bench/results/*.json)
+bench: .venv-dev/.installed .venv/.installed
+	.venv-dev/bin/python -m bench.startup
+	for task in clustering digits segmentation emotion; do .venv-dev/bin/python -m bench.$$task || exit 1; done
+
+## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU)
+train: .venv-train/.installed
+	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
+
+## lock: re-pin requirements.txt from requirements.in
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q -r requirements.in
+	(echo "# Serving dependencies, pinned (generated from requirements.in by 'make lock'). No TensorFlow."; \
+	 .venv-lock/bin/pip freeze) > requirements.txt && rm -rf .venv-lock
+
+clean:
+	rm -rf .venv .venv-dev var .pytest_cache

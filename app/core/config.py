@@ -1,0 +1,62 @@
+"""Settings from the environment (pydantic-settings). Every knob is documented in README.md."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", protected_namespaces=())
+
+    port: int = 8000
+    web_concurrency: int = Field(2, ge=1, le=64)
+    models_dir: Path = REPO_ROOT / "models"
+    # Pin versions per task, e.g. MODEL_VERSIONS='{"digits": "2026.11.25.0912"}'; else the latest.
+    model_versions: dict[str, str] = {}
+    inference_threads: int = Field(1, ge=1, le=64, description="LiteRT threads per interpreter")
+    database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
+    log_level: str = "INFO"
+    max_upload_mb: float = Field(10.0, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_audio_seconds: float = Field(60.0, gt=0)
+    cors_origins: Annotated[list[str], NoDecode] = []
+    admin_token: SecretStr | None = None
+    store_inputs: bool = False
+    log_buffer_size: int = Field(10_000, ge=1)
+    log_flush_interval_s: float = Field(0.5, gt=0)
+    drift_window: int = Field(500, ge=1, description="default window: most recent N predictions")
+    drift_min_samples: int = Field(30, ge=1)
+    drift_refresh_s: float = Field(60.0, gt=0, description="how often each worker refreshes drift gauges")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _heroku_scheme(cls, value: str) -> str:
+        # Heroku still hands out postgres://; SQLAlchemy 2 wants postgresql+<driver>://.
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value[len("postgres://"):]
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value[len("postgresql://"):]
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

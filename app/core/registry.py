@@ -1,0 +1,176 @@
+"""Model registry: every ``models/<task>/<version>/`` behind one small interface.
+
+A task's model class subclasses :class:`ServedModel` (as Seldon MLServer's ``MLModel``: ``load``,
+``predict``, ``metadata``). At start-up the registry loads, for every task with a registered class,
+the version pinned in ``MODEL_VERSIONS`` or else the latest one. A broken or missing artifact fails
+that task alone: it is logged, listed as not ready by ``/health/ready`` and ``/v1/models``, and its
+routes answer 503, while the other tasks serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+from fastapi import Request
+
+from app.core.config import Settings
+from app.core.errors import ProblemError
+
+log = logging.getLogger("app.registry")
+
+
+class ServedModel:
+    """A loaded model version. Subclasses set ``task`` and implement ``_load_artifacts``/``predict``."""
+
+    task: ClassVar[str] = ""
+
+    def __init__(self, path: Path, metadata: dict[str, Any], reference: dict[str, Any] | None,
+                 settings: Settings) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.reference = reference
+        self.settings = settings
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", self.path.name))
+
+    @classmethod
+    def load(cls, path: Path, settings: Settings) -> Self:
+        metadata_path = path / "metadata.json"
+        if not metadata_path.is_file():
+            raise FileNotFoundError(f"{metadata_path} is missing")
+        metadata = json.loads(metadata_path.read_text())
+        metadata.setdefault("version", path.name)
+        reference_path = path / "reference.json"
+        reference = json.loads(reference_path.read_text()) if reference_path.is_file() else None
+        model = cls(path, metadata, reference, settings)
+        model._load_artifacts()
+        model.warm_up()
+        return model
+
+    def _load_artifacts(self) -> None:
+        """Load the model file(s) under ``self.path``; raise if anything is missing or broken."""
+
+    def warm_up(self) -> None:
+        """Run one dummy prediction so the first request pays no allocation cost (optional)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows: name, version, task, specs, training metrics, created."""
+        md = self.metadata
+        return {
+            "name": md.get("name", self.task),
+            "task": self.task,
+            "version": self.version,
+            "created": md.get("created"),
+            "description": md.get("description"),
+            "input": md.get("input"),
+            "output": md.get("output"),
+            "labels": md.get("labels"),
+            "metrics": md.get("metrics"),
+            "has_reference": self.reference is not None,
+        }
+
+
+@dataclass
+class ModelSlot:
+    task: str
+    version: str | None = None
+    path: Path | None = None
+    model: ServedModel | None = None
+    error: str | None = None
+    load_seconds: float | None = None
+    available_versions: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Natural sort key: ``2026.11.25.0912`` > ``2026.11.3.1200``, ``10`` > ``9``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_+]", version))
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, model_classes: Mapping[str, type[ServedModel]]) -> None:
+        self.settings = settings
+        self.model_classes = dict(model_classes)
+        self.slots: dict[str, ModelSlot] = {task: ModelSlot(task) for task in self.model_classes}
+
+    def load_all(self) -> None:
+        for task in self.model_classes:
+            self.slots[task] = self._load(task)
+
+    def _load(self, task: str) -> ModelSlot:
+        slot = ModelSlot(task)
+        task_dir = Path(self.settings.models_dir) / task
+        versions = sorted((p.name for p in task_dir.iterdir() if p.is_dir()), key=version_key) \
+            if task_dir.is_dir() else []
+        slot.available_versions = versions
+        pinned = self.settings.model_versions.get(task)
+        if pinned is not None and pinned not in versions:
+            slot.error = f"pinned version {pinned!r} not found in {task_dir}"
+        elif not versions:
+            slot.error = f"no model versions under {task_dir}"
+        else:
+            slot.version = pinned or versions[-1]
+            slot.path = task_dir / slot.version
+            started = time.perf_counter()
+            try:
+                slot.model = self.model_classes[task].load(slot.path, self.settings)
+            except Exception as exc:  # a broken artifact must not take the other models down
+                slot.error = f"{type(exc).__name__}: {exc}"
+            slot.load_seconds = round(time.perf_counter() - started, 3)
+        if slot.error:
+            log.error("model not ready", extra={"model": task, "version": slot.version,
+                                                "error": slot.error})
+        else:
+            log.info("model loaded", extra={"model": task, "version": slot.version,
+                                            "load_s": slot.load_seconds})
+        return slot
+
+    def get(self, task: str) -> ServedModel:
+        slot = self.slots.get(task)
+        if slot is None or slot.model is None:
+            reason = slot.error if slot is not None else "unknown model"
+            raise ProblemError(503, "model-unavailable",
+                               f"The {task} model is not loaded ({reason}).",
+                               headers={"Retry-After": "30"})
+        return slot.model
+
+    def models(self) -> list[ServedModel]:
+        return [s.model for s in self.slots.values() if s.model is not None]
+
+    @property
+    def ready(self) -> bool:
+        return all(slot.ready for slot in self.slots.values())
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {task: {"ready": s.ready, "version": s.version, "error": s.error,
+                       "load_seconds": s.load_seconds}
+                for task, s in self.slots.items()}
+
+
+def model_dependency(task: str) -> Callable[[Request], ServedModel]:
+    """FastAPI dependency: the loaded model for ``task`` (503 if not ready), noted for the access log."""
+
+    def dependency(request: Request) -> ServedModel:
+        model = request.app.state.registry.get(task)
+        request.state.model_name = task
+        request.state.model_version = model.version
+        return model
+
+    dependency.__name__ = f"{task}_model"
+    return dependency

@@ -1,0 +1,104 @@
+"""App factory: settings, logging, middleware, routers and the lifespan that loads the models.
+
+Served by ``gunicorn -c gunicorn.conf.py app.main:app`` (uvicorn workers); each worker process
+builds its own app, so every worker has its own LiteRT interpreters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from app.core.config import Settings, get_settings
+from app.core.errors import install_error_handlers, problem_response
+from app.core.logging import configure_logging
+from app.core.middleware import RequestContextMiddleware
+from app.core.registry import ModelRegistry, ModelSlot
+from app.monitoring import setup_monitoring, shutdown_monitoring
+from app.monitoring.metrics import render_metrics
+from app.monitoring.router import router as monitoring_router
+from app.tasks import load_slices
+
+API_DESCRIPTION = """Inference for four models trained offline: customer segments and ad-hoc K-means
+(clustering), handwritten digits (CNN), EM membrane masks (U-Net) and speech emotion (MFCC + CNN).
+Errors are RFC 9457 problem details; every response carries an X-Request-ID."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    slices = load_slices()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = ModelRegistry(settings, {s.name: s.model_class for s in slices if s.model_class})
+        registry.load_all()
+        for s in slices:
+            if s.import_error:
+                registry.slots[s.name] = ModelSlot(
+                    s.name, error=f"task code failed to import: {s.import_error}")
+        app.state.registry = registry
+        setup_monitoring(app, settings)
+        try:
+            yield
+        finally:
+            shutdown_monitoring(app)
+
+    app = FastAPI(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+
+    @app.get("/health/live", tags=["health"])
+    async def live() -> dict[str, str]:
+        """The process is up and answering."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["health"], responses={503: {"description": "models not loaded"}})
+    async def ready(request: Request) -> Response:
+        """200 only when every model is loaded; else 503 naming the ones that are not."""
+        registry: ModelRegistry = request.app.state.registry
+        status = registry.status()
+        if registry.ready:
+            return JSONResponse({"status": "ready", "models": status})
+        not_ready = sorted(task for task, s in status.items() if not s["ready"])
+        return problem_response(request, 503, "models-not-ready",
+                                f"Not loaded: {', '.join(not_ready)}.", not_ready=not_ready,
+                                models=status, headers={"Retry-After": "10"})
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models(request: Request) -> dict[str, Any]:
+        """Every task: version, input/output spec, training metrics, created; or why it is not loaded."""
+        registry: ModelRegistry = request.app.state.registry
+        models = []
+        for task, slot in registry.slots.items():
+            if slot.model is not None:
+                models.append({**slot.model.describe(), "ready": True})
+            else:
+                models.append({"name": task, "task": task, "version": slot.version, "ready": False,
+                               "error": slot.error})
+        return {"models": models}
+
+    @app.get("/metrics", tags=["monitoring"], include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = render_metrics()
+        return Response(body, media_type=content_type)
+
+    for s in slices:
+        if s.router is not None:
+            app.include_router(s.router)
+    app.include_router(monitoring_router)
+    return app
+
+
+app = create_app()

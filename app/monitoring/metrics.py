@@ -1,0 +1,59 @@
+"""Prometheus metrics (prometheus-client), multiprocess-aware.
+
+Under gunicorn each worker is its own process, so ``gunicorn.conf.py`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers fork and marks dead workers;
+``GET /metrics`` then aggregates every worker's files with ``MultiProcessCollector``. Without that
+variable (unit tests, a plain ``uvicorn`` run) the default in-process registry is served.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
+
+REQUESTS = Counter("http_requests_total", "HTTP requests by route, method, status and model",
+                   ["route", "method", "status", "model"])
+REQUEST_LATENCY = Histogram("http_request_duration_seconds", "Request latency by route and model",
+                            ["route", "method", "model"], buckets=LATENCY_BUCKETS)
+PREDICTIONS = Counter("predictions_total", "Predictions served, by model, version and predicted class",
+                      ["model", "version", "prediction"])
+INFERENCE_LATENCY = Histogram("inference_duration_seconds", "Model compute time per request",
+                              ["model"], buckets=LATENCY_BUCKETS)
+DRIFT_SCORE = Gauge("model_drift_score", "Largest drift score (PSI) over the model's features in the "
+                    "current window", ["model"], multiprocess_mode="mostrecent")
+DRIFT_DETECTED = Gauge("model_drift_detected", "1 if the model's drift status is 'drift'", ["model"],
+                       multiprocess_mode="mostrecent")
+LOG_WRITE_FAILURES = Counter("prediction_log_write_failures_total",
+                             "Failed attempts to write buffered prediction-log rows")
+LOG_ROWS_WRITTEN = Counter("prediction_log_rows_written_total", "Prediction-log rows written")
+LOG_ROWS_DROPPED = Counter("prediction_log_rows_dropped_total",
+                           "Prediction-log rows dropped because the bounded buffer was full")
+LOG_BUFFERED = Gauge("prediction_log_buffered_rows", "Rows waiting in this worker's log buffer",
+                     multiprocess_mode="livesum")
+
+
+def observe_request(route: str, method: str, status: int, model: str, seconds: float) -> None:
+    REQUESTS.labels(route, method, str(status), model).inc()
+    REQUEST_LATENCY.labels(route, method, model).observe(seconds)
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The exposition text for ``GET /metrics`` and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,111 @@
+"""Start the real server (the Procfile's gunicorn command) on a free loopback port.
+
+Used by the contract tests' ``live_server`` fixture and by the bench scripts, so both measure what
+Heroku and Docker run. The server's output goes to a log file that is printed if it fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+    boot_seconds: float
+    database_url: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.pid).children()]
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready: bool = True,
+                   timeout: float = 90.0, python: str | None = None) -> Iterator[LiveServer]:
+    """Yield a :class:`LiveServer`; ``ready=True`` waits for /health/ready 200, else /health/live."""
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="liveserver-"))
+    server_env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "DATABASE_URL": f"sqlite:///{tmp / 'predictions.db'}",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    bin_dir = Path(python or sys.executable).parent
+    log_path = tmp / "server.log"
+    started = time.perf_counter()
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [str(bin_dir / "gunicorn"), "-c", "gunicorn.conf.py", "app.main:app"],
+            cwd=REPO_ROOT, env=server_env, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    server = LiveServer(base_url, process, log_path, 0.0, server_env["DATABASE_URL"])
+    try:
+        path = "/health/ready" if ready else "/health/live"
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-5000:]}")
+            try:
+                if httpx.get(base_url + path, timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not answering {path} within {timeout:.0f}s:\n"
+                                   f"{server.log_text()[-5000:]}")
+            time.sleep(0.1)
+        server.boot_seconds = time.perf_counter() - started
+        yield server
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,82 @@
+"""Boot-to-ready time, RSS per worker after loading every model (and after one request to each
+task), and the serving install size. Runs the Procfile command in the serving-only environment
+(.venv from requirements.txt) when it exists.
+
+    python -m bench.startup [--workers 2] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from bench.common import REPO_ROOT, serving_python, write_results
+from bench.liveserver import running_server
+
+
+def site_packages_mib(python: str) -> dict[str, float]:
+    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    total = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {"site_packages": out, "install_mib": round(total / 2**20, 1)}
+
+
+def rss_mib(pids: list[int]) -> list[float]:
+    return [round(psutil.Process(pid).memory_info().rss / 2**20, 1) for pid in pids]
+
+
+def touch_every_task(base_url: str) -> None:
+    """One real request per task so the RSS includes first-request allocations."""
+    png = io.BytesIO()
+    Image.fromarray((np.eye(64) * 255).astype(np.uint8)).save(png, format="PNG")
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        client.post("/v1/clustering/predict", json={"instances": [{"annual_income": 50, "spending_score": 50}]})
+        client.post("/v1/digits/predict", files={"image": ("d.png", png.getvalue(), "image/png")})
+        client.post("/v1/segmentation/predict", files={"image": ("s.png", png.getvalue(), "image/png")})
+        import soundfile as sf
+        wav = io.BytesIO()
+        t = np.arange(16000 * 2) / 16000
+        sf.write(wav, (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32),
+                 16000, format="WAV")
+        client.post("/v1/emotion/predict", files={"audio": ("a.wav", wav.getvalue(), "audio/wav")})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    python = serving_python()
+    boots, loaded, warmed = [], [], []
+    for _ in range(args.runs):
+        with running_server(workers=args.workers, python=python) as server:
+            boots.append(server.boot_seconds)
+            pids = server.worker_pids()
+            loaded.append(rss_mib(pids))
+            touch_every_task(server.base_url)
+            warmed.append(rss_mib(pids))
+            models = httpx.get(server.base_url + "/v1/models").json()["models"]
+    results = {
+        "environment": "serving .venv (requirements.txt)" if python else "current interpreter",
+        "workers": args.workers,
+        "boot_to_ready_s": {"runs": [round(b, 2) for b in boots], "median": round(statistics.median(boots), 2)},
+        "rss_per_worker_mib_after_load": loaded[-1],
+        "rss_per_worker_mib_after_one_request_per_task": warmed[-1],
+        "models": {m["task"]: m.get("version") for m in models if m.get("ready")},
+        **(site_packages_mib(python) if python else {}),
+        "models_dir_mib": round(sum(f.stat().st_size for f in (REPO_ROOT / "models").rglob("*")
+                                    if f.is_file()) / 2**20, 2),
+    }
+    write_results("startup", results)
+
+
+if __name__ == "__main__":
+    main()

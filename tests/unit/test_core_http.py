@@ -1,0 +1,99 @@
+"""Foundation behaviour over HTTP (in-process): health, problem+json errors, request ids, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+
+
+@pytest.fixture
+def empty_client(tmp_path) -> Iterator[TestClient]:
+    """An app with no model artifacts at all and a 1 MiB body limit."""
+    settings = Settings(models_dir=tmp_path / "models", max_upload_mb=1,
+                        database_url=f"sqlite:///{tmp_path / 'log.db'}")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_live_answers_even_without_models(empty_client):
+    response = empty_client.get("/health/live")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_ready_is_503_naming_every_missing_model(empty_client):
+    response = empty_client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 503
+    assert set(body["not_ready"]) == {"clustering", "digits", "segmentation", "emotion"}
+
+
+def test_models_lists_unloaded_models_with_the_reason(empty_client):
+    models = {m["task"]: m for m in empty_client.get("/v1/models").json()["models"]}
+    assert models["digits"]["ready"] is False
+    assert "no model versions" in models["digits"]["error"]
+
+
+def test_predicting_on_an_unloaded_model_is_503_problem(empty_client):
+    response = empty_client.post("/v1/clustering/predict", json={"instances": []})
+    assert response.status_code == 503
+    assert response.json()["code"] == "model-unavailable"
+
+
+def test_unknown_route_is_404_problem_json(empty_client):
+    response = empty_client.get("/v1/nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["title"] == "Not found"
+    assert body["type"].endswith("/not-found")
+    assert body["instance"] == "/v1/nope"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_wrong_method_is_405_problem_json(empty_client):
+    response = empty_client.get("/v1/digits/predict")
+    assert response.status_code == 405
+    assert response.json()["code"] == "method-not-allowed"
+
+
+def test_client_request_id_is_echoed(empty_client):
+    response = empty_client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+
+
+def test_unsafe_request_id_is_replaced(empty_client):
+    response = empty_client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert response.headers["x-request-id"] != "bad id\twith spaces"
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_body_over_the_limit_is_413_from_content_length(empty_client):
+    response = empty_client.post("/v1/clustering/predict", content=b"x" * (1024 * 1024 + 1),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload-too-large"
+
+
+def test_streamed_body_over_the_limit_is_413(empty_client):
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        for _ in range(40):
+            yield b"x" * 65536
+
+    response = empty_client.post("/v1/clustering/predict", content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_metrics_are_prometheus_text(empty_client):
+    empty_client.get("/health/live")
+    response = empty_client.get("/metrics")
+    assert response.status_code == 200
+    assert "http_requests_total" in response.text
