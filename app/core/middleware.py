@@ -48,7 +48,8 @@ class RequestContextMiddleware:
 
         async def send_problem(status: int, code: str, detail: str) -> None:
             body = json.dumps(problem_body(status, code, detail, request_id=request_id,
-                                           instance=scope.get("path"))).encode()
+                                           instance=scope.get("path")),
+                              separators=(",", ":")).encode()
             state["error_code"] = code
             counters.update(status=status, started=True, out=len(body))
             await send({"type": "http.response.start", "status": status, "headers": [
