@@ -28,7 +28,9 @@ REQUEST_LATENCY = Histogram("http_request_duration_seconds", "Request latency by
                             ["route", "method", "model"], buckets=LATENCY_BUCKETS)
 PREDICTIONS = Counter("predictions_total", "Predictions served, by model, version and predicted class",
                       ["model", "version", "prediction"])
-INFERENCE_LATENCY = Histogram("inference_duration_seconds", "Model compute time per request",
+INFERENCE_LATENCY = Histogram("inference_duration_seconds",
+                              "Handler time per request as reported to log_predictions (decode, "
+                              "preprocess, model)",
                               ["model"], buckets=LATENCY_BUCKETS)
 DRIFT_SCORE = Gauge("model_drift_score", "Largest drift score (PSI) over the model's features in the "
                     "current window", ["model"], multiprocess_mode="mostrecent")

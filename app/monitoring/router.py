@@ -1,0 +1,222 @@
+"""Feedback, live accuracy, drift report and dashboard endpoints.
+
+``POST /v1/feedback`` is open (clients send ground truth for their own request ids); everything
+that reads the log back (feedback listing, accuracy, drift, dashboard) needs
+``Authorization: Bearer $ADMIN_TOKEN`` when ``ADMIN_TOKEN`` is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.core.errors import ProblemError
+from app.core.registry import ServedModel
+from app.monitoring import reports
+from app.monitoring.dashboard import render_dashboard
+from app.monitoring.drift import Window, parse_window
+from app.monitoring.service import Monitoring
+from app.monitoring.store import utcnow
+
+router = APIRouter(tags=["monitoring"])
+
+FEEDBACK_WAIT_MAX_S = 3.0
+
+
+def monitoring_state(request: Request) -> Monitoring:
+    monitoring = getattr(request.app.state, "monitoring", None)
+    if monitoring is None:
+        raise ProblemError(503, "monitoring-unavailable", "The prediction log is not running.")
+    return monitoring
+
+
+def require_admin(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> None:
+    """Bearer ``ADMIN_TOKEN`` when one is configured (401 without credentials, 403 with wrong ones)."""
+    token = monitoring.settings.admin_token
+    if token is None or not token.get_secret_value():
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ProblemError(401, "admin-token-required",
+                           "This endpoint needs an 'Authorization: Bearer <ADMIN_TOKEN>' header.",
+                           field="Authorization", headers={"WWW-Authenticate": 'Bearer realm="monitoring"'})
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise ProblemError(403, "admin-token-invalid", "The bearer token is not the admin token.",
+                           field="Authorization")
+
+
+Admin = Depends(require_admin)
+
+
+def _flush_local(monitoring: Monitoring) -> None:
+    """Write this worker's buffered rows first, so a report includes the requests this process just
+    served (other workers' rows reach the database within LOG_FLUSH_INTERVAL_S)."""
+    monitoring.prediction_log.flush(1.0)
+
+
+def _window(text: str | None, monitoring: Monitoring) -> Window:
+    try:
+        return parse_window(text, monitoring.settings.drift_window)
+    except ValueError as exc:
+        raise ProblemError(422, "invalid-window", f"window: {exc}.", field="window") from None
+
+
+def _models(request: Request, model: str | None) -> list[ServedModel]:
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None:
+        return []
+    if model is None:
+        return registry.models()
+    if model not in getattr(registry, "slots", {}):
+        raise ProblemError(404, "unknown-model", f"model: no model named {model!r}.", field="model")
+    return [registry.get(model)]  # 503 problem when it exists but is not loaded
+
+
+def _database_down(exc: Exception) -> ProblemError:
+    return ProblemError(503, "database-unavailable",
+                        f"The prediction-log database is unavailable ({type(exc).__name__}); retry later.",
+                        headers={"Retry-After": "5"})
+
+
+class FeedbackIn(BaseModel):
+    request_id: str = Field(min_length=1, max_length=128, description="X-Request-ID of the prediction")
+    label: str = Field(min_length=1, max_length=256, description="the true label")
+    index: int = Field(0, ge=0, description="instance index within the request (0 for one instance)")
+
+
+def _find_prediction(monitoring: Monitoring, request_id: str) -> list[Any]:
+    """The logged rows of a request. Its rows may still sit in a write buffer (this worker's: flush
+    it; another worker's: wait up to two flush intervals for that worker to write them)."""
+    rows = reports.prediction_of(monitoring.engine, request_id)
+    if rows:
+        return rows
+    log = monitoring.prediction_log
+    if log.contains(request_id):
+        log.flush(FEEDBACK_WAIT_MAX_S)
+        return reports.prediction_of(monitoring.engine, request_id)
+    deadline = time.monotonic() + min(FEEDBACK_WAIT_MAX_S, 2 * monitoring.settings.log_flush_interval_s + 0.5)
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = reports.prediction_of(monitoring.engine, request_id)
+    return rows
+
+
+@router.post("/v1/feedback", status_code=201)
+def post_feedback(body: FeedbackIn, request: Request, response: Response,
+                  monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> dict[str, Any]:
+    """Record the ground-truth label of one predicted instance (a second label replaces the first:
+    201 when recorded, 200 when replaced)."""
+    try:
+        rows = _find_prediction(monitoring, body.request_id)
+        if not rows:
+            raise ProblemError(404, "unknown-request",
+                               f"request_id: no logged prediction has request id {body.request_id!r}.",
+                               field="request_id")
+        row = next((r for r in rows if r.instance == body.index), None)
+        if row is None:
+            raise ProblemError(404, "unknown-instance",
+                               f"index: request {body.request_id!r} has {len(rows)} instance(s), "
+                               f"numbered 0 to {len(rows) - 1}.", field="index")
+        labels = _labels_of(request, row.model, row.version)
+        if labels and body.label not in labels:
+            raise ProblemError(422, "unknown-label",
+                               f"label: {body.label!r} is not a {row.model} label ({', '.join(labels[:20])}).",
+                               field="label")
+        previous = reports.record_feedback(monitoring.engine, body.request_id, body.index, body.label)
+    except SQLAlchemyError as exc:
+        raise _database_down(exc) from None
+    if previous is not None:
+        response.status_code = 200
+    return {"request_id": body.request_id, "index": body.index, "label": body.label, "model": row.model,
+            "version": row.version, "prediction": row.prediction, "correct": row.prediction == body.label,
+            "replaced": previous}
+
+
+def _labels_of(request: Request, model: str, version: str) -> list[str]:
+    registry = getattr(request.app.state, "registry", None)
+    slot = getattr(registry, "slots", {}).get(model) if registry is not None else None
+    if slot is None or slot.model is None or slot.model.version != version:
+        return []
+    return [str(label) for label in slot.model.metadata.get("labels") or []]
+
+
+@router.get("/v1/feedback", dependencies=[Admin])
+def get_feedback(monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+                 model: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    """The most recent feedback, newest first, with the prediction it labels."""
+    try:
+        _flush_local(monitoring)
+        return {"feedback": reports.list_feedback(monitoring.engine, model, limit)}
+    except SQLAlchemyError as exc:
+        raise _database_down(exc) from None
+
+
+@router.get("/v1/monitoring/accuracy", dependencies=[Admin])
+def get_accuracy(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+                 model: str | None = None, window: str | None = None) -> dict[str, Any]:
+    """Live accuracy per model over the window's predictions that have feedback."""
+    win = _window(window, monitoring)
+    registry = getattr(request.app.state, "registry", None)
+    if model is None:
+        names = [m.task for m in _models(request, None)]
+    elif registry is not None and model not in getattr(registry, "slots", {}):
+        raise ProblemError(404, "unknown-model", f"model: no model named {model!r}.", field="model")
+    else:
+        names = [model]
+    try:
+        _flush_local(monitoring)
+        return {"generated_at": utcnow().isoformat(timespec="seconds"), "window": win.describe(),
+                "models": [reports.accuracy(monitoring.engine, name, win) for name in names]}
+    except SQLAlchemyError as exc:
+        raise _database_down(exc) from None
+
+
+@router.get("/v1/monitoring/drift", dependencies=[Admin])
+def get_drift(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+              model: str | None = None, window: str | None = None) -> dict[str, Any]:
+    """Drift report per model (all loaded models when ``model`` is omitted) over ``window``:
+    a count (``500``: the last 500 predictions) or a duration (``30m``, ``1h``, ``7d``)."""
+    win = _window(window, monitoring)
+    models = _models(request, model)
+    try:
+        _flush_local(monitoring)
+        return reports.drift_report(monitoring.engine, models, win,
+                                    min_samples=monitoring.settings.drift_min_samples)
+    except SQLAlchemyError as exc:
+        raise _database_down(exc) from None
+
+
+@router.get("/v1/monitoring/dashboard", dependencies=[Admin], response_class=HTMLResponse)
+def get_dashboard(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+                  model: str | None = None, window: str | None = None,
+                  history: str = "24h") -> HTMLResponse:
+    """HTML page: reference vs current histograms, class distribution, drift score, latency and
+    throughput over time (``history``, default the last 24 hours, in 24 buckets)."""
+    win = _window(window, monitoring)
+    try:
+        hist = parse_window(history, monitoring.settings.drift_window)
+    except ValueError as exc:
+        raise ProblemError(422, "invalid-window", f"history: {exc}.", field="history") from None
+    sections = []
+    try:
+        _flush_local(monitoring)
+        for m in _models(request, model):
+            rows = reports.window_rows(monitoring.engine, m.task, win, version=m.version)
+            report = reports.model_drift_report(monitoring.engine, m, win, rows=rows,
+                                                min_samples=monitoring.settings.drift_min_samples)
+            sections.append({"report": report, "reference": m.reference,
+                             "current_features": {k: reports.feature_values(rows, k) for k in rows.features},
+                             "timeline": reports.timeline(monitoring.engine, m, hist,
+                                                          min_samples=monitoring.settings.drift_min_samples)})
+    except SQLAlchemyError as exc:
+        raise _database_down(exc) from None
+    html = render_dashboard(sections, generated_at=utcnow().isoformat(timespec="seconds"),
+                            window=window or str(monitoring.settings.drift_window), history=history)
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,105 @@
+"""Wiring the monitoring slice into the app: the lead's lifespan calls these two functions.
+
+``setup_monitoring(app, settings)`` creates the engine, makes sure the schema exists (tolerating a
+database that is down: the writer retries), starts the prediction-log writer thread and the drift
+gauge refresher, and sets ``app.state.prediction_log`` and ``app.state.monitoring``.
+``shutdown_monitoring(app)`` stops both, flushing buffered rows first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from app.core.config import Settings
+from app.monitoring.drift import Window
+from app.monitoring.store import PredictionLog, create_schema, make_engine
+
+log = logging.getLogger("app.monitoring")
+
+
+@dataclass
+class Monitoring:
+    settings: Settings
+    engine: Engine
+    prediction_log: PredictionLog
+    refresher: DriftRefresher | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DriftRefresher:
+    """Recomputes every model's drift report (default window) every ``DRIFT_REFRESH_S`` seconds so
+    the ``model_drift_score``/``model_drift_detected`` gauges stay current without a client asking.
+    One query of at most ``DRIFT_WINDOW`` rows per model per period per worker."""
+
+    def __init__(self, app: FastAPI, monitoring: Monitoring) -> None:
+        self.app = app
+        self.monitoring = monitoring
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drift-refresher", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def refresh(self) -> None:
+        from app.monitoring.reports import model_drift_report
+
+        registry = getattr(self.app.state, "registry", None)
+        settings = self.monitoring.settings
+        for model in registry.models() if registry is not None else []:
+            model_drift_report(self.monitoring.engine, model, Window(count=settings.drift_window),
+                               min_samples=settings.drift_min_samples)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.monitoring.settings.drift_refresh_s):
+            try:
+                self.refresh()
+                self._failing = False
+            except Exception as exc:  # the database may be down; the log writer reports outages
+                if not self._failing:
+                    log.warning("drift gauges not refreshed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                self._failing = True
+
+
+def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:
+    """Call once per worker process at start-up (in the lifespan, after the fork)."""
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+    except Exception as exc:  # serve predictions anyway; the writer creates the schema on recovery
+        log.error("prediction log: database unavailable at start-up",
+                  extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+    prediction_log = PredictionLog(engine, buffer_size=settings.log_buffer_size,
+                                   flush_interval_s=settings.log_flush_interval_s,
+                                   store_inputs=settings.store_inputs)
+    prediction_log.start()
+    monitoring = Monitoring(settings, engine, prediction_log)
+    monitoring.refresher = DriftRefresher(app, monitoring)
+    monitoring.refresher.start()
+    app.state.monitoring = monitoring
+    app.state.prediction_log = prediction_log
+    return monitoring
+
+
+def shutdown_monitoring(app: FastAPI, timeout: float = 5.0) -> None:
+    """Call at shutdown: flushes the buffered rows (up to ``timeout`` s) and stops the threads."""
+    monitoring: Monitoring | None = getattr(app.state, "monitoring", None)
+    if monitoring is None:
+        return
+    if monitoring.refresher is not None:
+        monitoring.refresher.stop()
+    monitoring.prediction_log.stop(timeout)
+    monitoring.engine.dispose()
+    app.state.prediction_log = None
+    app.state.monitoring = None

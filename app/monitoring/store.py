@@ -1,0 +1,359 @@
+"""The prediction log: SQLAlchemy Core tables, the engine, and a buffered background writer.
+
+SQLite by default (a file under ``var/``, WAL journal so readers never block the writer), PostgreSQL
+when ``DATABASE_URL`` says so. Requests never touch the database on the prediction path:
+:meth:`PredictionLog.enqueue` appends to a bounded in-memory buffer and returns; a writer thread
+inserts the buffered rows in batches every ``LOG_FLUSH_INTERVAL_S``. When the database is down the
+writer logs the outage once, counts each failed attempt, keeps the rows and retries with backoff;
+rows arriving while the buffer is full are dropped and counted (``LOG_BUFFER_SIZE`` bounds memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+
+from app.monitoring.drift import clean_float
+from app.monitoring.metrics import (
+    INFERENCE_LATENCY,
+    LOG_BUFFERED,
+    LOG_ROWS_DROPPED,
+    LOG_ROWS_WRITTEN,
+    LOG_WRITE_FAILURES,
+    PREDICTIONS,
+)
+
+log = logging.getLogger("app.monitoring.store")
+
+metadata = MetaData()
+_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER PRIMARY KEY
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+
+predictions = Table(
+    "predictions", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("instance", Integer, nullable=False),  # index of the instance within its request
+    Column("model", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("prediction", String(256), nullable=False),
+    Column("confidence", Float, nullable=True),
+    Column("features", _JSON, nullable=False),
+    Column("input", LargeBinary, nullable=True),  # raw input, only with STORE_INPUTS=true
+    Index("ix_predictions_model_id", "model", "id"),
+    Index("ix_predictions_model_created_at", "model", "created_at"),
+    Index("ix_predictions_request", "request_id", "instance"),
+)
+
+feedback = Table(
+    "feedback", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("instance", Integer, nullable=False),
+    Column("label", String(256), nullable=False),
+    UniqueConstraint("request_id", "instance", name="uq_feedback_request_instance"),
+)
+
+_SCHEMA_LOCK_KEY = 742_519_001  # pg_advisory_xact_lock key: one schema creator at a time
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 5000,
+                connect_timeout_s: int = 3) -> Engine:
+    """An engine for ``database_url``: SQLite gets WAL + busy_timeout on every connection, PostgreSQL
+    a short connect timeout (so an outage is noticed quickly) and pre-ping (so a restarted server's
+    dead connections are replaced)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(sqlite_busy_timeout_ms)}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = connect_timeout_s
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_recycle=1800,
+                         connect_args=connect_args)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the tables and indexes that are missing. Idempotent, and safe when several processes
+    start at once: PostgreSQL serialises creators on an advisory lock; elsewhere a creator that
+    loses the race ("already exists") checks again."""
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                metadata.create_all(conn, checkfirst=True)
+            return
+        except SQLAlchemyError as exc:
+            if attempt == 2 or "already exists" not in str(exc).lower():
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def schema_ready(engine: Engine) -> bool:
+    names = set(inspect(engine).get_table_names())
+    return {"predictions", "feedback"} <= names
+
+
+class PredictionLog:
+    """Bounded buffer + background writer for prediction-log rows (one per instance)."""
+
+    def __init__(self, engine: Engine, *, buffer_size: int = 10_000, flush_interval_s: float = 0.5,
+                 store_inputs: bool = False, batch_size: int = 1000, max_backoff_s: float = 10.0) -> None:
+        self.engine = engine
+        self.buffer_size = buffer_size
+        self.flush_interval_s = flush_interval_s
+        self.store_inputs = store_inputs
+        self.batch_size = batch_size
+        self.max_backoff_s = max_backoff_s
+        self._queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self._pending: list[tuple[int, dict[str, Any]]] = []  # taken from the queue, not yet written
+        self._size = 0  # queue + pending: what the bound applies to
+        self._seq = 0  # sequence number of the last enqueued row
+        self._written_seq = 0  # every row up to this one is written
+        self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._schema_ok = False
+        self._outage_since: float | None = None
+        self._failures_in_outage = 0
+        self._poisoned = 0
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self.write_failures = 0
+
+    # ---- request path -------------------------------------------------------------------------
+    def enqueue(self, request_id: str, model: str, version: str, rows: Sequence[Mapping[str, Any]],
+                latency_ms: float, raw_inputs: Sequence[bytes] | None = None) -> int:
+        """Buffer one row per instance and return how many were accepted; never blocks on I/O and
+        never raises. Rows beyond the buffer bound are dropped and counted."""
+        try:
+            created_at = utcnow()
+            latency = float(latency_ms)
+            INFERENCE_LATENCY.labels(model).observe(latency / 1000.0)
+            accepted = dropped = 0
+            with self._lock:
+                for index, row in enumerate(rows):
+                    prediction = str(row.get("prediction", ""))[:256]
+                    PREDICTIONS.labels(model, version, prediction[:64]).inc()
+                    if self._size >= self.buffer_size:
+                        dropped += 1
+                        continue
+                    raw = raw_inputs[index] if self.store_inputs and raw_inputs is not None \
+                        and index < len(raw_inputs) else None
+                    self._seq += 1
+                    self._queue.append((self._seq, {
+                        "created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
+                        "model": model, "version": version, "latency_ms": latency,
+                        "prediction": prediction, "confidence": row.get("confidence"),
+                        "features": row.get("features") or {}, "input": raw}))
+                    self._size += 1
+                    accepted += 1
+                size = self._size
+            if dropped:
+                self.rows_dropped += dropped
+                LOG_ROWS_DROPPED.inc(dropped)
+            LOG_BUFFERED.set(size)
+            return accepted
+        except Exception:  # a logging bug must never fail a prediction
+            log.exception("could not buffer prediction-log rows")
+            return 0
+
+    def contains(self, request_id: str) -> bool:
+        """Whether rows of ``request_id`` are still waiting in this process's buffer."""
+        with self._lock:
+            return any(r["request_id"] == request_id for _, r in self._pending) or \
+                any(r["request_id"] == request_id for _, r in self._queue)
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the writer after a last flush; returns whether everything buffered was written."""
+        if self._thread is None:
+            return self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+        if self._size:
+            log.warning("prediction log stopped with unwritten rows", extra={"rows": self._size})
+        return self._size == 0
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Write everything buffered so far; True once written, False on timeout (e.g. DB down)."""
+        with self._lock:
+            target = self._seq
+        if self._thread is None or not self._thread.is_alive():
+            deadline = time.monotonic() + timeout
+            while self._written_seq < target and time.monotonic() < deadline:
+                if not self._write_once():
+                    time.sleep(min(0.1, self.flush_interval_s))
+            return self._written_seq >= target
+        self._wake.set()
+        with self._written:
+            return self._written.wait_for(lambda: self._written_seq >= target, timeout)
+
+    # ---- writer thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = self.flush_interval_s
+        while True:
+            stopping = self._stop.is_set()
+            self._wake.wait(backoff if self._outage_since is not None else self.flush_interval_s)
+            self._wake.clear()
+            stopping = stopping or self._stop.is_set()
+            ok = True
+            while ok and self._size:  # drain in batches
+                ok = self._write_once()
+            if ok:
+                backoff = self.flush_interval_s
+            else:
+                backoff = min(backoff * 2, self.max_backoff_s)
+            if stopping:
+                if not ok:  # one last try, then give up: the process is going away
+                    self._write_once()
+                return
+
+    def _write_once(self) -> bool:
+        """Write the pending batch (taking a new one from the queue if none); True on success."""
+        with self._lock:
+            if not self._pending:
+                while self._queue and len(self._pending) < self.batch_size:
+                    self._pending.append(self._queue.popleft())
+            batch = list(self._pending)
+        if not batch:
+            return True
+        refused = 0
+        try:
+            if not self._schema_ok:
+                create_schema(self.engine)
+                self._schema_ok = True
+            values = [_row_values(r) for _, r in batch]
+            with self.engine.begin() as conn:
+                conn.execute(predictions.insert(), values)
+        except (OperationalError, InterfaceError) as exc:  # down, unreachable, or locked
+            self._note_failure(exc)
+            return False
+        except Exception as exc:  # the rows themselves were refused: isolate them, keep the rest
+            self._schema_ok = False
+            self._note_failure(exc)
+            self._poisoned += 1
+            if self._poisoned < 3:
+                return False
+            refused = self._write_one_by_one(batch)
+        self._poisoned = 0
+        with self._written:
+            del self._pending[:len(batch)]
+            self._size -= len(batch)
+            self._written_seq = batch[-1][0]
+            self._written.notify_all()
+            size = self._size
+        self.rows_written += len(batch) - refused
+        LOG_ROWS_WRITTEN.inc(len(batch) - refused)
+        LOG_BUFFERED.set(size)
+        if self._outage_since is not None:
+            log.warning("prediction log: database back, buffered rows written",
+                        extra={"outage_s": round(time.monotonic() - self._outage_since, 1),
+                               "failed_attempts": self._failures_in_outage, "still_buffered": size})
+            self._outage_since = None
+            self._failures_in_outage = 0
+        return True
+
+    def _note_failure(self, exc: Exception) -> None:
+        self.write_failures += 1
+        LOG_WRITE_FAILURES.inc()
+        self._failures_in_outage += 1
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.error("prediction log: database unavailable, buffering rows",
+                      extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                             "buffered": self._size})
+
+    def _write_one_by_one(self, batch: list[tuple[int, dict[str, Any]]]) -> int:
+        """After repeated non-connection errors: write what can be written, drop (and count) the rest."""
+        bad = 0
+        for _, row in batch:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(predictions.insert(), [_row_values(row)])
+            except Exception:
+                bad += 1
+                log.exception("prediction log: dropping a row the database refuses",
+                              extra={"request_id": row.get("request_id"), "model": row.get("model")})
+        if bad:
+            self.rows_dropped += bad
+            LOG_ROWS_DROPPED.inc(bad)
+        return bad
+
+
+def _row_values(row: dict[str, Any]) -> dict[str, Any]:
+    """Database-safe values: plain floats, JSON without NaN (PostgreSQL's jsonb refuses it)."""
+    features = row["features"]
+    if not isinstance(features, Mapping):
+        features = {}
+    return {**row, "confidence": clean_float(row["confidence"]),
+            "features": {str(k): clean_float(v) for k, v in features.items()},
+            "input": bytes(row["input"]) if row["input"] is not None else None}
