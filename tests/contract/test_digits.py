@@ -1,0 +1,207 @@
+"""POST /v1/digits/predict against the real gunicorn server, with real MNIST test digits: as
+MNIST-style pixels, as image files in every supported format, and re-drawn the way people send
+them (dark ink on white paper, 300x300, off-centre, thick strokes, transparent canvases)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+URL = "/v1/digits/predict"
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MNIST) as data:
+        return data["x_test"][:300], data["y_test"][:300].astype(int)
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **options) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def photo_like(digit: np.ndarray, *, at: tuple[int, int] = (20, 150)) -> Image.Image:
+    """An MNIST digit as a phone photo of paper: 300x300 RGB, 6x larger, thick dark strokes on an
+    off-white page, far from the centre."""
+    big = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BICUBIC), dtype=np.float32)
+    big = ndimage.maximum_filter(big, size=9)
+    paper = np.full((300, 300), 235.0, dtype=np.float32)
+    window = paper[at[0]:at[0] + 168, at[1]:at[1] + 168]
+    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)
+    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def canvas_drawing(digit: np.ndarray) -> Image.Image:
+    """An MNIST digit as a browser-canvas PNG: black strokes on a fully transparent 280x280 RGBA."""
+    alpha = Image.fromarray(digit).resize((280, 280), Image.BICUBIC)
+    canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    canvas.putalpha(alpha)
+    return canvas
+
+
+def files(*payloads: tuple[str, bytes, str]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", payload) for payload in payloads]
+
+
+def assert_problem(response, status: int, field: str, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["field"] == field
+    assert problem["status"] == status
+    if code is not None:
+        assert problem["code"] == code
+    assert field in problem["detail"] or problem["field"] in ("body", "content-type")
+    return problem
+
+
+def digits_of(response) -> list[int]:
+    assert response.status_code == 200, response.text
+    return [p["digit"] for p in response.json()["predictions"]]
+
+
+# ---- what comes back -------------------------------------------------------------------------
+
+
+def test_response_has_model_version_request_id_and_probabilities(client, mnist_test):
+    response = client.post(URL, json={"instances": [{"pixels": mnist_test[0][0].tolist()}]},
+                           headers={"X-Request-ID": "digits-contract-1"})
+    body = response.json()
+    assert response.status_code == 200
+    assert set(body) == {"model", "version", "request_id", "predictions"}
+    assert body["model"] == "digits" and body["version"] == "1.0.0"
+    assert body["request_id"] == "digits-contract-1"
+    (prediction,) = body["predictions"]
+    assert prediction["digit"] == 7
+    assert len(prediction["probabilities"]) == 10
+    assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+    assert prediction["confidence"] == max(prediction["probabilities"]) > 0.9
+
+
+def test_real_mnist_test_digits_are_classified(client, mnist_test):
+    images, labels = mnist_test
+    response = client.post(URL, json={"instances": [{"pixels": image.tolist()} for image in images[:256]]})
+    predicted = np.array(digits_of(response))
+    assert len(predicted) == 256
+    assert (predicted == labels[:256]).mean() >= 0.99
+
+
+def test_same_digit_as_png_jpeg_webp_bmp_gif_pixels_and_base64(client, mnist_test):
+    image, label = mnist_test[0][1], mnist_test[1][1]
+    uploads = files(("d.png", encode(image), "image/png"), ("d.jpg", encode(image, "JPEG", quality=90), "image/jpeg"),
+                    ("d.webp", encode(image, "WEBP", quality=90), "image/webp"),
+                    ("d.bmp", encode(image, "BMP"), "image/bmp"), ("d.gif", encode(image, "GIF"), "image/gif"))
+    as_files = client.post(URL, files=uploads)
+    as_json = client.post(URL, json={"instances": [
+        {"pixels": image.tolist()}, {"pixels": (image / 255.0).tolist()},
+        {"image_b64": base64.b64encode(encode(image)).decode()},
+        {"image_b64": "data:image/png;base64," + base64.b64encode(encode(image)).decode()}]})
+    assert digits_of(as_files) == [label] * 5
+    assert digits_of(as_json) == [label] * 4
+    png, pixels = as_files.json()["predictions"][0], as_json.json()["predictions"][0]
+    assert png["probabilities"] == pytest.approx(pixels["probabilities"], abs=1e-5)
+
+
+def test_several_files_come_back_in_the_order_sent(client, mnist_test):
+    images, labels = mnist_test
+    picks = [3, 2, 1, 18, 4, 8, 11, 0, 61, 7]  # the digits 0 to 9, shuffled
+    response = client.post(URL, files=files(*[(f"{i}.png", encode(images[i]), "image/png") for i in picks]))
+    assert digits_of(response) == [labels[i] for i in picks]
+
+
+def test_photo_like_digits_dark_on_white_off_centre_thick_are_classified(client, mnist_test):
+    images, labels = mnist_test
+    picks = list(range(12))
+    photos = [photo_like(images[i], at=(10 + 10 * i, 120 - 10 * i)) for i in picks]
+    uploads = [(f"{i}.jpg", encode(p, "JPEG", quality=85), "image/jpeg") for i, p in zip(picks, photos, strict=True)]
+    assert digits_of(client.post(URL, files=files(*uploads))) == [labels[i] for i in picks]
+
+
+def test_transparent_canvas_drawings_are_read_as_ink_on_white_paper(client, mnist_test):
+    images, labels = mnist_test
+    uploads = [(f"{i}.png", encode(canvas_drawing(images[i])), "image/png") for i in range(5)]
+    assert digits_of(client.post(URL, files=files(*uploads))) == list(labels[:5])
+
+
+# ---- what is refused -------------------------------------------------------------------------
+
+
+def test_corrupt_image_is_422_naming_the_file(client, mnist_test):
+    good = encode(mnist_test[0][0])
+    response = client.post(URL, files=files(("a.png", good, "image/png"), ("b.png", good[:60], "image/png")))
+    assert_problem(response, 422, "image[1]", "corrupt-image")
+
+
+def test_text_file_is_415_naming_the_file(client):
+    response = client.post(URL, files=files(("notes.txt", b"the digit seven", "text/plain")))
+    assert_problem(response, 415, "image[0]", "unsupported-image-format")
+
+
+def test_blank_image_is_422_not_a_guess(client, mnist_test):
+    blank = encode(np.full((300, 300), 255, dtype=np.uint8))
+    response = client.post(URL, files=files(("ok.png", encode(mnist_test[0][0]), "image/png"),
+                                            ("blank.png", blank, "image/png")))
+    assert_problem(response, 422, "image[1]", "blank-image")
+    pixels = client.post(URL, json={"instances": [{"pixels": [[0] * 28] * 28}]})
+    assert_problem(pixels, 422, "instances[0].pixels", "blank-image")
+
+
+def test_empty_file_and_missing_field_are_422(client):
+    assert_problem(client.post(URL, files=files(("e.png", b"", "image/png"))), 422, "image[0]", "empty-file")
+    assert_problem(client.post(URL, files={"picture": ("x.png", b"x", "image/png")}), 422, "picture")
+
+
+def test_empty_and_malformed_json_bodies(client):
+    headers = {"content-type": "application/json"}
+    assert_problem(client.post(URL, content=b"", headers=headers), 422, "body", "empty-body")
+    assert_problem(client.post(URL, content=b'{"instances": [', headers=headers), 400, "body", "malformed-json")
+    assert_problem(client.post(URL, json={"instances": []}), 422, "instances")
+    assert_problem(client.post(URL, json=[1, 2]), 422, "body")
+
+
+def test_more_than_256_instances_is_refused(client, mnist_test):
+    instances = [{"pixels": mnist_test[0][i % 300].tolist()} for i in range(257)]
+    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances", "too-many-instances")
+
+
+def test_pixels_of_the_wrong_shape_name_the_instance(client, mnist_test):
+    good = {"pixels": mnist_test[0][0].tolist()}
+    instances = [good, good, good, {"pixels": mnist_test[0][0][:27].tolist()}]
+    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances[3].pixels", "invalid-pixels")
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-3", "300", '"7"'])
+def test_pixels_must_be_finite_numbers_in_range(client, bad):
+    row = ", ".join(["0"] * 27 + [bad])
+    body = '{"instances": [{"pixels": [' + ", ".join([f"[{row}]"] * 28) + "]}]}"
+    response = client.post(URL, content=body.encode(), headers={"content-type": "application/json"})
+    assert_problem(response, 422, "instances[0].pixels", "invalid-pixels")
+
+
+def test_instances_must_be_pixels_or_image_b64(client, mnist_test):
+    pixels = mnist_test[0][0].tolist()
+    both = {"instances": [{"pixels": pixels, "image_b64": "aGk="}]}
+    assert_problem(client.post(URL, json=both), 422, "instances[0]", "invalid-instance")
+    assert_problem(client.post(URL, json={"instances": [{"pixels": pixels}, 7]}), 422, "instances[1]")
+    not_b64 = {"instances": [{"image_b64": "%%% not base64 %%%"}]}
+    assert_problem(client.post(URL, json=not_b64), 422, "instances[0].image_b64", "invalid-base64")
+    not_image = {"instances": [{"image_b64": base64.b64encode(b"plain text").decode()}]}
+    assert_problem(client.post(URL, json=not_image), 415, "instances[0].image_b64")
+
+
+def test_other_content_types_are_415(client, mnist_test):
+    response = client.post(URL, content=encode(mnist_test[0][0]), headers={"content-type": "image/png"})
+    assert_problem(response, 415, "content-type", "unsupported-media-type")
+    assert json.loads(response.text)["request_id"] == response.headers["x-request-id"]

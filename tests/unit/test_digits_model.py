@@ -1,0 +1,121 @@
+"""The digits model class and endpoint in-process (TestClient) on the committed CNN."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from scipy import ndimage
+
+from app.core.config import Settings
+from app.core.registry import version_key
+from app.main import create_app
+from app.tasks.digits.model import DigitsModel
+from app.tasks.digits.preprocess import normalize_batch, prepare_image
+
+COMMITTED = Path(__file__).resolve().parents[2] / "models" / "digits"
+MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+
+
+def committed_version() -> Path:
+    return sorted((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))[-1]
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MNIST) as data:
+        return data["x_test"][:500], data["y_test"][:500].astype(int)
+
+
+@pytest.fixture(scope="module")
+def model() -> DigitsModel:
+    return DigitsModel.load(committed_version(), Settings())
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[TestClient]:
+    """An app whose models dir holds only the committed digits model."""
+    root = tmp_path_factory.mktemp("digits")
+    (root / "models" / "digits").mkdir(parents=True)
+    version = committed_version()
+    (root / "models" / "digits" / version.name).symlink_to(version)
+    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def photo_like(digit: np.ndarray, *, size: int = 300, at: tuple[int, int] = (20, 150)) -> Image.Image:
+    """An MNIST digit as a phone photo of paper: 6x larger, thick dark strokes on white, off-centre."""
+    big = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BICUBIC), dtype=np.float32)
+    big = ndimage.maximum_filter(big, size=9)
+    paper = np.full((size, size), 235.0, dtype=np.float32)
+    top, left = at
+    window = paper[top:top + 168, left:left + 168]
+    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)
+    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def test_metadata_describes_the_artifact_and_its_test_accuracy(model):
+    assert model.task == "digits"
+    assert model.metadata["labels"] == [str(d) for d in range(10)]
+    assert model.metadata["input"]["shape"] == [None, 28, 28, 1]
+    assert model.metadata["metrics"]["test_accuracy"] >= 0.994
+    assert (committed_version() / "model.tflite").stat().st_size < 2 * 1024 * 1024
+    assert model.reference is not None and "raw_mean" in model.reference["features"]
+
+
+def test_mnist_test_digits_are_classified(model, mnist_test):
+    images, labels = mnist_test
+    probabilities = model.predict(normalize_batch(images))
+    assert probabilities.shape == (500, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (probabilities.argmax(axis=1) == labels).mean() >= 0.99
+
+
+def test_batch_results_equal_one_at_a_time(model, mnist_test):
+    batch = normalize_batch(mnist_test[0][:8])
+    together = model.predict(batch)
+    alone = np.concatenate([model.predict(batch[i:i + 1]) for i in range(8)])
+    assert np.abs(together - alone).max() < 1e-5
+
+
+def test_photo_like_digits_are_classified(model, mnist_test):
+    images, labels = mnist_test
+    photos = np.stack([prepare_image(photo_like(images[i], at=(20 + 5 * i, 130 - 10 * i))).array
+                       for i in range(10)])
+    assert list(model.predict(photos).argmax(axis=1)) == list(labels[:10])
+
+
+def test_endpoint_classifies_a_png_upload(client, mnist_test):
+    buffer = io.BytesIO()
+    Image.fromarray(mnist_test[0][0]).save(buffer, format="PNG")
+    response = client.post("/v1/digits/predict", files={"image": ("7.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "digits" and body["version"] == committed_version().name
+    assert body["request_id"] == response.headers["x-request-id"]
+    (prediction,) = body["predictions"]
+    assert prediction["digit"] == mnist_test[1][0] == 7
+    assert prediction["confidence"] == max(prediction["probabilities"])
+
+
+def test_endpoint_refuses_other_media_types(client):
+    response = client.post("/v1/digits/predict", content=b"7", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "content-type"
+
+
+def test_docs_describe_both_request_shapes(client):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/digits/predict"]["post"]
+    content = operation["requestBody"]["content"]
+    assert set(content) == {"multipart/form-data", "application/json"}
+    instances = content["application/json"]["schema"]["properties"]["instances"]
+    assert instances["maxItems"] == 256
+    assert {"pixels", "image_b64"} == {key for option in instances["items"]["anyOf"]
+                                       for key in option["properties"]}
