@@ -1,0 +1,205 @@
+"""Segmentation preprocessing shared by training and serving: normalisation, overlap-tiling, masks.
+
+The U-Net is fully convolutional but is exported for one fixed tile size, so an image of any size
+is cut into overlapping tiles (the U-Net paper's "overlap-tile" strategy):
+
+* the image is reflect-padded by ``margin`` pixels on every side (and a little more at the bottom
+  and right so the tiles fit exactly), which gives the border pixels real-looking context;
+* tiles of ``tile`` x ``tile`` pixels are taken every ``stride = tile - 2 * margin`` pixels;
+* of each tile's prediction only the centre ``stride`` x ``stride`` square is kept, where every
+  pixel has at least ``margin`` pixels of context on each side, and the centres tile the output
+  exactly once: no seams, no averaging, and the mask has the input's width and height.
+
+Everything here is pure NumPy/Pillow (no TensorFlow), so training evaluates with the same code the
+server runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+TILE = 320
+MARGIN = 32
+THRESHOLD = 0.5
+# Documented limit: 2048 x 2048. A 4096 x 4096 image took ~27 s on a loaded 2-core machine, past the
+# 25 s worker timeout (Heroku cuts at 30 s); 2048 x 2048 takes ~7 s there.
+MAX_SIDE = 2048
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """A Pillow image of any mode -> float32 array (H, W) in [0, 1].
+
+    RGB(A) and palette images are converted with Pillow's ITU-R 601-2 luma; 16-bit images
+    (``I;16``) are scaled by 65535, 32-bit integer and float images by their own maximum.
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return (np.asarray(image, dtype=np.float32) / 65535.0).clip(0.0, 1.0)
+    if image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 255.0 else top
+        return (arr / scale).clip(0.0, 1.0) if top > 0 else np.zeros_like(arr)
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the tiles of one ``height`` x ``width`` image lie (see the module docstring)."""
+
+    height: int
+    width: int
+    tile: int = TILE
+    margin: int = MARGIN
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image must have pixels, got {self.height}x{self.width}")
+        if self.tile <= 2 * self.margin or self.margin < 0:
+            raise ValueError(f"tile {self.tile} must exceed twice the margin {self.margin}")
+
+    @property
+    def stride(self) -> int:
+        return self.tile - 2 * self.margin
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.height / self.stride)
+
+    @property
+    def cols(self) -> int:
+        return math.ceil(self.width / self.stride)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def origins(self) -> list[tuple[int, int]]:
+        """Top-left corner of each tile in the padded image (= of its kept centre in the output)."""
+        return [(r * self.stride, c * self.stride) for r in range(self.rows) for c in range(self.cols)]
+
+    def pad(self, image: np.ndarray) -> np.ndarray:
+        """Reflect-pad a (H, W) image so every tile lies inside it."""
+        if image.shape != (self.height, self.width):
+            raise ValueError(f"expected a {self.height}x{self.width} image, got {image.shape}")
+        bottom = self.margin + self.rows * self.stride - self.height
+        right = self.margin + self.cols * self.stride - self.width
+        return np.pad(image, ((self.margin, bottom), (self.margin, right)), mode="reflect")
+
+
+def tile_image(image: np.ndarray, tile: int = TILE, margin: int = MARGIN) -> tuple[np.ndarray, TileLayout]:
+    """Cut a (H, W) float image into overlapping tiles: (n_tiles, tile, tile) float32 + the layout."""
+    layout = TileLayout(int(image.shape[0]), int(image.shape[1]), tile, margin)
+    padded = layout.pad(np.asarray(image, dtype=np.float32))
+    tiles = np.stack([padded[y:y + tile, x:x + tile] for y, x in layout.origins()])
+    return tiles, layout
+
+
+def stitch_tiles(tiles: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """Inverse of :func:`tile_image` for per-pixel predictions: keep each tile's centre, crop to H x W."""
+    tiles = np.asarray(tiles)
+    if tiles.ndim == 4:  # (n, tile, tile, 1) straight from the model
+        tiles = tiles[..., 0]
+    if tiles.shape != (len(layout), layout.tile, layout.tile):
+        raise ValueError(f"expected {len(layout)} tiles of {layout.tile}px, got {tiles.shape}")
+    m, s = layout.margin, layout.stride
+    out = np.empty((layout.rows * s, layout.cols * s), dtype=tiles.dtype)
+    for (y, x), prediction in zip(layout.origins(), tiles, strict=True):
+        out[y:y + s, x:x + s] = prediction[m:m + s, m:m + s]
+    return out[:layout.height, :layout.width]
+
+
+def binary_mask(probability: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Foreground probability (H, W) -> uint8 mask, 255 where probability >= threshold, else 0."""
+    return np.where(np.asarray(probability) >= threshold, 255, 0).astype(np.uint8)
+
+
+def mask_from_label(label: np.ndarray) -> np.ndarray:
+    """An ISBI label (255 = cell interior, 0 = membrane) -> float32 target, 1 = membrane."""
+    return (np.asarray(label) < 128).astype(np.float32)
+
+
+def overlay(gray: np.ndarray, mask: np.ndarray, *, color: tuple[int, int, int] = (255, 40, 40),
+            alpha: float = 0.5) -> Image.Image:
+    """RGB picture of the image with the foreground of ``mask`` (uint8, 255 = foreground) tinted."""
+    base = np.repeat((np.clip(gray, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
+    tint = np.asarray(color, dtype=np.float32)
+    fg = (np.asarray(mask) > 127)[..., None]
+    blended = np.where(fg, (1.0 - alpha) * base + alpha * tint, base)
+    return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
+
+
+def segmentation_metrics(mask: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Pixel accuracy, IoU of each class, mean IoU and Dice of the foreground (membrane).
+
+    Both arguments are boolean-like (H, W) arrays where true/nonzero means membrane (foreground).
+    """
+    pred = np.asarray(mask).astype(bool)
+    true = np.asarray(truth).astype(bool)
+    tp = float(np.sum(pred & true))
+    tn = float(np.sum(~pred & ~true))
+    fp = float(np.sum(pred & ~true))
+    fn = float(np.sum(~pred & true))
+    total = tp + tn + fp + fn
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 1.0
+
+    iou_membrane = ratio(tp, tp + fp + fn)
+    iou_interior = ratio(tn, tn + fp + fn)
+    return {
+        "pixel_accuracy": ratio(tp + tn, total),
+        "pixel_error": ratio(fp + fn, total),
+        "iou_membrane": iou_membrane,
+        "iou_interior": iou_interior,
+        "mean_iou": (iou_membrane + iou_interior) / 2.0,
+        "dice_membrane": ratio(2 * tp, 2 * tp + fp + fn),
+        "dice_interior": ratio(2 * tn, 2 * tn + fp + fn),
+    }
+
+
+def summary_features(gray: np.ndarray, probability: np.ndarray,
+                     threshold: float = THRESHOLD) -> dict[str, float]:
+    """Privacy-safe per-image summary for the prediction log and drift reference.
+
+    ``gray`` is the normalised input (H, W) in [0, 1]; ``probability`` the foreground probability.
+    """
+    gray = np.asarray(gray, dtype=np.float32)
+    prob = np.asarray(probability, dtype=np.float32)
+    certainty = np.abs(prob - 0.5) * 2.0
+    return {
+        "image_mean": float(gray.mean()),
+        "image_std": float(gray.std()),
+        "width": float(gray.shape[1]),
+        "height": float(gray.shape[0]),
+        "foreground_fraction": float(np.mean(prob >= threshold)),
+        "mean_probability": float(prob.mean()),
+        "mean_certainty": float(certainty.mean()),
+    }
+
+
+def predict_probability(gray: np.ndarray, run, *, tile: int = TILE, margin: int = MARGIN,
+                        batch_size: int = 4) -> np.ndarray:
+    """Foreground probability (H, W) of a normalised image through overlap-tiling.
+
+    ``run`` maps a float32 batch (n, tile, tile, 1) to probabilities (n, tile, tile, 1): the LiteRT
+    runner at serving time, the Keras model during training. Tiles go in batches of ``batch_size``
+    and each batch's centres are written straight into the output, so memory stays bounded for a
+    2048 x 2048 image (the model's activations for one batch dominate it).
+    """
+    layout = TileLayout(int(gray.shape[0]), int(gray.shape[1]), tile, margin)
+    padded = layout.pad(np.asarray(gray, dtype=np.float32))
+    origins = layout.origins()
+    s = layout.stride
+    out = np.empty((layout.rows * s, layout.cols * s), dtype=np.float32)
+    for start in range(0, len(origins), batch_size):
+        chunk = origins[start:start + batch_size]
+        batch = np.stack([padded[y:y + tile, x:x + tile] for y, x in chunk])[..., None]
+        prediction = np.asarray(run(batch), dtype=np.float32).reshape(len(chunk), tile, tile)
+        for (y, x), tile_prediction in zip(chunk, prediction, strict=True):
+            out[y:y + s, x:x + s] = tile_prediction[margin:margin + s, margin:margin + s]
+    return out[:layout.height, :layout.width]

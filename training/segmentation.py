@@ -1,0 +1,370 @@
+"""Train the membrane-segmentation U-Net (ISBI 2012 EM slices) and export it for LiteRT serving.
+
+Reads top to bottom: arguments, data, model, fit, evaluate, export.
+
+Data: ``membrane/train/{image,label}/N.png``, 30 labelled 512x512 slices. Slices 25-29 are the
+held-out test set and are only ever used for the final evaluation; slices 22-24 are the validation
+set (best checkpoint and decision threshold); 0-21 are trained on. Labels are 255 = cell interior,
+0 = membrane; the model predicts P(membrane), so the served mask's 255 means membrane.
+
+The U-Net (Ronneberger et al. 2015) is scaled down for CPU training: 16 base filters, 4 poolings,
+BatchNorm. It trains on random 128 px crops with flips, 90-degree rotations, elastic deformation and
+intensity jitter, and is exported as an fp32 ``.tflite`` for the fixed tile size the server uses.
+Evaluation runs the exported ``.tflite`` through the same overlap-tiling code as the server.
+
+    cd /work/main && .venv-train/bin/python -m training.segmentation  # ~35 min on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from app.tasks.segmentation.preprocess import (
+    MARGIN,
+    THRESHOLD,
+    TILE,
+    binary_mask,
+    mask_from_label,
+    overlay,
+    predict_probability,
+    segmentation_metrics,
+    summary_features,
+    to_grayscale,
+)
+from training.common import (
+    SHARED_DATA,
+    Stopwatch,
+    export_tflite,
+    model_dir,
+    seed_everything,
+    sha256_files,
+    write_json,
+    write_metadata,
+)
+
+TRAIN_SLICES = list(range(0, 22))
+VAL_SLICES = [22, 23, 24]
+TEST_SLICES = [25, 26, 27, 28, 29]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "membrane")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128, help="training crop size (multiple of 16)")
+    p.add_argument("--base-filters", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4, help="number of 2x poolings")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--dice-weight", type=float, default=0.25)
+    p.add_argument("--max-minutes", type=float, default=34.0,
+                   help="stop fitting after this long (a cap for a shared CPU; the epoch count is recorded)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args()
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_slices(data: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Images as float32 [0, 1] and targets as float32 (1 = membrane), both (n, 512, 512)."""
+    images = [to_grayscale(Image.open(data / "train" / "image" / f"{i}.png")) for i in ids]
+    labels = [mask_from_label(np.asarray(Image.open(data / "train" / "label" / f"{i}.png"))) for i in ids]
+    return np.stack(images), np.stack(labels)
+
+
+def elastic(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+            alpha: float = 8.0, grid: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random displacement (coarse grid of offsets, bicubic upsampled), as in the U-Net paper."""
+    h, w = image.shape
+    dy = ndimage.zoom(rng.normal(0, alpha, (grid, grid)), (h / grid, w / grid), order=3)[:h, :w]
+    dx = ndimage.zoom(rng.normal(0, alpha, (grid, grid)), (h / grid, w / grid), order=3)[:h, :w]
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    coords = np.stack([yy + dy, xx + dx])
+    warped = ndimage.map_coordinates(image, coords, order=1, mode="reflect")
+    warped_target = ndimage.map_coordinates(target, coords, order=1, mode="reflect") >= 0.5
+    return warped.astype(np.float32), warped_target.astype(np.float32)
+
+
+def augment_crop(images: np.ndarray, targets: np.ndarray, crop: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One random crop of a random slice with flips, rot90, elastic warp and intensity jitter."""
+    pad = 16  # warp a slightly larger window so the crop has no invented border
+    k = int(rng.integers(len(images)))
+    size = crop + 2 * pad
+    y = int(rng.integers(0, images.shape[1] - size + 1))
+    x = int(rng.integers(0, images.shape[2] - size + 1))
+    img, tgt = images[k, y:y + size, x:x + size], targets[k, y:y + size, x:x + size]
+    if rng.random() < 0.5:
+        img, tgt = elastic(img, tgt, rng)
+    img, tgt = img[pad:-pad, pad:-pad], tgt[pad:-pad, pad:-pad]
+    turns = int(rng.integers(4))
+    img, tgt = np.rot90(img, turns), np.rot90(tgt, turns)
+    if rng.random() < 0.5:
+        img, tgt = img[:, ::-1], tgt[:, ::-1]
+    # intensity jitter: gamma, contrast, brightness, a little noise
+    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.75, 1.35)
+    img = (img - img.mean()) * rng.uniform(0.8, 1.2) + img.mean() + rng.uniform(-0.08, 0.08)
+    if rng.random() < 0.3:
+        img = img + rng.normal(0.0, 0.02, img.shape)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(tgt, dtype=np.float32)
+
+
+def training_batches(images: np.ndarray, targets: np.ndarray, n: int, crop: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [augment_crop(images, targets, crop, rng) for _ in range(n)]
+    return (np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])[..., None])
+
+
+# -------------------------------------------------------------------------------------------- model
+def build_unet(input_shape: tuple[int | None, int | None, int], base: int, depth: int):
+    import keras
+    from keras import layers
+
+    def conv_block(x, filters: int):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+        return x
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x, skips = inputs, []
+    for level in range(depth):
+        x = conv_block(x, base * 2 ** level)
+        skips.append(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = conv_block(x, base * 2 ** depth)
+    x = layers.Dropout(0.2)(x)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base * 2 ** level, 2, strides=2, padding="same")(x)
+        x = layers.Concatenate()([x, skips[level]])
+        x = conv_block(x, base * 2 ** level)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="membrane_probability")(x)
+    return keras.Model(inputs, outputs, name="unet")
+
+
+def bce_dice_loss(dice_weight: float):
+    import keras
+    from keras import ops
+
+    bce = keras.losses.BinaryCrossentropy()
+
+    def loss(y_true, y_pred):
+        inter = ops.sum(y_true * y_pred, axis=(1, 2, 3))
+        denom = ops.sum(y_true + y_pred, axis=(1, 2, 3))
+        dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+        return bce(y_true, y_pred) + dice_weight * ops.mean(dice)
+
+    return loss
+
+
+def keras_runner(model):
+    return lambda batch: np.asarray(model(batch, training=False))
+
+
+def evaluate(run, images: np.ndarray, targets: np.ndarray, threshold: float) -> tuple[dict, list[np.ndarray]]:
+    """Tiled inference over whole slices (as the server does) and metrics over all their pixels."""
+    probs = [predict_probability(img, run) for img in images]
+    pred = np.stack([binary_mask(p, threshold) > 0 for p in probs])
+    metrics = segmentation_metrics(pred, targets > 0.5)
+    eps = 1e-6
+    stacked = np.clip(np.stack(probs), eps, 1 - eps)
+    metrics["bce"] = float(-np.mean(targets * np.log(stacked) + (1 - targets) * np.log(1 - stacked)))
+    return metrics, probs
+
+
+def best_threshold(probs: list[np.ndarray], targets: np.ndarray) -> float:
+    """The threshold (0.30..0.70) with the best validation pixel accuracy."""
+    candidates = np.round(np.arange(0.30, 0.701, 0.05), 2)
+    stacked = np.stack(probs)
+    accs = [float(np.mean((stacked >= t) == (targets > 0.5))) for t in candidates]
+    return float(candidates[int(np.argmax(accs))])
+
+
+# ------------------------------------------------------------------------------------------- report
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss (BCE + dice, crops)")
+    ax1.plot(epochs, [h["val_bce"] for h in history], label="validation BCE (slices 22-24, tiled)")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [h["val_pixel_accuracy"] for h in history], label="validation pixel accuracy")
+    ax2.plot(epochs, [h["val_iou_membrane"] for h in history], label="validation IoU membrane")
+    ax2.set_xlabel("epoch"), ax2.legend(), ax2.grid(alpha=0.3)
+    fig.suptitle("U-Net membrane segmentation: training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_overlays(images: np.ndarray, targets: np.ndarray, probs: list[np.ndarray], ids: list[int],
+                  threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(3, len(images))
+    fig, axes = plt.subplots(n, 3, figsize=(12, 4 * n))
+    for row in range(n):
+        mask = binary_mask(probs[row], threshold)
+        errors = (mask > 0) != (targets[row] > 0.5)
+        panels = [(images[row], "gray", f"slice {ids[row]} (held out)"),
+                  (np.asarray(overlay(images[row], mask)), None, "predicted membrane (red)"),
+                  (errors, "magma", f"errors: {errors.mean():.3f} of pixels")]
+        for ax, (img, cmap, title) in zip(axes[row], panels, strict=True):
+            ax.imshow(img, cmap=cmap), ax.set_title(title), ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=55)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> None:
+    args = parse_args()
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    seed_everything(args.seed)
+    rng = np.random.default_rng(args.seed)
+    clock = Stopwatch()
+
+    train_x, train_y = load_slices(args.data, TRAIN_SLICES)
+    val_x, val_y = load_slices(args.data, VAL_SLICES)
+    print(f"train slices {TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, validation {VAL_SLICES}, "
+          f"held-out test {TEST_SLICES} (not loaded until the end); membrane fraction "
+          f"{train_y.mean():.3f}", flush=True)
+
+    model = build_unet((None, None, 1), args.base_filters, args.depth)
+    print(f"U-Net: {model.count_params():,} parameters", flush=True)
+    total_steps = args.epochs * args.steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=total_steps, alpha=0.05)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=bce_dice_loss(args.dice_weight))
+
+    history: list[dict] = []
+    best = {"val_bce": np.inf, "epoch": 0, "weights": None}
+    fit_clock = Stopwatch()
+    for epoch in range(1, args.epochs + 1):
+        started = time.perf_counter()
+        x, y = training_batches(train_x, train_y, args.steps_per_epoch * args.batch_size, args.crop, rng)
+        fit = model.fit(x, y, batch_size=args.batch_size, epochs=1, verbose=0, shuffle=False)
+        val, _ = evaluate(keras_runner(model), val_x, val_y, THRESHOLD)
+        history.append({"epoch": epoch, "train_loss": float(fit.history["loss"][-1]),
+                        "val_bce": val["bce"], "val_pixel_accuracy": val["pixel_accuracy"],
+                        "val_iou_membrane": val["iou_membrane"],
+                        "seconds": round(time.perf_counter() - started, 1)})
+        improved = val["bce"] < best["val_bce"]
+        if improved:
+            best = {"val_bce": val["bce"], "epoch": epoch, "weights": model.get_weights()}
+        print(f"epoch {epoch:3d}/{args.epochs} loss {history[-1]['train_loss']:.4f} "
+              f"val bce {val['bce']:.4f} acc {val['pixel_accuracy']:.4f} "
+              f"IoU(membrane) {val['iou_membrane']:.3f} [{history[-1]['seconds']:.0f}s, "
+              f"{fit_clock.seconds / 60:.1f} min]{' *' if improved else ''}", flush=True)
+        if fit_clock.seconds / 60 > args.max_minutes:
+            print(f"stopping: past the {args.max_minutes} min budget", flush=True)
+            break
+    fit_seconds = fit_clock.seconds
+    model.set_weights(best["weights"])
+    print(f"best validation BCE {best['val_bce']:.4f} at epoch {best['epoch']}", flush=True)
+
+    # Export for the fixed tile size the server uses (the weights do not depend on the input size).
+    out = model_dir("segmentation", args.version)
+    tiled = build_unet((TILE, TILE, 1), args.base_filters, args.depth)
+    tiled.set_weights(model.get_weights())
+    export = export_tflite(tiled, out / "model.tflite", val_x[:2, :TILE, :TILE, None])
+
+    from app.core.runtime import TFLiteRunner
+
+    runner = TFLiteRunner(out / "model.tflite", num_threads=args.threads)
+    val, val_probs = evaluate(runner.run, val_x, val_y, THRESHOLD)
+    threshold = best_threshold(val_probs, val_y)
+    val, _ = evaluate(runner.run, val_x, val_y, threshold)
+    print(f"validation (LiteRT, tiled) threshold {threshold}: {val}", flush=True)
+
+    test_x, test_y = load_slices(args.data, TEST_SLICES)
+    test, test_probs = evaluate(runner.run, test_x, test_y, threshold)
+    per_slice = {str(i): segmentation_metrics(binary_mask(p, threshold) > 0, t > 0.5)["pixel_accuracy"]
+                 for i, p, t in zip(TEST_SLICES, test_probs, test_y, strict=True)}
+    print(f"HELD-OUT slices 25-29 (LiteRT, tiled) threshold {threshold}: {test}", flush=True)
+
+    # Drift reference: held-out slices 25-29 plus the 30 unlabelled test/ slices, none trained on.
+    ref_paths = [args.data / "train" / "image" / f"{i}.png" for i in TEST_SLICES] + \
+        sorted((args.data / "test").glob("*.png"), key=lambda p: int(p.stem))
+    features: dict[str, list[float]] = {}
+    for path in ref_paths:
+        gray = to_grayscale(Image.open(path))
+        for name, value in summary_features(gray, predict_probability(gray, runner.run), threshold).items():
+            features.setdefault(name, []).append(value)
+    from app.monitoring.reference import build_reference
+
+    reference = build_reference(features, ["mask"] * len(ref_paths), ["mask"], seed=args.seed,
+                                source="membrane train/image/25-29.png (held out) + test/0-29.png")
+    write_json(out / "reference.json", reference)
+
+    report = out / "report"
+    plot_history(history, report / "loss_curves.png")
+    plot_overlays(test_x, test_y, test_probs, TEST_SLICES, threshold, report / "overlays.png")
+    metrics = {"held_out_test": {"slices": TEST_SLICES, **test, "pixel_accuracy_per_slice": per_slice},
+               "validation": {"slices": VAL_SLICES, **val},
+               "threshold": threshold, "evaluation": "exported .tflite through the server's overlap-tiling",
+               "best_epoch": best["epoch"], "history": history}
+    write_json(report / "metrics.json", metrics)
+
+    data_files = [args.data / "train" / kind / f"{i}.png" for kind in ("image", "label") for i in range(30)]
+    write_metadata(
+        out,
+        name="segmentation",
+        task="segmentation",
+        version=args.version,
+        description="U-Net (16 base filters, 4 poolings, BatchNorm) for membrane segmentation of "
+                    "ISBI 2012 serial-section TEM slices; overlap-tiled inference for any image size.",
+        artifact={"file": "model.tflite", "format": "tflite-fp32", **export},
+        data={"path": "membrane/train/{image,label}/0..29.png", "sha256": sha256_files(data_files),
+              "train_slices": TRAIN_SLICES, "validation_slices": VAL_SLICES, "test_slices": TEST_SLICES},
+        input={"name": "image", "type": "image/png, image/jpeg or image/tiff; grayscale or RGB "
+               "(converted to luma)", "normalisation": "grayscale / 255 -> float32 [0, 1]",
+               "tile_shape": [TILE, TILE, 1], "max_side": 4096},
+        output={"type": "binary mask PNG with the input's width and height",
+                "foreground": "membrane", "foreground_value": 255, "background_value": 0,
+                "source_label_convention": "dataset labels: 255 = cell interior, 0 = membrane; the "
+                                           "served mask is inverted so that 255 = membrane"},
+        labels=["background (cell interior)", "membrane"],
+        metrics={"held_out_pixel_accuracy": test["pixel_accuracy"],
+                 "held_out_pixel_error": test["pixel_error"],
+                 "held_out_iou_membrane": test["iou_membrane"], "held_out_iou_interior": test["iou_interior"],
+                 "held_out_mean_iou": test["mean_iou"], "held_out_dice_membrane": test["dice_membrane"],
+                 "validation_pixel_accuracy": val["pixel_accuracy"]},
+        params={"tile": TILE, "margin": MARGIN, "stride": TILE - 2 * MARGIN, "threshold": threshold,
+                "tiling": "reflect-pad, overlapping tiles, keep each tile's centre (overlap-tile)",
+                "base_filters": args.base_filters, "depth": args.depth, "crop": args.crop,
+                "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "lr": args.lr,
+                "loss": f"BCE + {args.dice_weight} * soft Dice", "augmentation":
+                "random crops, rot90, flips, elastic (p=0.5), gamma/contrast/brightness, noise (p=0.3)"},
+        training={"seed": args.seed, "epochs": len(history), "epochs_planned": args.epochs,
+                  "best_epoch": best["epoch"], "duration_s": clock.seconds, "fit_duration_s": fit_seconds},
+    )
+    print(f"done in {clock.seconds / 60:.1f} min -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
