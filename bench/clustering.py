@@ -15,19 +15,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import percentiles, serving_python, write_results
+from bench.common import (
+    percentiles,
+    serving_python,
+    wait_for_model,
+    write_results,
+)
 from bench.liveserver import running_server
-
-
-def wait_for_clustering(client: httpx.Client, timeout: float = 60.0) -> str:
-    """Only the clustering model is needed: wait for it rather than for every model."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for model in client.get("/v1/models").json()["models"]:
-            if model["task"] == "clustering" and model["ready"]:
-                return model["version"]
-        time.sleep(0.2)
-    raise RuntimeError("the clustering model did not become ready")
 
 
 def timed(client: httpx.Client, runs: int, warmup: int, send) -> tuple[list[float], list[httpx.Response]]:
@@ -72,7 +66,7 @@ def main() -> None:
     python = serving_python()
     with running_server(workers=1, ready=False, python=python) as server, \
             httpx.Client(base_url=server.base_url, timeout=60.0) as client:
-        version = wait_for_clustering(client)
+        version = wait_for_model(client, "clustering")
         predict_ms, _ = timed(client, args.predict_runs, 10, lambda: client.post(
             "/v1/clustering/predict", json={"instances": instances}))
         print(f"predict (100 rows): {percentiles(predict_ms)}")

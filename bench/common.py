@@ -35,3 +35,27 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
+
+
+def png_bytes(array: Any) -> bytes:
+    """A uint8 array (H, W) or (H, W, C) encoded as PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_for_model(client: Any, task: str, timeout: float = 90.0) -> str:
+    """The served version of ``task`` once it is loaded (the server may still be loading others)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for model in client.get("/v1/models").json()["models"]:
+            if model["task"] == task and model["ready"]:
+                return str(model["version"])
+        time.sleep(0.2)
+    raise RuntimeError(f"the {task} model did not become ready within {timeout:.0f}s")

@@ -12,36 +12,26 @@
 from __future__ import annotations
 
 import argparse
-import io
 import time
 
 import httpx
 import numpy as np
-from PIL import Image
 
-from bench.common import SHARED_DATA, percentiles, serving_python, write_results
+from bench.common import (
+    SHARED_DATA,
+    percentiles,
+    png_bytes,
+    serving_python,
+    wait_for_model,
+    write_results,
+)
 from bench.liveserver import running_server
 
 URL = "/v1/digits/predict"
 
 
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def wait_for_digits(client: httpx.Client, timeout: float = 60.0) -> str:
-    """The loaded digits version, once every worker's registry has it (one worker by default)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        models = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
-        digits = models.get("digits", {})
-        if digits.get("ready"):
-            return str(digits["version"])
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"digits model not ready: {digits.get('error')}")
-        time.sleep(0.2)
 
 
 def main() -> None:
@@ -54,13 +44,13 @@ def main() -> None:
 
     with np.load(args.data) as data:
         images, labels = data["x_test"], data["y_test"].astype(int)
-    pngs = [png(images[i]) for i in range(args.requests)]
+    pngs = [png_bytes(images[i]) for i in range(args.requests)]
 
     python = serving_python()
     # ready=False: this bench needs the digits model only, not every task's.
     with running_server(workers=args.workers, python=python, ready=False) as server, \
             httpx.Client(base_url=server.base_url, timeout=60.0) as client:
-        version = wait_for_digits(client)
+        version = wait_for_model(client, "digits")
         print(f"server up in {server.boot_seconds:.1f}s ({python or 'this interpreter'}), digits {version}",
               flush=True)
 

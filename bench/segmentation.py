@@ -18,28 +18,22 @@ import numpy as np
 from PIL import Image
 
 from app.tasks.segmentation.preprocess import segmentation_metrics
-from bench.common import SHARED_DATA, percentiles, serving_python, write_results
+from bench.common import (
+    SHARED_DATA,
+    percentiles,
+    png_bytes,
+    serving_python,
+    wait_for_model,
+    write_results,
+)
 from bench.liveserver import running_server
 
 URL = "/v1/segmentation/predict"
 TEST_SLICES = [25, 26, 27, 28, 29]
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def wait_for_segmentation(client: httpx.Client, timeout: float = 90.0) -> str:
-    """The served version, once the segmentation model is loaded (other tasks may still load)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for model in client.get("/v1/models").json()["models"]:
-            if model["task"] == "segmentation" and model["ready"]:
-                return model["version"]
-        time.sleep(0.2)
-    raise RuntimeError("the segmentation model did not become ready")
 
 
 def timed_post(client: httpx.Client, data: bytes) -> tuple[float, httpx.Response]:
@@ -59,12 +53,12 @@ def main() -> None:
 
     with running_server(ready=False, python=serving_python()) as server, \
             httpx.Client(base_url=server.base_url, timeout=120.0) as client:
-        version = wait_for_segmentation(client)
+        version = wait_for_model(client, "segmentation")
         predicted, truth = [], []
         per_slice = {}
         for i in TEST_SLICES:
             image = np.asarray(Image.open(data_dir / "image" / f"{i}.png"))
-            _, response = timed_post(client, png(image))
+            _, response = timed_post(client, png_bytes(image))
             mask = np.asarray(Image.open(io.BytesIO(response.content))) == 255
             membrane = np.asarray(Image.open(data_dir / "label" / f"{i}.png")) == 0
             assert mask.shape == membrane.shape
@@ -75,11 +69,11 @@ def main() -> None:
         scores = segmentation_metrics(np.stack(predicted), np.stack(truth))
         metrics = {name: round(value, 4) for name, value in scores.items()}
 
-        one = png(np.asarray(Image.open(data_dir / "image" / "25.png")))
+        one = png_bytes(np.asarray(Image.open(data_dir / "image" / "25.png")))
         for _ in range(2):  # warm-up: first requests pay for connection setup and allocation
             timed_post(client, one)
         latencies = [timed_post(client, one)[0] for _ in range(args.runs)]
-        big = png(np.tile(np.asarray(Image.open(data_dir / "image" / "25.png")), (2, 2)))
+        big = png_bytes(np.tile(np.asarray(Image.open(data_dir / "image" / "25.png")), (2, 2)))
         big_latencies = [timed_post(client, big)[0] for _ in range(3)]
 
     results = {
