@@ -1,0 +1,76 @@
+"""The served emotion model: LiteRT ensemble over per-window MFCC maps, clip = mean of windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from app.core.registry import ServedModel
+from app.core.runtime import TFLiteRunner
+from app.tasks.emotion.preprocess import FeatureParams, clip_windows, prepare_waveform, rms_db
+
+# Windows this much quieter than the loudest window (pauses, trailing silence) are not scored:
+# the model never saw silence-only windows, and averaging them in only adds noise.
+QUIET_WINDOW_DB = 30.0
+
+
+@dataclass
+class EmotionResult:
+    emotion: str
+    confidence: float
+    probabilities: dict[str, float]
+    duration_s: float
+    segments: list[dict[str, float | str]]
+    waveform: np.ndarray  # mono at the model rate, for summary_features
+
+
+class EmotionModel(ServedModel):
+    task = "emotion"
+
+    def _load_artifacts(self) -> None:
+        self.labels = [str(label) for label in self.metadata["labels"]]
+        stored = self.metadata.get("params", {}).get("preprocessing", {})
+        names = {f.name for f in fields(FeatureParams)}
+        self.params = FeatureParams(**{k: v for k, v in stored.items() if k in names})
+        self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads)
+        expected = (self.params.n_frames, self.params.n_mfcc)
+        if tuple(self.runner.input_shape[1:]) != expected:
+            raise ValueError(f"model input {self.runner.input_shape} does not match the "
+                             f"preprocessing in metadata.json {expected}")
+        if self.runner.output_shape[-1] != len(self.labels):
+            raise ValueError(f"model has {self.runner.output_shape[-1]} outputs for "
+                             f"{len(self.labels)} labels")
+
+    def warm_up(self) -> None:
+        rng = np.random.default_rng(0)
+        self.classify(rng.normal(0, 0.1, self.params.window_samples + 8000).astype(np.float32),
+                      self.params.sample_rate)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Window probabilities ``(windows, classes)`` for a batch of MFCC maps."""
+        return self.runner.run(batch)
+
+    def classify(self, waveform: np.ndarray, sample_rate: int) -> EmotionResult:
+        """A decoded clip (any rate, mono or ``(samples, channels)``) -> clip and window results."""
+        wav = prepare_waveform(waveform, sample_rate, self.params)
+        batch, spans = clip_windows(wav, self.params)
+        levels = np.array([rms_db(wav[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])
+                           for s, e in spans])
+        keep = np.flatnonzero(levels >= levels.max() - QUIET_WINDOW_DB)
+        window_probs = self.predict(batch[keep])
+        clip_probs = window_probs.mean(axis=0)
+        best = int(np.argmax(clip_probs))
+        segments = []
+        for i, probs in zip(keep, window_probs):
+            start, end = spans[i]
+            top = int(np.argmax(probs))
+            segments.append({"start_s": round(start, 3), "end_s": round(end, 3),
+                             "emotion": self.labels[top], "confidence": round(float(probs[top]), 4)})
+        return EmotionResult(
+            emotion=self.labels[best], confidence=round(float(clip_probs[best]), 4),
+            probabilities={label: round(float(p), 4) for label, p in zip(self.labels, clip_probs)},
+            duration_s=round(wav.size / self.params.sample_rate, 3), segments=segments, waveform=wav)
+
+
+MODEL_CLASS = EmotionModel

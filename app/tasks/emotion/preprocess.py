@@ -1,0 +1,267 @@
+"""Waveform -> model input for speech-emotion recognition, in numpy/scipy only.
+
+This module is the one source of truth for the features: ``training/emotion.py`` and the serving
+path both call it. librosa is the reference implementation (``librosa.feature.mfcc`` with the
+parameters in :data:`FEATURES`), but importing it at serving time costs 150-250 MiB RSS and ~12 s
+of numba compilation, so the MFCC is re-implemented here step by step as librosa does it, in float64:
+centred STFT with zero padding and a periodic Hann window padded to ``n_fft``, power spectrum,
+Slaney mel filterbank (built in float32 as librosa builds it), ``power_to_db`` (ref 1, amin 1e-10,
+top_db 80) and an orthonormal DCT-II. ``tests/unit/test_emotion_preprocess.py`` proves the match
+within 1e-4 on real EmoDB files.
+
+A clip is cut into fixed-length windows (``window_s`` with ``hop_s``; short clips are zero-padded
+at the end); each window gives one MFCC map. Only c0 is normalised per window (its mean over the
+frames that hold audio is subtracted): c0 is the one coefficient a recording gain moves, while the
+absolute values of c1.. carry spectral tilt and shape, which are emotion cues (per-window mean or
+variance normalisation of all coefficients cost 20-30 points of speaker-grouped CV accuracy). Frames
+past the end of a short clip hold the clip's mean frame, so the window holds no artificial silence
+(repeating the clip instead scored 7 points lower in CV).
+The global per-coefficient standardisation is a Normalization layer inside the exported model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import gcd
+
+import numpy as np
+import scipy.fft
+import scipy.signal
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 512            # 32 ms FFT
+    win_length: int = 400       # 25 ms Hann window, centred in the FFT frame
+    hop_length: int = 160       # 10 ms
+    n_mels: int = 64
+    n_mfcc: int = 40
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    top_db: float = 80.0
+    amin: float = 1e-10
+    window_s: float = 3.0       # model input: 3 s covers most EmoDB utterances (mean 2.78 s)
+    hop_s: float = 1.5          # long clips: windows overlap by half
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * self.sample_rate))
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.hop_s * self.sample_rate))
+
+    @property
+    def n_frames(self) -> int:
+        """Frames per window (centred STFT): 1 + window_samples // hop_length."""
+        return 1 + self.window_samples // self.hop_length
+
+    def librosa_kwargs(self) -> dict[str, object]:
+        """The arguments that make ``librosa.feature.mfcc`` compute exactly :func:`mfcc`."""
+        return {"sr": self.sample_rate, "n_mfcc": self.n_mfcc, "n_fft": self.n_fft,
+                "hop_length": self.hop_length, "win_length": self.win_length, "window": "hann",
+                "center": True, "pad_mode": "constant", "power": 2.0, "n_mels": self.n_mels,
+                "fmin": self.fmin, "fmax": self.fmax, "htk": False, "mel_norm": "slaney",
+                "dct_type": 2, "norm": "ortho", "lifter": 0}
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "window_samples": self.window_samples,
+                "hop_samples": self.hop_samples, "n_frames": self.n_frames,
+                "window": "hann (periodic), centred, zero-padded", "power": 2.0, "mel_norm": "slaney",
+                "htk": False, "dct": "type II, ortho", "db_ref": 1.0,
+                "normalisation": "per window: c0 minus its mean over the audio frames; frames "
+                                 "past a short clip's end = the clip's mean frame; global "
+                                 "standardisation inside the model"}
+
+
+FEATURES = FeatureParams()
+
+
+# ---------------------------------------------------------------- waveform
+def to_mono(waveform: np.ndarray) -> np.ndarray:
+    """Average the channels of a ``(samples,)`` or ``(samples, channels)`` array."""
+    wav = np.asarray(waveform, dtype=np.float32)
+    if wav.ndim == 2:
+        wav = wav.mean(axis=1, dtype=np.float32)
+    elif wav.ndim != 1:
+        raise ValueError(f"waveform must be 1-D or (samples, channels), got shape {wav.shape}")
+    return wav
+
+
+def resample(waveform: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Polyphase resampling (``scipy.signal.resample_poly``, Kaiser window) to ``target_sr``."""
+    wav = np.asarray(waveform, dtype=np.float32)
+    if int(orig_sr) == int(target_sr):
+        return wav
+    g = gcd(int(orig_sr), int(target_sr))
+    out = scipy.signal.resample_poly(wav, int(target_sr) // g, int(orig_sr) // g)
+    return out.astype(np.float32)
+
+
+def prepare_waveform(waveform: np.ndarray, sample_rate: int,
+                     params: FeatureParams = FEATURES) -> np.ndarray:
+    """Any channel count and rate -> mono float32 at the model rate."""
+    return resample(to_mono(waveform), sample_rate, params.sample_rate)
+
+
+def rms_db(waveform: np.ndarray) -> float:
+    """Root-mean-square level in dB relative to full scale (floored at -120 dBFS)."""
+    wav = np.asarray(waveform, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(wav * wav))) if wav.size else 0.0
+    return float(20.0 * np.log10(max(rms, 1e-6)))
+
+
+def window_starts(n_samples: int, params: FeatureParams = FEATURES) -> list[int]:
+    """Window start samples covering the clip: every ``hop`` and one flush with the end."""
+    win, hop = params.window_samples, params.hop_samples
+    if n_samples <= win:
+        return [0]
+    starts = list(range(0, n_samples - win + 1, hop))
+    if starts[-1] + win < n_samples:
+        starts.append(n_samples - win)
+    return starts
+
+
+# ---------------------------------------------------------------- MFCC (librosa-equivalent)
+def _hz_to_mel(freqs: np.ndarray) -> np.ndarray:
+    """Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above."""
+    freqs = np.asanyarray(freqs, dtype=np.float64)
+    f_sp = 200.0 / 3
+    mels = freqs / f_sp
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+    log_t = freqs >= min_log_hz
+    mels[log_t] = min_log_mel + np.log(freqs[log_t] / min_log_hz) / logstep
+    return mels
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    mels = np.asanyarray(mels, dtype=np.float64)
+    f_sp = 200.0 / 3
+    freqs = f_sp * mels
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+    log_t = mels >= min_log_mel
+    freqs[log_t] = min_log_hz * np.exp(logstep * (mels[log_t] - min_log_mel))
+    return freqs
+
+
+def mel_filterbank(params: FeatureParams = FEATURES) -> np.ndarray:
+    """``(n_mels, 1 + n_fft // 2)`` Slaney-normalised triangles, float32 as ``librosa.filters.mel``."""
+    n_bins = 1 + params.n_fft // 2
+    fft_freqs = np.fft.rfftfreq(n=params.n_fft, d=1.0 / params.sample_rate)
+    min_mel, max_mel = _hz_to_mel(np.array([params.fmin, params.fmax]))
+    mel_f = _mel_to_hz(np.linspace(min_mel, max_mel, params.n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fft_freqs)
+    # librosa stores the triangles in a float32 array before scaling; doing the same keeps the
+    # match at the 1e-6 level instead of 1e-5.
+    weights = np.zeros((params.n_mels, n_bins), dtype=np.float32)
+    for i in range(params.n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:params.n_mels + 2] - mel_f[:params.n_mels]))[:, np.newaxis]
+    return weights
+
+
+_MEL_CACHE: dict[FeatureParams, np.ndarray] = {}
+
+
+def _mel_basis(params: FeatureParams) -> np.ndarray:
+    if params not in _MEL_CACHE:
+        _MEL_CACHE[params] = mel_filterbank(params)
+    return _MEL_CACHE[params]
+
+
+def _analysis_window(params: FeatureParams) -> np.ndarray:
+    window = scipy.signal.get_window("hann", params.win_length, fftbins=True)
+    left = (params.n_fft - params.win_length) // 2
+    return np.pad(window, (left, params.n_fft - params.win_length - left))
+
+
+def power_spectrogram(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
+    """``|STFT|^2`` as ``(1 + n_fft // 2, frames)``: centred frames, zero padding, float64."""
+    y = np.asarray(waveform, dtype=np.float64)
+    pad = params.n_fft // 2
+    y = np.pad(y, (pad, pad), mode="constant")
+    if y.size < params.n_fft:
+        raise ValueError(f"waveform too short for n_fft={params.n_fft}")
+    frames = np.lib.stride_tricks.sliding_window_view(y, params.n_fft)[::params.hop_length]
+    spectrum = np.fft.rfft(frames * _analysis_window(params), n=params.n_fft, axis=-1)
+    return (spectrum.real ** 2 + spectrum.imag ** 2).T
+
+
+def power_to_db(power: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
+    """``librosa.power_to_db(S, ref=1.0, amin=1e-10, top_db=80)``."""
+    log_spec = 10.0 * np.log10(np.maximum(params.amin, power))
+    return np.maximum(log_spec, log_spec.max() - params.top_db)
+
+
+def mfcc(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
+    """MFCCs ``(n_mfcc, frames)`` of a mono waveform at ``params.sample_rate`` (librosa-equal)."""
+    mel = _mel_basis(params).astype(np.float64) @ power_spectrogram(waveform, params)
+    return scipy.fft.dct(power_to_db(mel, params), axis=-2, type=2, norm="ortho")[:params.n_mfcc]
+
+
+def normalise(coefficients: np.ndarray, n_valid: int) -> np.ndarray:
+    """Subtract c0's mean over the first ``n_valid`` frames; later (padding) frames get each
+    coefficient's mean over those frames, so padding adds no artificial silence."""
+    n_valid = max(1, min(n_valid, coefficients.shape[1]))
+    out = np.array(coefficients, dtype=np.float64)
+    out[0] -= out[0, :n_valid].mean()
+    out[:, n_valid:] = out[:, :n_valid].mean(axis=1, keepdims=True)
+    return out
+
+
+def window_features(window: np.ndarray, n_valid_samples: int | None = None,
+                    params: FeatureParams = FEATURES) -> np.ndarray:
+    """One model input ``(n_frames, n_mfcc)`` float32 from up to ``window_samples`` of audio.
+
+    Shorter audio is zero-padded at the end; ``n_valid_samples`` (default: the audio's length)
+    says how much of it is real: the normalisation and the mean-fill use those frames only.
+    """
+    audio = np.asarray(window, dtype=np.float32)[:params.window_samples]
+    n_valid = audio.size if n_valid_samples is None else min(n_valid_samples, audio.size)
+    padded = np.zeros(params.window_samples, dtype=np.float32)
+    padded[:audio.size] = audio
+    valid_frames = min(params.n_frames, 1 + n_valid // params.hop_length)
+    coefficients = normalise(mfcc(padded, params), valid_frames)
+    return coefficients.T.astype(np.float32)
+
+
+def clip_windows(waveform: np.ndarray, params: FeatureParams = FEATURES
+                 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A mono model-rate clip -> ``(windows, n_frames, n_mfcc)`` batch and each window's (start, end) s."""
+    wav = np.asarray(waveform, dtype=np.float32)
+    batch, spans = [], []
+    for start in window_starts(wav.size, params):
+        piece = wav[start:start + params.window_samples]
+        batch.append(window_features(piece, piece.size, params))
+        spans.append((start / params.sample_rate, (start + piece.size) / params.sample_rate))
+    return np.stack(batch), spans
+
+
+# ---------------------------------------------------------------- monitoring
+SUMMARY_MFCC = 5
+
+
+def summary_features(waveform: np.ndarray, params: FeatureParams = FEATURES) -> dict[str, float]:
+    """Privacy-safe per-clip summary for the prediction log and drift reference.
+
+    Duration, RMS and peak level in dBFS, and the clip means of the first raw (un-normalised)
+    MFCCs: c0 follows loudness, c1-c4 the spectral tilt and shape of the channel and voice.
+    Takes the mono waveform at the model rate.
+    """
+    wav = np.asarray(waveform, dtype=np.float32)
+    coefficients = mfcc(wav, params)[:SUMMARY_MFCC] if wav.size else np.zeros((SUMMARY_MFCC, 1))
+    peak = float(np.max(np.abs(wav))) if wav.size else 0.0
+    features = {
+        "duration_s": round(wav.size / params.sample_rate, 4),
+        "rms_db": round(rms_db(wav), 4),
+        "peak_db": round(float(20.0 * np.log10(max(peak, 1e-6))), 4),
+    }
+    for i, mean in enumerate(coefficients.mean(axis=1)):
+        features[f"mfcc{i}_mean"] = round(float(mean), 4)
+    return features

@@ -1,0 +1,152 @@
+"""POST /v1/emotion/predict against the real gunicorn server with real EmoDB speech, sent the way
+clients send it: WAV, FLAC, OGG/Vorbis, MP3, 44.1 kHz stereo, browser WebM/Opus and phone M4A/AAC;
+and every kind of bad upload answered with a problem+json 4xx, never a guess or a 500."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+import scipy.signal
+import soundfile as sf
+
+EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+URL = "/v1/emotion/predict"
+LABELS = {"anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"}
+# A held-out test speaker (03), angry, 1.88 s.
+CLIP = "03a01Wa.wav"
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    waveform, sr = sf.read(EMODB / CLIP, dtype="float32")
+    assert sr == 16000
+    return waveform
+
+
+def soundfile_bytes(waveform: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def pyav_bytes(waveform: np.ndarray, container: str, codec: str, rate: int) -> bytes:
+    resampled = scipy.signal.resample_poly(waveform, rate // 1000, 16).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(resampled[None, :], format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def post(client: httpx.Client, data: bytes, name: str = "clip.wav", mime: str = "audio/wav",
+         field: str = "audio") -> httpx.Response:
+    return client.post(URL, files={field: (name, data, mime)})
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["code"] == code and body["field"] == "audio"
+    return body
+
+
+@pytest.fixture(scope="module")
+def wav_answer(live_server: str, speech: np.ndarray) -> dict:
+    with httpx.Client(base_url=live_server, timeout=30.0) as client:
+        response = post(client, soundfile_bytes(speech, 16000, "WAV"))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_wav_clip_gets_its_emotion_with_probabilities_and_segments(wav_answer):
+    assert wav_answer["emotion"] == "anger"
+    assert set(wav_answer["probabilities"]) == LABELS
+    assert sum(wav_answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert wav_answer["duration_s"] == 1.878
+    assert wav_answer["segments"] == [{"start_s": 0.0, "end_s": wav_answer["duration_s"],
+                                       "emotion": "anger", "confidence": wav_answer["confidence"]}]
+    assert wav_answer["model"] == "emotion" and wav_answer["request_id"]
+
+
+@pytest.mark.parametrize("fmt,subtype,mime", [("FLAC", None, "audio/flac"),
+                                              ("OGG", "VORBIS", "audio/ogg"),
+                                              ("MP3", None, "audio/mpeg")])
+def test_the_same_audio_as_flac_ogg_mp3_gives_the_same_emotion(client, speech, wav_answer,
+                                                              fmt, subtype, mime):
+    response = post(client, soundfile_bytes(speech, 16000, fmt, subtype), f"clip.{fmt.lower()}", mime)
+    assert response.status_code == 200, response.text
+    assert response.json()["emotion"] == wav_answer["emotion"]
+
+
+def test_44k1_stereo_gives_the_same_emotion_and_duration(client, speech, wav_answer):
+    resampled = scipy.signal.resample_poly(speech, 441, 160).astype(np.float32)
+    stereo = np.stack([resampled, 0.8 * resampled], axis=1)
+    response = post(client, soundfile_bytes(stereo, 44100, "WAV"))
+    assert response.status_code == 200, response.text
+    assert response.json()["emotion"] == wav_answer["emotion"]
+    assert response.json()["duration_s"] == pytest.approx(wav_answer["duration_s"], abs=0.01)
+
+
+@pytest.mark.parametrize("container,codec,rate,mime", [("webm", "libopus", 48000, "audio/webm"),
+                                                       ("mp4", "aac", 44100, "audio/mp4")])
+def test_browser_webm_opus_and_phone_m4a_are_accepted(client, speech, wav_answer, container, codec,
+                                                      rate, mime):
+    response = post(client, pyav_bytes(speech, container, codec, rate), f"clip.{container}", mime)
+    assert response.status_code == 200, response.text
+    assert response.json()["emotion"] == wav_answer["emotion"]
+
+
+def test_a_long_clip_is_scored_in_overlapping_windows(client):
+    speech, _ = sf.read(EMODB / "16a05Tb.wav", dtype="float32")  # 6.79 s
+    response = post(client, soundfile_bytes(speech, 16000, "FLAC"), "long.flac", "audio/flac")
+    assert response.status_code == 200, response.text
+    starts = [s["start_s"] for s in response.json()["segments"]]
+    assert starts[:3] == [0.0, 1.5, 3.0] and len(starts) >= 3
+
+
+def test_shorter_than_0_3_s_is_422(client, speech):
+    assert_problem(post(client, soundfile_bytes(speech[:3200], 16000, "WAV")), 422, "audio-too-short")
+
+
+def test_longer_than_60_s_is_413(client, speech):
+    body = assert_problem(post(client, soundfile_bytes(np.tile(speech, 33), 16000, "FLAC"),
+                               "long.flac", "audio/flac"), 413, "audio-too-long")
+    assert "60 s" in body["detail"]
+
+
+def test_silence_is_422_not_a_guess(client):
+    body = assert_problem(post(client, soundfile_bytes(np.zeros(32000, np.float32), 16000, "WAV")),
+                          422, "silent-audio")
+    assert body["detail"].startswith("no speech")
+
+
+def test_corrupt_audio_is_422(client, speech):
+    truncated = soundfile_bytes(speech, 16000, "FLAC")[:2500]
+    assert_problem(post(client, truncated, "clip.flac", "audio/flac"), 422, "corrupt-audio")
+
+
+def test_not_audio_is_415_naming_the_formats(client):
+    body = assert_problem(post(client, b"%PDF-1.4 not audio at all\n" * 50, "doc.pdf",
+                               "application/pdf"), 415, "unsupported-audio-format")
+    assert "WAV" in body["detail"] and "WebM/Opus" in body["detail"]
+
+
+def test_empty_file_is_422(client):
+    assert_problem(post(client, b""), 422, "empty-file")
+
+
+def test_wrong_field_name_is_422_naming_audio(client, speech):
+    response = post(client, soundfile_bytes(speech, 16000, "WAV"), field="file")
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "audio"

@@ -1,0 +1,105 @@
+"""The emotion model class and endpoint in-process (TestClient) on the committed model."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.core.registry import version_key
+from app.main import create_app
+from app.tasks.emotion.model import EmotionModel
+from app.tasks.emotion.preprocess import FEATURES
+
+COMMITTED = Path(__file__).resolve().parents[2] / "models" / "emotion"
+EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+URL = "/v1/emotion/predict"
+
+
+def committed_version() -> Path:
+    return sorted((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))[-1]
+
+
+def wav_bytes(waveform: np.ndarray, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, rate, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model() -> EmotionModel:
+    return EmotionModel.load(committed_version(), Settings())
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[TestClient]:
+    """An app whose models dir holds only the committed emotion model."""
+    root = tmp_path_factory.mktemp("emotion")
+    (root / "models" / "emotion").mkdir(parents=True)
+    version = committed_version()
+    (root / "models" / "emotion" / version.name).symlink_to(version)
+    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def test_model_takes_its_feature_parameters_from_metadata(model):
+    assert model.params == FEATURES
+    assert model.runner.input_shape[1:] == (FEATURES.n_frames, FEATURES.n_mfcc)
+    assert model.labels == ["anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"]
+
+
+def test_long_clip_is_scored_in_overlapping_windows_and_averaged(model):
+    speech, _ = sf.read(EMODB / "08b03Tc.wav", dtype="float32")  # 8.98 s of sadness
+    result = model.classify(speech, 16000)
+    assert [(s["start_s"], s["end_s"]) for s in result.segments] == [
+        (0.0, 3.0), (1.5, 4.5), (3.0, 6.0), (4.5, 7.5), (5.978, 8.978)]
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+    assert result.duration_s == pytest.approx(8.978, abs=1e-3)
+    assert result.emotion == max(result.probabilities, key=result.probabilities.get)
+
+
+def test_silent_stretches_are_not_scored(model):
+    speech, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")  # 1.88 s
+    padded = np.concatenate([speech, np.full(16000 * 6, 1e-5, dtype=np.float32)])  # 7.88 s
+    result = model.classify(padded, 16000)
+    # Windows start at 0, 1.5, 3.0, 4.5 and 4.88 s; only the first two hold speech.
+    assert [s["start_s"] for s in result.segments] == [0.0, 1.5]
+    assert result.duration_s == 7.878
+
+
+def test_predict_answers_with_the_documented_body(client):
+    speech, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")
+    response = client.post(URL, files={"audio": ("a.wav", wav_bytes(speech), "audio/wav")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"emotion", "confidence", "probabilities", "duration_s", "segments",
+                         "model", "version", "request_id"}
+    assert body["model"] == "emotion" and body["version"] == committed_version().name
+    assert body["confidence"] == body["probabilities"][body["emotion"]]
+    assert body["duration_s"] == 1.878
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_a_wrong_field_name_is_a_422_naming_audio(client):
+    response = client.post(URL, files={"file": ("a.wav", b"RIFF", "audio/wav")})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "audio"
+
+
+def test_the_serving_path_imports_neither_librosa_nor_tensorflow():
+    code = ("import sys, app.tasks.emotion.router, app.tasks.emotion.model, app.core.codecs.audio; "
+            "print(sorted(m for m in ('librosa', 'numba', 'tensorflow', 'keras', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
