@@ -8,9 +8,10 @@ from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
 from app.tasks.segmentation.preprocess import MARGIN, THRESHOLD, TILE, predict_probability
 
-# A 512 x 512 image is 4 tiles: one runner call. A 2048 x 2048 image (the limit) is 64 tiles; 4 per call
-# keeps the interpreter's activations near 0.3 GB (16 per call peaked at 1.2 GB RSS).
-TILES_PER_CALL = 4
+# One tile per interpreter call: the interpreter's activation arena grows with the batch (RSS after a
+# 512 x 512 image: 204 MiB at 1 tile per call, 290 at 2, 368 at 4; 16 peaked at 1.2 GB), and batching
+# bought no speed on the CPU (512 x 512 median 386 ms at 1 tile per call, 452 ms at 4).
+TILES_PER_CALL = 1
 
 
 class SegmentationModel(ServedModel):
