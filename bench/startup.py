@@ -29,8 +29,14 @@ def site_packages_mib(python: str) -> dict[str, float]:
     return {"site_packages": out, "install_mib": round(total / 2**20, 1)}
 
 
-def rss_mib(pids: list[int]) -> list[float]:
-    return [round(psutil.Process(pid).memory_info().rss / 2**20, 1) for pid in pids]
+def memory_mib(pids: list[int]) -> list[dict[str, float]]:
+    """Per worker: RSS, and PSS/USS, which count pages shared between processes (the libraries'
+    code) once, as the dyno's memory limit does."""
+    out = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        out.append({k: round(getattr(info, k) / 2**20, 1) for k in ("rss", "pss", "uss")})
+    return out
 
 
 def touch_every_task(base_url: str) -> None:
@@ -49,27 +55,49 @@ def touch_every_task(base_url: str) -> None:
         client.post("/v1/emotion/predict", files={"audio": ("a.wav", wav.getvalue(), "audio/wav")})
 
 
+def heavy_requests(base_url: str) -> None:
+    """The largest requests the limits allow on the heaviest routes: a 2048 x 2048 segmentation
+    and a 10 000 x 50 ad-hoc K-means fit."""
+    rng = np.random.default_rng(0)
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (2048, 2048), dtype=np.uint8)).save(png, format="PNG")
+    data = np.round(rng.normal(size=(10_000, 50)), 2).tolist()
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        client.post("/v1/segmentation/predict", files={"image": ("big.png", png.getvalue(), "image/png")})
+        client.post("/v1/clustering/fit", json={"data": data})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     python = serving_python()
-    boots, loaded, warmed = [], [], []
+    boots, loaded, warmed, heavy = [], [], [], []
     for _ in range(args.runs):
         with running_server(workers=args.workers, python=python) as server:
             boots.append(server.boot_seconds)
             pids = server.worker_pids()
-            loaded.append(rss_mib(pids))
+            loaded.append(memory_mib(pids))
             touch_every_task(server.base_url)
-            warmed.append(rss_mib(pids))
+            warmed.append(memory_mib(pids))
+            for _ in range(args.workers):  # new connections: each worker likely gets one round
+                heavy_requests(server.base_url)
+            heavy.append(memory_mib(pids))
             models = httpx.get(server.base_url + "/v1/models").json()["models"]
+            master = psutil.Process(server.pid).memory_full_info()
     results = {
         "environment": "serving .venv (requirements.txt)" if python else "current interpreter",
         "workers": args.workers,
         "boot_to_ready_s": {"runs": [round(b, 2) for b in boots], "median": round(statistics.median(boots), 2)},
-        "rss_per_worker_mib_after_load": loaded[-1],
-        "rss_per_worker_mib_after_one_request_per_task": warmed[-1],
+        "memory_per_worker_mib_after_load": loaded[-1],
+        "memory_per_worker_mib_after_one_request_per_task": warmed[-1],
+        "memory_per_worker_mib_after_heavy_requests": heavy[-1],
+        "total_pss_mib_after_heavy_requests": round(
+            sum(w["pss"] for w in heavy[-1]) + master.pss / 2**20, 1),
+        "master_mib": {"rss": round(master.rss / 2**20, 1), "pss": round(master.pss / 2**20, 1)},
+        "total_pss_mib_after_one_request_per_task": round(
+            sum(w["pss"] for w in warmed[-1]) + master.pss / 2**20, 1),
         "models": {m["task"]: m.get("version") for m in models if m.get("ready")},
         **(site_packages_mib(python) if python else {}),
         "models_dir_mib": round(sum(f.stat().st_size for f in (REPO_ROOT / "models").rglob("*")
