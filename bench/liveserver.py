@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,7 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
         yield server
     finally:
         stop(process)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
