@@ -82,3 +82,12 @@ def test_metrics_sum_requests_over_both_workers(client, live_server):
     total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("http_requests_total{") and 'route="/health/live"' in line)
     assert total >= 20
+
+
+def test_pathologically_nested_json_is_a_4xx_on_every_json_route(client):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for route in ("/v1/digits/predict", "/v1/clustering/predict", "/v1/clustering/fit", "/v1/feedback"):
+        response = client.post(route, content=deep, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (route, response.status_code)
+        assert response.headers["content-type"] == "application/problem+json"
+    assert client.get("/health/ready").status_code == 200

@@ -123,6 +123,9 @@ async def read_json(request: Request, settings: Settings) -> list[RawInstance]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProblemError(400, "malformed-json", f"The body is not valid JSON: {exc}.",
                            field="body") from exc
+    except RecursionError as exc:
+        raise ProblemError(400, "malformed-json", "The body's JSON is nested too deeply.",
+                           field="body") from exc
     if not isinstance(body, dict):
         raise ProblemError(422, "invalid-request", 'The body must be a JSON object {"instances": [...]}.',
                            field="body")
