@@ -13,14 +13,21 @@ Pipeline (the course's "dataset -> MFCC features -> CNN -> evaluation -> deploym
    white noise at 15-40 dB SNR, and a random start trim that shifts where windows fall.
 3. Models: a small 1-D CNN over time with the MFCCs as channels (the cepstral axis has no
    locality for a 2-D kernel to exploit; a 1-D convolution with kernel 5-9 also learns deltas),
-   and a functionals model (mean/std/max/min of the MFCCs and their deltas -> softmax), the
-   classic SER baseline, which joins the ensemble only if it raises the out-of-fold UAR.
+   and a functionals model (mean/std/max/min/slope of the MFCCs and their deltas -> standardised
+   -> logistic regression), the classic SER baseline, which joins the ensemble only if it raises
+   the out-of-fold UAR. Version 1.1.0 changes only this model (slopes added, scikit-learn logistic
+   regression with C=0.005 instead of a Keras softmax trained 40 epochs) and the weights
+   (0.3 CNN, 0.7 functionals, chosen among 0.3/0.5/0.7 on CV): out-of-fold accuracy / UAR
+   0.655 / 0.660 -> 0.684 / 0.691 on the same folds. Screened and
+   rejected on the same CV: skewness/kurtosis functionals, delta-delta functionals, and a CNN with
+   SpecAugment masking but no speed augmentation (CNN UAR 0.579 vs 0.628).
 4. Selection: four speaker-grouped folds over the eight development speakers (one male + one
    female speaker held out per fold), each trained for a fixed number of epochs; the out-of-fold
    accuracy and UAR are the selection estimate (choices made on it: MFCC count, normalisation,
    fixed epochs instead of early stopping on ~130 noisy validation clips). The served model then
    averages the probabilities of ``--final-models`` CNNs (seeds) trained on all eight
-   development speakers, and (if selected) 50/50 with the functionals model (one .tflite).
+   development speakers, and (if selected) mixes them with the functionals model,
+   ``--cnn-weight`` : 1 - ``--cnn-weight`` (one .tflite).
 5. Evaluation on speakers 03+16 (clip = mean of its windows' probabilities, as served), optional
    cross-corpus check on the RAVDESS subset (evaluation only), report, reference.json, export.
 """
@@ -61,6 +68,9 @@ TEST_SPEAKERS = ("03", "16")
 FOLDS = [("10", "08"), ("11", "09"), ("12", "13"), ("15", "14")]
 RAVDESS_TO_LABEL = {"01": "neutral", "03": "happiness", "04": "sadness", "05": "anger",
                     "06": "fear", "07": "disgust"}  # 02 calm and 08 surprised have no EmoDB class
+# Chosen on the speaker-grouped CV (never on the test speakers).
+STATS_C = 0.005
+CNN_WEIGHT = 0.3
 SPEEDS = ((10, 9), (20, 19), (20, 21), (10, 11))  # resample_poly (up, down): speed 0.9 .. 1.1
 
 
@@ -68,10 +78,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "emodb" / "wav")
     parser.add_argument("--ravdess", type=Path, default=SHARED_DATA / "ravdess_speech_subset")
-    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--version", default="1.1.0")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--final-models", type=int, default=4, help="CNN ensemble size (seeds)")
-    parser.add_argument("--stats-epochs", type=int, default=40)
+    parser.add_argument("--stats-c", type=float, default=STATS_C,
+                        help="inverse L2 strength of the functionals' logistic regression")
+    parser.add_argument("--cnn-weight", type=float, default=CNN_WEIGHT,
+                        help="weight of the CNN ensemble against the functionals model")
     parser.add_argument("--copies", type=int, default=4, help="augmented copies per training clip")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
@@ -150,39 +163,68 @@ def build_model(x_train: np.ndarray, n_classes: int):
     return model
 
 
-def build_stats_model(x_train: np.ndarray, n_classes: int):
-    """Utterance functionals of the MFCC map (mean, std, max, min of the coefficients and of their
-    deltas) -> a regularised softmax: the classic SER baseline, as a Keras graph so it can join
-    the CNNs in one .tflite. Its errors differ from the CNN's, which is what an ensemble needs."""
+def functionals_model(input_shape: tuple[int, int]):
+    """Utterance functionals of an MFCC window, as a Keras graph (so they run inside the .tflite):
+    mean, standard deviation, maximum, minimum and least-squares slope over time of every
+    coefficient and of its delta (the Savitzky-Golay first derivative over 9 frames, the filter of
+    ``librosa.feature.delta``). The slopes (rising or falling energy and spectral shape over the
+    utterance) raised the functionals' out-of-fold UAR from 0.660 to 0.693 in screening."""
     import keras
     from keras import layers, ops
 
-    inputs = keras.Input(x_train.shape[1:], name="mfcc")
-    # Savitzky-Golay first derivative over 9 frames (librosa.feature.delta's filter), fixed.
+    inputs = keras.Input(input_shape, name="mfcc")
     delta_layer = layers.DepthwiseConv1D(9, padding="same", use_bias=False, trainable=False)
     deltas = delta_layer(inputs)
-    delta_layer.set_weights([(np.arange(-4, 5) / 60.0).reshape(9, 1, 1).repeat(x_train.shape[2], 1)])
+    delta_layer.set_weights([(np.arange(-4, 5) / 60.0).reshape(9, 1, 1).repeat(input_shape[1], 1)])
+    ramp = np.arange(input_shape[0], dtype=np.float32) - (input_shape[0] - 1) / 2
+    ramp = (ramp / np.sum(ramp ** 2)).reshape(1, -1, 1)
 
     def functionals(t):
         mean = ops.mean(t, axis=1)
-        std = ops.sqrt(ops.maximum(ops.mean(ops.square(t), axis=1) - ops.square(mean), 1e-6))
-        return ops.concatenate([mean, std, ops.max(t, axis=1), ops.min(t, axis=1)], axis=-1)
+        # Centred second moment: E[t^2] - E[t]^2 cancels catastrophically in float32 for the
+        # large cepstral values, and LiteRT's reduction order then moves the output by ~1e-3.
+        std = ops.sqrt(ops.maximum(ops.mean(ops.square(t - mean[:, None, :]), axis=1), 1e-6))
+        slope = ops.sum(t * ramp, axis=1)
+        return ops.concatenate([mean, std, ops.max(t, axis=1), ops.min(t, axis=1), slope], axis=-1)
 
-    x = layers.Concatenate()([layers.Lambda(functionals)(inputs), layers.Lambda(functionals)(deltas)])
-    x = layers.BatchNormalization()(x)
-    x = layers.Dropout(0.3)(x)
-    outputs = layers.Dense(n_classes, activation="softmax",
-                           kernel_regularizer=keras.regularizers.l2(1e-3))(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
-                  metrics=["accuracy"])
-    return model
+    outputs = layers.Concatenate()([layers.Lambda(functionals)(inputs),
+                                    layers.Lambda(functionals)(deltas)])
+    return keras.Model(inputs, outputs, name="functionals")
+
+
+def build_stats_model(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, c: float):
+    """The classic SER baseline: utterance functionals -> standardisation -> multinomial logistic
+    regression (L2, inverse strength ``c``, balanced class weights), fitted with scikit-learn and
+    written into a Keras graph so it joins the CNNs in one .tflite. Its errors differ from the
+    CNN's, which is what an ensemble needs."""
+    import keras
+    from keras import layers
+    from sklearn.linear_model import LogisticRegression
+
+    functionals = functionals_model(x_train.shape[1:])
+    features = np.asarray(functionals.predict(x_train, batch_size=256, verbose=0), dtype=np.float64)
+    mean, std = features.mean(axis=0), features.std(axis=0)
+    # c0's window mean is zero by construction (normalise() removes it): its spread across windows
+    # is float32 noise (~1e-6), which standardisation would blow up into a LiteRT-vs-Keras mismatch.
+    std[std < 1e-3] = 1.0
+    classifier = LogisticRegression(C=c, max_iter=300, class_weight="balanced")
+    classifier.fit((features - mean) / std, y_train)
+    inputs = keras.Input(x_train.shape[1:], name="mfcc")
+    standardise = layers.Normalization(axis=-1, mean=mean, variance=std ** 2)
+    dense = layers.Dense(n_classes, activation="softmax")
+    outputs = dense(standardise(functionals(inputs)))
+    dense.set_weights([classifier.coef_.T.astype(np.float32),
+                       classifier.intercept_.astype(np.float32)])
+    return keras.Model(inputs, outputs, name="stats")
 
 
 def balanced_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
     counts = np.bincount(labels, minlength=n_classes)
     return {i: float(len(labels) / (n_classes * max(c, 1))) for i, c in enumerate(counts)}
+
+
+def mix(cnn: np.ndarray, stats: np.ndarray, cnn_weight: float) -> np.ndarray:
+    return cnn_weight * cnn + (1.0 - cnn_weight) * stats
 
 
 def clip_probabilities(predict, clips: list[dict]) -> np.ndarray:
@@ -293,7 +335,6 @@ def main() -> None:
         in_val = np.isin(owner, val_index)
         x_train, y_train = x_dev[~in_val], y_dev[~in_val]
         x_val, y_val, _ = windows_of(val_clips, 0, rng)
-        counts = np.bincount(y_train, minlength=n_classes)
         class_weight = balanced_weights(y_train, n_classes)
         print(f"fold {k + 1}/{args.folds}: validate on speakers {'+'.join(val_speakers)}; "
               f"{len(x_train)} train windows, {len(x_val)} val windows [{clock.seconds}s]", flush=True)
@@ -306,14 +347,12 @@ def main() -> None:
             epochs=args.epochs, batch_size=args.batch_size, class_weight=class_weight, verbose=2)
         histories.append({key: [float(v) for v in vals] for key, vals in history.history.items()})
         oof[val_index] = clip_probabilities(lambda b: model(b, training=False), val_clips)
-        stats_model = build_stats_model(x_train, n_classes)
-        stats_model.fit(x_train, keras.utils.to_categorical(y_train, n_classes),
-                        epochs=args.stats_epochs, batch_size=args.batch_size,
-                        class_weight=class_weight, verbose=0)
+        stats_model = build_stats_model(x_train, y_train, n_classes, args.stats_c)
         oof_stats[val_index] = clip_probabilities(lambda b: stats_model(b, training=False), val_clips)
         y_val_clips = np.array([c["label"] for c in val_clips])
         for name, probs in (("CNN", oof[val_index]), ("functionals", oof_stats[val_index]),
-                            ("CNN+functionals", (oof[val_index] + oof_stats[val_index]) / 2)):
+                            ("CNN+functionals",
+                             mix(oof[val_index], oof_stats[val_index], args.cnn_weight))):
             fold = scores(y_val_clips, probs)
             print(f"fold {k + 1} {name}: val clip accuracy {fold['accuracy']:.3f} "
                   f"UAR {fold['uar']:.3f} [{clock.seconds}s]", flush=True)
@@ -322,7 +361,8 @@ def main() -> None:
     y_covered = np.array([dev[i]["label"] for i in covered])
     cv_by_model = {"cnn": scores(y_covered, oof[covered]),
                    "functionals": scores(y_covered, oof_stats[covered]),
-                   "cnn+functionals": scores(y_covered, (oof[covered] + oof_stats[covered]) / 2)}
+                   "cnn+functionals": scores(y_covered, mix(oof[covered], oof_stats[covered],
+                                                        args.cnn_weight))}
     for name, result in cv_by_model.items():
         print(f"out-of-fold {name} (speaker-grouped CV): accuracy {result['accuracy']:.3f} "
               f"UAR {result['uar']:.3f}", flush=True)
@@ -350,11 +390,9 @@ def main() -> None:
     output = keras.layers.Average()(outputs) if len(outputs) > 1 else outputs[0]
     if use_stats:
         keras.utils.set_random_seed(args.seed + 200)
-        stats_model = build_stats_model(x_dev, n_classes)
-        stats_model.fit(x_dev, keras.utils.to_categorical(y_dev, n_classes), epochs=args.stats_epochs,
-                        batch_size=args.batch_size, class_weight=balanced_weights(y_dev, n_classes),
-                        verbose=0)
-        output = keras.layers.Average()([output, stats_model(inputs)])
+        stats_model = build_stats_model(x_dev, y_dev, n_classes, args.stats_c)
+        stats_output = keras.layers.Rescaling(1.0 - args.cnn_weight)(stats_model(inputs))
+        output = keras.layers.Add()([keras.layers.Rescaling(args.cnn_weight)(output), stats_output])
     ensemble = keras.Model(inputs, output)
 
     out_dir = model_dir("emotion", args.version)
@@ -415,7 +453,9 @@ def main() -> None:
     write_metadata(
         out_dir, name="emotion", task="emotion", version=args.version,
         description=f"Speech-emotion recognition (7 EmoDB classes): {FEATURES.n_mfcc} MFCCs on "
-                    f"{FEATURES.window_s:g} s windows, mean of {args.final_models} 1-D CNNs; "
+                    f"{FEATURES.window_s:g} s windows, mean of {args.final_models} 1-D CNNs "
+                    f"(weight {args.cnn_weight:g}) + MFCC-functionals logistic regression "
+                    f"(weight {1 - args.cnn_weight:g}); "
                     "clip = mean over its windows.",
         artifact={"file": "model.tflite", "format": "tflite fp32", **export},
         data={"path": "../shared/data/emodb/wav", "files": len(clips),
@@ -437,7 +477,9 @@ def main() -> None:
                 "model": "Normalization (train-set mean/std per coefficient) + 3x(Conv1D-BN-ReLU-"
                          "MaxPool) + avg/max pool + dense; label smoothing 0.1, balanced class "
                          "weights", "ensemble": args.final_models, "members": chosen,
-                "stats_epochs": args.stats_epochs,
+                "functionals": "mean, std, max, min, slope of the MFCCs and their deltas -> "
+                               "standardisation -> logistic regression (scikit-learn, balanced)",
+                "stats_c": args.stats_c, "cnn_weight": args.cnn_weight,
                 "ensemble_training": "all eight development speakers, fixed epochs",
                 "batch_size": args.batch_size},
         training={"seed": args.seed, "epochs": args.epochs, "epochs_run": metrics["epochs_run"],
