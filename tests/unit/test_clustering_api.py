@@ -12,12 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.config import Settings
-from app.core.registry import version_key
-from app.main import create_app
+from tests.support import single_task_client
 
 REPO = Path(__file__).resolve().parents[2]
-COMMITTED = REPO / "models" / "clustering"
 MALL = REPO.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
 PROBLEM = "application/problem+json"
 
@@ -25,12 +22,7 @@ PROBLEM = "application/problem+json"
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed clustering model."""
-    root = tmp_path_factory.mktemp("clustering")
-    (root / "models" / "clustering").mkdir(parents=True)
-    version = max((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))
-    (root / "models" / "clustering" / version.name).symlink_to(version)
-    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
-    with TestClient(create_app(settings)) as test_client:
+    with single_task_client(tmp_path_factory.mktemp("clustering"), "clustering") as test_client:
         yield test_client
 
 
@@ -214,12 +206,8 @@ def test_palette_rejects_corrupt_unknown_empty_and_transparent_images(client):
 # --- monitoring ----------------------------------------------------------------------------------------
 
 def test_predictions_are_logged_with_their_features_and_the_mall_data_shows_no_drift(tmp_path):
-    (tmp_path / "models" / "clustering").mkdir(parents=True)
-    version = max((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))
-    (tmp_path / "models" / "clustering" / version.name).symlink_to(version)
-    settings = Settings(models_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path / 'log.db'}")
     instances = [{"annual_income": a, "spending_score": s} for a, s in mall_rows()]
-    with TestClient(create_app(settings)) as fresh:
+    with single_task_client(tmp_path, "clustering") as fresh:
         assert fresh.post("/v1/clustering/predict", json={"instances": instances}).status_code == 200
         # Ad-hoc fits are logged under their own name: they must not count as segment predictions.
         assert fresh.post("/v1/clustering/fit", json={"data": mall_rows()}).status_code == 200

@@ -12,21 +12,18 @@ from sklearn.cluster import KMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.core.config import Settings
-from app.core.registry import version_key
 from app.tasks.clustering.model import ClusteringModel
+from tests.support import committed_version
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "models" / "clustering"
 MALL = REPO.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
 
 
-def committed_version() -> Path:
-    return max((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))
-
 
 @pytest.fixture(scope="module")
 def model() -> ClusteringModel:
-    return ClusteringModel.load(committed_version(), Settings())
+    return ClusteringModel.load(committed_version("clustering"), Settings())
 
 
 def mall(columns: list[str]) -> np.ndarray:
@@ -105,7 +102,7 @@ def test_the_textbook_customers_land_in_the_expected_segments(model):
 
 
 def test_a_model_json_that_disagrees_with_itself_fails_to_load(tmp_path):
-    version = committed_version()
+    version = committed_version("clustering")
     broken = tmp_path / "1.0.0"
     broken.mkdir()
     (broken / "metadata.json").write_text((version / "metadata.json").read_text())

@@ -13,17 +13,12 @@ from PIL import Image
 from scipy import ndimage
 
 from app.core.config import Settings
-from app.core.registry import version_key
-from app.main import create_app
 from app.tasks.digits.model import DigitsModel
 from app.tasks.digits.preprocess import normalize_batch, prepare_image
+from tests.support import committed_version, single_task_client
 
-COMMITTED = Path(__file__).resolve().parents[2] / "models" / "digits"
 MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
 
-
-def committed_version() -> Path:
-    return sorted((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))[-1]
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +29,13 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model() -> DigitsModel:
-    return DigitsModel.load(committed_version(), Settings())
+    return DigitsModel.load(committed_version("digits"), Settings())
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed digits model."""
-    root = tmp_path_factory.mktemp("digits")
-    (root / "models" / "digits").mkdir(parents=True)
-    version = committed_version()
-    (root / "models" / "digits" / version.name).symlink_to(version)
-    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
-    with TestClient(create_app(settings)) as test_client:
+    with single_task_client(tmp_path_factory.mktemp("digits"), "digits") as test_client:
         yield test_client
 
 
@@ -65,7 +55,7 @@ def test_metadata_describes_the_artifact_and_its_test_accuracy(model):
     assert model.metadata["labels"] == [str(d) for d in range(10)]
     assert model.metadata["input"]["shape"] == [None, 28, 28, 1]
     assert model.metadata["metrics"]["test_accuracy"] >= 0.994
-    assert (committed_version() / "model.tflite").stat().st_size < 2 * 1024 * 1024
+    assert (committed_version("digits") / "model.tflite").stat().st_size < 2 * 1024 * 1024
     assert model.reference is not None and "raw_mean" in model.reference["features"]
 
 
@@ -97,7 +87,7 @@ def test_endpoint_classifies_a_png_upload(client, mnist_test):
     response = client.post("/v1/digits/predict", files={"image": ("7.png", buffer.getvalue(), "image/png")})
     assert response.status_code == 200
     body = response.json()
-    assert body["model"] == "digits" and body["version"] == committed_version().name
+    assert body["model"] == "digits" and body["version"] == committed_version("digits").name
     assert body["request_id"] == response.headers["x-request-id"]
     (prediction,) = body["predictions"]
     assert prediction["digit"] == mnist_test[1][0] == 7

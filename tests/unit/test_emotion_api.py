@@ -14,18 +14,13 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from app.core.registry import version_key
-from app.main import create_app
 from app.tasks.emotion.model import EmotionModel
 from app.tasks.emotion.preprocess import FEATURES
+from tests.support import committed_version, single_task_client
 
-COMMITTED = Path(__file__).resolve().parents[2] / "models" / "emotion"
 EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
 URL = "/v1/emotion/predict"
 
-
-def committed_version() -> Path:
-    return sorted((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))[-1]
 
 
 def wav_bytes(waveform: np.ndarray, rate: int = 16000) -> bytes:
@@ -36,18 +31,13 @@ def wav_bytes(waveform: np.ndarray, rate: int = 16000) -> bytes:
 
 @pytest.fixture(scope="module")
 def model() -> EmotionModel:
-    return EmotionModel.load(committed_version(), Settings())
+    return EmotionModel.load(committed_version("emotion"), Settings())
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed emotion model."""
-    root = tmp_path_factory.mktemp("emotion")
-    (root / "models" / "emotion").mkdir(parents=True)
-    version = committed_version()
-    (root / "models" / "emotion" / version.name).symlink_to(version)
-    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
-    with TestClient(create_app(settings)) as test_client:
+    with single_task_client(tmp_path_factory.mktemp("emotion"), "emotion") as test_client:
         yield test_client
 
 
@@ -83,7 +73,7 @@ def test_predict_answers_with_the_documented_body(client):
     body = response.json()
     assert set(body) == {"emotion", "confidence", "probabilities", "duration_s", "segments",
                          "model", "version", "request_id"}
-    assert body["model"] == "emotion" and body["version"] == committed_version().name
+    assert body["model"] == "emotion" and body["version"] == committed_version("emotion").name
     assert body["confidence"] == body["probabilities"][body["emotion"]]
     assert body["duration_s"] == 1.878
     assert body["request_id"] == response.headers["x-request-id"]

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from app.monitoring import drift
-from app.monitoring.reference import build_reference, categorical_reference, numeric_reference
+from app.monitoring.reference import (
+    build_reference,
+    categorical_reference,
+    numeric_reference,
+)
 
 
 def normal_reference(seed: int = 0):

@@ -14,7 +14,13 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
-from app.monitoring.store import PredictionLog, create_schema, make_engine, predictions, schema_ready
+from app.monitoring.store import (
+    PredictionLog,
+    create_schema,
+    make_engine,
+    predictions,
+    schema_ready,
+)
 from tests import monitoring_db
 from tests.monitoring_db import TcpProxy, database_url, sqlite_locked
 

@@ -13,17 +13,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
-from app.core.registry import version_key
-from app.main import create_app
 from app.tasks.segmentation.model import SegmentationModel
+from tests.support import committed_version, single_task_client
 
-COMMITTED = Path(__file__).resolve().parents[2] / "models" / "segmentation"
 MEMBRANE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "membrane"
 
-
-def committed_version() -> Path:
-    versions = sorted((p for p in COMMITTED.iterdir() if p.is_dir()), key=lambda p: version_key(p.name))
-    return versions[-1]
 
 
 def png(array: np.ndarray) -> bytes:
@@ -35,17 +29,12 @@ def png(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed segmentation model."""
-    root = tmp_path_factory.mktemp("segmentation")
-    (root / "models" / "segmentation").mkdir(parents=True)
-    version = committed_version()
-    (root / "models" / "segmentation" / version.name).symlink_to(version)
-    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
-    with TestClient(create_app(settings)) as test_client:
+    with single_task_client(tmp_path_factory.mktemp("segmentation"), "segmentation") as test_client:
         yield test_client
 
 
 def test_model_loads_with_the_tile_size_and_threshold_of_its_metadata():
-    model = SegmentationModel.load(committed_version(), Settings())
+    model = SegmentationModel.load(committed_version("segmentation"), Settings())
     assert model.runner.input_shape[1:] == (model.tile, model.tile, 1)
     assert model.tile == model.metadata["params"]["tile"]
     assert 0.0 < model.threshold < 1.0
@@ -60,7 +49,7 @@ def test_png_mask_has_the_input_size_and_only_0_or_255(client):
     response = client.post("/v1/segmentation/predict", files={"image": ("x.png", png(image), "image/png")})
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
-    assert response.headers["x-model-version"] == committed_version().name
+    assert response.headers["x-model-version"] == committed_version("segmentation").name
     mask = Image.open(io.BytesIO(response.content))
     assert mask.mode == "L" and mask.size == (300, 517)
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
@@ -76,7 +65,7 @@ def test_json_carries_the_same_mask_as_base64(client):
             "request_id"} <= set(body)
     assert (body["width"], body["height"], body["model"]) == (512, 512, "segmentation")
     assert body["request_id"] == response.headers["x-request-id"]
-    assert body["version"] == response.headers["x-model-version"] == committed_version().name
+    assert body["version"] == response.headers["x-model-version"] == committed_version("segmentation").name
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_b64"]))))
     assert mask.shape == (512, 512)
     assert body["foreground_fraction"] == pytest.approx(np.mean(mask == 255))
