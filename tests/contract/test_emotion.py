@@ -4,15 +4,15 @@ and every kind of bad upload answered with a problem+json 4xx, never a guess or 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
 import pytest
 import scipy.signal
 import soundfile as sf
+
+from tests.audio import pyav_bytes, soundfile_bytes
 
 EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
 URL = "/v1/emotion/predict"
@@ -28,23 +28,8 @@ def speech() -> np.ndarray:
     return waveform
 
 
-def soundfile_bytes(waveform: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, waveform, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
 
 
-def pyav_bytes(waveform: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    resampled = scipy.signal.resample_poly(waveform, rate // 1000, 16).astype(np.float32)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(resampled[None, :], format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return buffer.getvalue()
 
 
 def post(client: httpx.Client, data: bytes, name: str = "clip.wav", mime: str = "audio/wav",

@@ -3,17 +3,15 @@ the right problem (415 unknown format, 413 too long, 422 corrupt/short/silent/no
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-import scipy.signal
 import soundfile as sf
 
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
 from app.core.errors import ProblemError
+from tests.audio import pyav_bytes, soundfile_bytes
 
 EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
 
@@ -25,26 +23,8 @@ def speech() -> np.ndarray:
     return waveform
 
 
-def soundfile_bytes(waveform: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, waveform, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
 
 
-def pyav_bytes(waveform: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    """Encode 16 kHz mono speech as a browser (WebM/Opus) or phone (M4A/AAC) would send it."""
-    resampled = scipy.signal.resample_poly(waveform, rate // 1000, 16).astype(np.float32)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(resampled[None, :], format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buffer.getvalue()
 
 
 def decode(data: bytes, **limits) -> tuple[np.ndarray, int]:
