@@ -31,3 +31,14 @@ def single_task_client(root: Path, task: str) -> Iterator[TestClient]:
     settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+MALL = MODELS.parent.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
+
+
+def mall_rows() -> list[list[float]]:
+    """(annual income, spending score) of the 200 Mall customers, the clustering model's data."""
+    import csv
+
+    with open(MALL, newline="") as f:
+        return [[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in csv.DictReader(f)]

@@ -3,19 +3,18 @@ palettes of generated images, and problem+json for every kind of bad input."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.cluster import KMeans
 
+from bench.common import png_bytes as png
+from tests.support import mall_rows
+
 REPO = Path(__file__).resolve().parents[2]
-MALL = REPO.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
 PROBLEM = "application/problem+json"
 
 
@@ -23,15 +22,8 @@ def model_json(version: str) -> dict:
     return json.loads((REPO / "models" / "clustering" / version / "model.json").read_text())
 
 
-def mall_rows() -> list[list[float]]:
-    with open(MALL, newline="") as f:
-        return [[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in csv.DictReader(f)]
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def assert_problem(response: httpx.Response, status: int, field: str) -> None:

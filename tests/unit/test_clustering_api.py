@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from tests.support import single_task_client
+from bench.common import png_bytes as png
+from tests.support import mall_rows, single_task_client
 
-REPO = Path(__file__).resolve().parents[2]
-MALL = REPO.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
 PROBLEM = "application/problem+json"
 
 
@@ -26,15 +21,8 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
         yield test_client
 
 
-def mall_rows() -> list[list[float]]:
-    with open(MALL, newline="") as f:
-        return [[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in csv.DictReader(f)]
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def assert_problem(response, status: int, field: str) -> dict:

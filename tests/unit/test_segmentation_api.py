@@ -14,16 +14,13 @@ from PIL import Image
 
 from app.core.config import Settings
 from app.tasks.segmentation.model import SegmentationModel
+from bench.common import png_bytes as png
 from tests.support import committed_version, single_task_client
 
 MEMBRANE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "membrane"
 
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
