@@ -19,7 +19,7 @@ class EmotionPrediction(BaseModel):
                           "happiness": 0.02, "sadness": 0.01, "neutral": 0.01},
         "duration_s": 2.5,
         "segments": [{"start_s": 0.0, "end_s": 2.5, "emotion": "anger", "confidence": 0.91}],
-        "model": "emotion", "version": "1.2.0", "request_id": "6f1c2e0e9b2a4d7c"}})
+        "model": "emotion", "version": "1.3.0", "request_id": "6f1c2e0e9b2a4d7c"}})
 
     emotion: str = Field(description="the most probable emotion for the whole clip")
     confidence: float = Field(ge=0.0, le=1.0, description="its probability")
