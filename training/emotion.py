@@ -154,6 +154,15 @@ def windows_of(clips: list[dict], copies: int, rng: np.random.Generator
 IDCT_BANDS = 64  # the mel bands the MFCCs came from
 
 
+def mfcc_to_log_mel(n_mfcc: int) -> np.ndarray:
+    """``(n_mfcc, IDCT_BANDS)`` float32: the inverse orthonormal DCT of the MFCCs (zero-padded to
+    64 coefficients), i.e. the cepstrally smoothed log-mel map, as one fixed matrix."""
+    import scipy.fft
+
+    inverse = scipy.fft.idct(np.eye(IDCT_BANDS)[:n_mfcc], type=2, norm="ortho", axis=-1)
+    return inverse.astype(np.float32)
+
+
 def spec_mask_layer():
     """SpecAugment (Park et al. 2019) as a Keras layer: per example, two time masks of up to 20
     frames and one frequency mask of up to 8 bands, zeroed on the standardised map; identity at
@@ -200,12 +209,10 @@ def build_model(x_train: np.ndarray, n_classes: int):
     128-filter Conv2D, global average pooling, dropout, softmax.
     """
     import keras
-    import scipy.fft
     from keras import layers
 
     n_frames, n_mfcc = x_train.shape[1:]
-    inverse = scipy.fft.idct(np.eye(IDCT_BANDS)[:n_mfcc], type=2, norm="ortho", axis=-1)
-    inverse = inverse.astype(np.float32)
+    inverse = mfcc_to_log_mel(n_mfcc)
     inputs = keras.Input(x_train.shape[1:], name="mfcc")
     to_mel = layers.Dense(IDCT_BANDS, use_bias=False, trainable=False)
     log_mel = to_mel(inputs)
@@ -255,7 +262,6 @@ def functionals_model(input_shape: tuple[int, int]):
       pauses (-> 0.726).
     """
     import keras
-    import scipy.fft
     from keras import layers, ops
 
     n_frames, n_mfcc = input_shape
@@ -265,8 +271,7 @@ def functionals_model(input_shape: tuple[int, int]):
     delta_layer.set_weights([(np.arange(-4, 5) / 60.0).reshape(9, 1, 1).repeat(n_mfcc, 1)])
     ramp = np.arange(n_frames, dtype=np.float32) - (n_frames - 1) / 2
     ramp = (ramp / np.sum(ramp ** 2)).reshape(1, -1, 1)
-    inverse = scipy.fft.idct(np.eye(IDCT_BANDS)[:n_mfcc], type=2, norm="ortho", axis=-1)
-    inverse = inverse.astype(np.float32)
+    inverse = mfcc_to_log_mel(n_mfcc)
 
     def functionals(t, with_mean=True):
         mean = ops.mean(t, axis=1)
