@@ -11,6 +11,7 @@ rows arriving while the buffer is full are dropped and counted (``LOG_BUFFER_SIZ
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -112,8 +113,20 @@ def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 5000,
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={int(sqlite_busy_timeout_ms)}")
+            # Converting a new file to WAL takes an exclusive lock and SQLite does not wait on the
+            # busy handler for it: connections that open a fresh file at once (workers, threads)
+            # get "database is locked". Retry within the busy timeout; on a file already in WAL
+            # mode the pragma is a read and never waits.
+            deadline = time.monotonic() + sqlite_busy_timeout_ms / 1000
+            while True:
+                try:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
