@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.support import SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the real data sets are expected in {SHARED_DATA}")
-    return SHARED_DATA
+def pytest_report_header(config) -> str:
+    """Say where the real data sets are read from, and loudly when they are not there: the tests
+    that use MNIST, the membrane slices, EmoDB or the Mall customers then fail on a missing file."""
+    if SHARED_DATA.is_dir():
+        return f"shared data: {SHARED_DATA}"
+    return (f"shared data: {SHARED_DATA} IS MISSING: clone next to ../shared (the data sets are "
+            "never copied into the repo); the tests that read them will fail")

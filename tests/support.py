@@ -13,7 +13,10 @@ from app.core.config import Settings
 from app.core.registry import version_key
 from app.main import create_app
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS = REPO_ROOT / "models"
+# The real data sets (never copied into the repo): ../shared/data next to the checkout.
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def committed_version(task: str) -> Path:
@@ -33,7 +36,7 @@ def single_task_client(root: Path, task: str) -> Iterator[TestClient]:
         yield client
 
 
-MALL = MODELS.parent.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
+MALL = SHARED_DATA / "mall_customers" / "Mall_Customers.csv"
 
 
 def mall_rows() -> list[list[float]]:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+from tests.support import SHARED_DATA
+
+MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 URL = "/v1/digits/predict"
 
 

@@ -4,8 +4,6 @@ and every kind of bad upload answered with a problem+json 4xx, never a guess or 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
@@ -13,8 +11,9 @@ import scipy.signal
 import soundfile as sf
 
 from tests.audio import pyav_bytes, soundfile_bytes
+from tests.support import SHARED_DATA
 
-EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+EMODB = SHARED_DATA / "emodb" / "wav"
 URL = "/v1/emotion/predict"
 LABELS = {"anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"}
 # A held-out test speaker (03), angry, 1.88 s.

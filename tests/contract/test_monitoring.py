@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,8 +21,9 @@ from app.monitoring.store import make_engine, predictions
 from bench.liveserver import LiveServer, running_server
 from tests import monitoring_db
 from tests.monitoring_db import TcpProxy, sqlite_locked
+from tests.support import SHARED_DATA
 
-MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 TOKEN = "contract-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 N = 300  # digits per scenario: well above DRIFT_MIN_SAMPLES (30)

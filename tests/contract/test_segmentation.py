@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support import SHARED_DATA
+
 URL = "/v1/segmentation/predict"
-MEMBRANE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "membrane"
+MEMBRANE = SHARED_DATA / "membrane"
 
 
 def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -13,11 +13,11 @@ from sklearn.preprocessing import StandardScaler
 
 from app.core.config import Settings
 from app.tasks.clustering.model import ClusteringModel
-from tests.support import committed_version
+from tests.support import SHARED_DATA, committed_version
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "models" / "clustering"
-MALL = REPO.parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
+MALL = SHARED_DATA / "mall_customers" / "Mall_Customers.csv"
 
 
 

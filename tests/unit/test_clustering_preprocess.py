@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,9 @@ from app.tasks.clustering.preprocess import (
     srgb_to_lab,
     summary_features,
 )
+from tests.support import SHARED_DATA
 
-MALL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mall_customers" / "Mall_Customers.csv"
+MALL = SHARED_DATA / "mall_customers" / "Mall_Customers.csv"
 
 
 def mall_income_spending() -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from scipy import ndimage
 from app.core.config import Settings
 from app.tasks.digits.model import DigitsModel
 from app.tasks.digits.preprocess import normalize_batch, prepare_image
-from tests.support import committed_version, single_task_client
+from tests.support import SHARED_DATA, committed_version, single_task_client
 
-MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 
 
 

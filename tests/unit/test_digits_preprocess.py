@@ -3,8 +3,6 @@ them (dark ink on white paper, large, off-centre, thick strokes, transparent can
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,8 +18,9 @@ from app.tasks.digits.preprocess import (
     prepare_pixels,
     summary_features,
 )
+from tests.support import SHARED_DATA
 
-MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist" / "mnist.npz"
+MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.tasks.emotion.model import EmotionModel
 from app.tasks.emotion.preprocess import FEATURES
-from tests.support import committed_version, single_task_client
+from tests.support import SHARED_DATA, committed_version, single_task_client
 
-EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+EMODB = SHARED_DATA / "emodb" / "wav"
 URL = "/v1/emotion/predict"
 
 

@@ -3,8 +3,6 @@ the right problem (415 unknown format, 413 too long, 422 corrupt/short/silent/no
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -12,8 +10,9 @@ import soundfile as sf
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
 from app.core.errors import ProblemError
 from tests.audio import pyav_bytes, soundfile_bytes
+from tests.support import SHARED_DATA
 
-EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+EMODB = SHARED_DATA / "emodb" / "wav"
 
 
 @pytest.fixture(scope="module")

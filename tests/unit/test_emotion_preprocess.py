@@ -5,8 +5,6 @@ librosa is imported here only: it is the reference implementation the request pa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import librosa
 import numpy as np
 import pytest
@@ -22,8 +20,9 @@ from app.tasks.emotion.preprocess import (
     window_features,
     window_starts,
 )
+from tests.support import SHARED_DATA
 
-EMODB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emodb" / "wav"
+EMODB = SHARED_DATA / "emodb" / "wav"
 # Five speakers, both sentence lengths, five emotions; 08b03Tc is the longest file (8.98 s).
 PARITY_FILES = ["03a01Fa.wav", "08b03Tc.wav", "10b03Tb.wav", "14a05Aa.wav", "16b10Td.wav"]
 

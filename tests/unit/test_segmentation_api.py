@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from PIL import Image
 from app.core.config import Settings
 from app.tasks.segmentation.model import SegmentationModel
 from bench.common import png_bytes as png
-from tests.support import committed_version, single_task_client
+from tests.support import SHARED_DATA, committed_version, single_task_client
 
-MEMBRANE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "membrane"
+MEMBRANE = SHARED_DATA / "membrane"
 
 
 
