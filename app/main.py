@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response
 
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers, problem_response
+from app.core.execution import build_execution
+from app.core.limits import MAX_IN_FLIGHT
 from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.registry import ModelRegistry, ModelSlot
@@ -43,21 +45,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 registry.slots[s.name] = ModelSlot(
                     s.name, error=f"task code failed to import: {s.import_error}")
         app.state.registry = registry
+        app.state.execution = build_execution(settings)
         setup_monitoring(app, settings)
         try:
             yield
         finally:
             shutdown_monitoring(app)
+            app.state.execution.shutdown()
 
+    # No trailing-slash redirects: they would echo the client's Host header back in a Location.
     app = FastAPI(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "X-Correlation-ID", "X-Model-Version",
+                                           "Server-Timing", "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
+                       request_timeout_s=settings.request_timeout_s, max_in_flight=MAX_IN_FLIGHT)
 
     @app.get("/health/live", tags=["health"])
     async def live() -> dict[str, str]:
@@ -66,15 +73,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health/ready", tags=["health"], responses={503: {"description": "models not loaded"}})
     async def ready(request: Request) -> Response:
-        """200 only when every model is loaded; else 503 naming the ones that are not."""
+        """200 when every model is loaded and this worker can take more work; else 503 naming the
+        models that are not loaded or the kinds of work whose queue is full."""
         registry: ModelRegistry = request.app.state.registry
+        execution = request.app.state.execution
         status = registry.status()
-        if registry.ready:
-            return JSONResponse({"status": "ready", "models": status})
-        not_ready = sorted(task for task, s in status.items() if not s["ready"])
-        return problem_response(request, 503, "models-not-ready",
-                                f"Not loaded: {', '.join(not_ready)}.", not_ready=not_ready,
-                                models=status, headers={"Retry-After": "10"})
+        saturated = execution.saturated
+        if registry.ready and not saturated:
+            return JSONResponse({"status": "ready", "models": status, "gates": execution.status()})
+        if not registry.ready:
+            not_ready = sorted(task for task, s in status.items() if not s["ready"])
+            return problem_response(request, 503, "models-not-ready",
+                                    f"Not loaded: {', '.join(not_ready)}.", not_ready=not_ready,
+                                    models=status, headers={"Retry-After": "10"})
+        return problem_response(request, 503, "saturated",
+                                f"This worker's queue is full for: {', '.join(saturated)}.",
+                                saturated=saturated, gates=execution.status(),
+                                headers={"Retry-After": "2"})
 
     @app.get("/v1/models", tags=["models"])
     async def list_models(request: Request) -> dict[str, Any]:

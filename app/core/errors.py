@@ -7,7 +7,6 @@ Every response also carries the request id so a client can quote it.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,8 +16,6 @@ from starlette.responses import JSONResponse
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "https://problems.inference.local/"  # identifiers, documented in README; not fetched
-
-log = logging.getLogger("app.errors")
 
 _TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
@@ -116,9 +113,5 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}."
         return problem_response(request, exc.status_code, code, detail,
                                 headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(request, 500, "internal-error",
-                                "The server failed to handle this request; quote the request id.")
+    # Anything else is logged (one JSON line with the request id) and answered with a 500 problem
+    # by RequestContextMiddleware, so no traceback ever reaches the server's text log.

@@ -1,8 +1,16 @@
-"""Request context as one pure ASGI middleware: request id, body-size limit, access log, metrics.
+"""Request context as one pure ASGI middleware: request id, deadline, limits, errors, access log.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming bodies are counted as they arrive: a body over
 MAX_UPLOAD_MB is refused with 413 from the Content-Length alone when there is one, and otherwise as
 soon as the running count passes the limit, whatever the route then does with the read error.
+
+Request ids are issued by the server: 12 hex digits of the arrival time in milliseconds and 80
+random bits, unguessable, so the id returned with a prediction is the client's key to that
+prediction (feedback, erasure) and nobody else's. A client's own ``X-Request-ID`` is a correlation
+id: it is logged and echoed as ``X-Correlation-ID``, never used as a key.
+
+Anything a route raises that is not a problem is logged as one JSON line with the request id and
+its traceback, and answered with a 500 problem; it never reaches the server's own text log.
 """
 
 from __future__ import annotations
@@ -10,17 +18,33 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import PROBLEM_MEDIA_TYPE, problem_body
+from app.core.execution import Deadline
 from app.monitoring.metrics import observe_request
 
 access_log = logging.getLogger("app.access")
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+error_log = logging.getLogger("app.errors")
+_VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_UNLIMITED_PATHS = ("/health/", "/metrics")
+
+
+def new_request_id() -> str:
+    """32 hex digits: the arrival time in milliseconds (12) and 80 random bits (20)."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+def request_id_age_s(request_id: str) -> float | None:
+    """Seconds since a server-issued request id was made; ``None`` for anything else."""
+    if not REQUEST_ID_PATTERN.match(request_id):
+        return None
+    return time.time() - int(request_id[:12], 16) / 1000.0
 
 
 class BodyTooLarge(Exception):
@@ -28,9 +52,13 @@ class BodyTooLarge(Exception):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, request_timeout_s: float,
+                 max_in_flight: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,15 +66,22 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = new_request_id()
         client_id = headers.get("x-request-id", "")
-        request_id = client_id if _VALID_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        correlation_id = client_id if _VALID_CORRELATION_ID.match(client_id) else None
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
-        id_header = (b"x-request-id", request_id.encode())
+        state["correlation_id"] = correlation_id
+        state["deadline"] = Deadline(self.request_timeout_s)
+        id_headers = [(b"x-request-id", request_id.encode())]
+        if correlation_id:
+            id_headers.append((b"x-correlation-id", correlation_id.encode()))
 
         counters = {"in": 0, "out": 0, "status": 500, "started": False, "too_large": False}
 
-        async def send_problem(status: int, code: str, detail: str) -> None:
+        async def send_problem(status: int, code: str, detail: str,
+                               extra_headers: dict[str, str] | None = None) -> None:
+            extra_headers = extra_headers or {}
             body = json.dumps(problem_body(status, code, detail, request_id=request_id,
                                            instance=scope.get("path")),
                               separators=(",", ":")).encode()
@@ -54,7 +89,8 @@ class RequestContextMiddleware:
             counters.update(status=status, started=True, out=len(body))
             await send({"type": "http.response.start", "status": status, "headers": [
                 (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()), (b"connection", b"close"), id_header]})
+                (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                *id_headers, *[(k.lower().encode(), v.encode()) for k, v in extra_headers.items()]]})
             await send({"type": "http.response.body", "body": body})
 
         limit_detail = (f"The request body is larger than the {self.max_body_bytes / 1048576:g} MiB "
@@ -77,21 +113,37 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 counters["status"] = message["status"]
                 counters["started"] = True
-                message["headers"] = [*message.get("headers", []), id_header]
+                message["headers"] = [*message.get("headers", []), *id_headers]
             elif message["type"] == "http.response.body":
                 counters["out"] += len(message.get("body", b""))
             await send(message)
 
+        limited = not str(scope.get("path", "")).startswith(_UNLIMITED_PATHS)
         try:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await send_problem(413, "payload-too-large", limit_detail)
                 return
+            if limited and self.in_flight >= self.max_in_flight:
+                await send_problem(503, "overloaded", f"This worker is answering {self.in_flight} "
+                                   "requests, the most it takes at once; retry shortly.",
+                                   {"Retry-After": "2"})
+                return
+            self.in_flight += limited
             try:
                 await self.app(scope, receive_counted, send_with_id)
             except BodyTooLarge:
                 if not counters["started"]:
                     await send_problem(413, "payload-too-large", limit_detail)
+            except Exception:
+                error_log.exception("unhandled error", extra={
+                    "request_id": request_id, "method": scope.get("method"), "path": scope.get("path")})
+                if not counters["started"]:
+                    counters["too_large"] = False
+                    await send_problem(500, "internal-error", "The server failed to handle this "
+                                       "request; quote the request id.")
+            finally:
+                self.in_flight -= limited
         finally:
             self._log(scope, state, counters, started)
 
@@ -104,6 +156,7 @@ class RequestContextMiddleware:
         observe_request(route_path, scope["method"], counters["status"], model, seconds)
         access_log.info("request", extra={
             "request_id": state.get("request_id"),
+            "correlation_id": state.get("correlation_id"),
             "method": scope["method"],
             "route": route_path,
             "path": scope.get("path"),

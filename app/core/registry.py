@@ -25,6 +25,14 @@ from app.core.config import Settings
 from app.core.errors import ProblemError
 
 log = logging.getLogger("app.registry")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"():]+/)*")
+
+
+def redact_paths(text: str, models_dir: Path) -> str:
+    """``text`` with the server's file-system layout taken out: the models directory becomes
+    ``models/`` and any other absolute directory is dropped (clients see versions, not paths)."""
+    text = text.replace(str(Path(models_dir).resolve()), "models").replace(str(models_dir), "models")
+    return _ABSOLUTE_PATH.sub("", text)
 
 
 class ServedModel:
@@ -136,6 +144,7 @@ class ModelRegistry:
         if slot.error:
             log.error("model not ready", extra={"model": task, "version": slot.version,
                                                 "error": slot.error})
+            slot.error = redact_paths(slot.error, Path(self.settings.models_dir))
         else:
             log.info("model loaded", extra={"model": task, "version": slot.version,
                                             "load_s": slot.load_seconds})

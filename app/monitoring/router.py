@@ -7,16 +7,19 @@ that reads the log back (feedback listing, accuracy, drift, dashboard) needs
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ProblemError
+from app.core.limits import FEEDBACK_MAX_WAITERS
+from app.core.middleware import request_id_age_s
 from app.core.registry import ServedModel
 from app.monitoring import reports
 from app.monitoring.dashboard import render_dashboard
@@ -26,7 +29,7 @@ from app.monitoring.store import utcnow
 
 router = APIRouter(tags=["monitoring"])
 
-FEEDBACK_WAIT_MAX_S = 3.0
+FEEDBACK_POLL_S = 0.2
 
 
 def monitoring_state(request: Request) -> Monitoring:
@@ -85,39 +88,73 @@ def _database_down(exc: Exception) -> ProblemError:
 
 
 class FeedbackIn(BaseModel):
-    request_id: str = Field(min_length=1, max_length=128, description="X-Request-ID of the prediction")
+    request_id: str = Field(min_length=1, max_length=128,
+                            description="the request_id returned with the prediction (X-Request-ID)")
     label: str = Field(min_length=1, max_length=256, description="the true label")
-    index: int = Field(0, ge=0, description="instance index within the request (0 for one instance)")
+    index: int = Field(0, ge=0, le=100_000,
+                       description="instance index within the request (0 for one instance)")
 
 
-def _find_prediction(monitoring: Monitoring, request_id: str) -> list[Any]:
-    """The logged rows of a request. Its rows may still sit in a write buffer (this worker's: flush
-    it; another worker's: wait up to two flush intervals for that worker to write them)."""
-    rows = reports.prediction_of(monitoring.engine, request_id)
+class _Waiters:
+    """Feedback requests waiting for a prediction that is still in a worker's log buffer."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_waiters = _Waiters()
+
+
+def _unknown_request(request_id: str) -> ProblemError:
+    return ProblemError(404, "unknown-request",
+                        f"request_id: no logged prediction has request id {request_id!r}.",
+                        field="request_id")
+
+
+async def _find_prediction(monitoring: Monitoring, request_id: str) -> list[Any]:
+    """The logged rows of a request, without holding a thread while waiting.
+
+    Request ids are issued by the server and carry their time, so an id that is not one of ours, or
+    is older than the longest a row can wait in a worker's buffer, is answered at once. A prediction
+    made a moment ago may still be buffered: this worker's buffer is flushed; another worker's is
+    written within two flush intervals, which a bounded number of requests wait for, asleep.
+    """
+    age = request_id_age_s(request_id)
+    if age is None:
+        raise _unknown_request(request_id)
+    engine, log = monitoring.engine, monitoring.prediction_log
+    rows = await run_in_threadpool(reports.prediction_of, engine, request_id)
     if rows:
         return rows
-    log = monitoring.prediction_log
     if log.contains(request_id):
-        log.flush(FEEDBACK_WAIT_MAX_S)
-        return reports.prediction_of(monitoring.engine, request_id)
-    deadline = time.monotonic() + min(FEEDBACK_WAIT_MAX_S, 2 * monitoring.settings.log_flush_interval_s + 0.5)
-    while not rows and time.monotonic() < deadline:
-        time.sleep(0.1)
-        rows = reports.prediction_of(monitoring.engine, request_id)
+        await run_in_threadpool(log.flush, 2.0)
+        return await run_in_threadpool(reports.prediction_of, engine, request_id)
+    max_delay = 2 * monitoring.settings.log_flush_interval_s + 1.0
+    if age > max_delay:
+        return rows
+    if _waiters.count >= FEEDBACK_MAX_WAITERS:
+        raise ProblemError(503, "overloaded", "Too many feedback requests are waiting for their "
+                           "predictions to be logged; retry in a second.", headers={"Retry-After": "1"})
+    _waiters.count += 1
+    try:
+        while not rows and request_id_age_s(request_id) <= max_delay:  # type: ignore[operator]
+            await asyncio.sleep(FEEDBACK_POLL_S)
+            rows = await run_in_threadpool(reports.prediction_of, engine, request_id)
+    finally:
+        _waiters.count -= 1
     return rows
 
 
 @router.post("/v1/feedback", status_code=201)
-def post_feedback(body: FeedbackIn, request: Request, response: Response,
-                  monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> dict[str, Any]:
+async def post_feedback(body: FeedbackIn, request: Request, response: Response,
+                        monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> dict[str, Any]:
     """Record the ground-truth label of one predicted instance (a second label replaces the first:
-    201 when recorded, 200 when replaced)."""
+    201 when recorded, 200 when replaced). The request id is the one the server returned with the
+    prediction; knowing it is what entitles a client to label it. The replaced label is never shown."""
     try:
-        rows = _find_prediction(monitoring, body.request_id)
+        rows = await _find_prediction(monitoring, body.request_id)
         if not rows:
-            raise ProblemError(404, "unknown-request",
-                               f"request_id: no logged prediction has request id {body.request_id!r}.",
-                               field="request_id")
+            raise _unknown_request(body.request_id)
         row = next((r for r in rows if r.instance == body.index), None)
         if row is None:
             raise ProblemError(404, "unknown-instance",
@@ -128,14 +165,15 @@ def post_feedback(body: FeedbackIn, request: Request, response: Response,
             raise ProblemError(422, "unknown-label",
                                f"label: {body.label!r} is not a {row.model} label ({', '.join(labels[:20])}).",
                                field="label")
-        previous = reports.record_feedback(monitoring.engine, body.request_id, body.index, body.label)
+        previous = await run_in_threadpool(reports.record_feedback, monitoring.engine,
+                                           body.request_id, body.index, body.label)
     except SQLAlchemyError as exc:
         raise _database_down(exc) from None
     if previous is not None:
         response.status_code = 200
     return {"request_id": body.request_id, "index": body.index, "label": body.label, "model": row.model,
             "version": row.version, "prediction": row.prediction, "correct": row.prediction == body.label,
-            "replaced": previous}
+            "replaced": previous is not None}
 
 
 def _labels_of(request: Request, model: str, version: str) -> list[str]:

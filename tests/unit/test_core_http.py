@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
+from app.core.middleware import new_request_id, request_id_age_s
 from app.main import create_app
 
 
@@ -64,14 +67,25 @@ def test_wrong_method_is_405_problem_json(empty_client):
     assert response.json()["code"] == "method-not-allowed"
 
 
-def test_client_request_id_is_echoed(empty_client):
-    response = empty_client.get("/health/live", headers={"X-Request-ID": "abc-123"})
-    assert response.headers["x-request-id"] == "abc-123"
+def test_request_ids_are_issued_by_the_server_and_the_clients_id_is_a_correlation_id(empty_client):
+    first = empty_client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    second = empty_client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    assert first.headers["x-correlation-id"] == second.headers["x-correlation-id"] == "abc-123"
+    ids = {first.headers["x-request-id"], second.headers["x-request-id"]}
+    assert len(ids) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-def test_unsafe_request_id_is_replaced(empty_client):
+def test_request_id_carries_its_time_and_80_random_bits():
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(0 <= request_id_age_s(i) < 5 for i in ids)
+    assert len({i[12:] for i in ids}) == 1000  # the random part alone never repeats
+    assert request_id_age_s("user-42-upload-7") is None
+
+
+def test_unsafe_correlation_id_is_dropped(empty_client):
     response = empty_client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
-    assert response.headers["x-request-id"] != "bad id\twith spaces"
+    assert "x-correlation-id" not in response.headers
     assert len(response.headers["x-request-id"]) == 32
 
 

@@ -3,8 +3,11 @@ the right problem (415 unknown format, 413 too long, 422 corrupt/short/silent/no
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import scipy.signal
 import soundfile as sf
 
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
@@ -26,8 +29,10 @@ def speech() -> np.ndarray:
 
 
 
-def decode(data: bytes, **limits) -> tuple[np.ndarray, int]:
-    return decode_audio(data, "audio", max_seconds=limits.pop("max_seconds", 60.0), **limits)
+def decode(data: bytes, **limits) -> np.ndarray:
+    """Decoded to mono 16 kHz, the emotion model's rate."""
+    return decode_audio(data, "audio", max_seconds=limits.pop("max_seconds", 60.0),
+                        target_rate=16000, **limits)
 
 
 def assert_problem(data: bytes, status: int, code: str, **limits) -> ProblemError:
@@ -40,8 +45,8 @@ def assert_problem(data: bytes, status: int, code: str, **limits) -> ProblemErro
 @pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None),
                                          ("OGG", "VORBIS"), ("MP3", None)])
 def test_soundfile_formats_decode_to_the_original_speech(speech, fmt, subtype):
-    waveform, rate = decode(soundfile_bytes(speech, 16000, fmt, subtype))
-    assert rate == 16000 and waveform.dtype == np.float32 and waveform.ndim == 1
+    waveform = decode(soundfile_bytes(speech, 16000, fmt, subtype))
+    assert waveform.dtype == np.float32 and waveform.ndim == 1
     if fmt in ("WAV", "FLAC"):  # lossless
         np.testing.assert_allclose(waveform, speech, atol=1e-4)
     else:  # lossy codecs keep the duration to within a frame's delay
@@ -50,18 +55,35 @@ def test_soundfile_formats_decode_to_the_original_speech(speech, fmt, subtype):
 
 @pytest.mark.parametrize("container,codec,rate", [("webm", "libopus", 48000), ("mp4", "aac", 44100)])
 def test_browser_webm_opus_and_phone_m4a_aac_decode_through_pyav(speech, container, codec, rate):
-    waveform, decoded_rate = decode(pyav_bytes(speech, container, codec, rate))
-    assert decoded_rate == rate
-    assert abs(waveform.size / rate - speech.size / 16000) < 0.1
+    waveform = decode(pyav_bytes(speech, container, codec, rate))
+    assert abs(waveform.size / 16000 - speech.size / 16000) < 0.1
 
 
-def test_stereo_is_mixed_down_unless_channels_are_asked_for(speech):
+def test_stereo_is_mixed_down(speech):
     stereo = np.stack([speech, 0.5 * speech], axis=1)
-    data = soundfile_bytes(stereo, 16000, "WAV", "FLOAT")
-    mono, _ = decode(data)
-    np.testing.assert_allclose(mono, 0.75 * speech, atol=1e-6)
-    both, _ = decode(data, mono=False)
-    assert both.shape == (speech.size, 2)
+    np.testing.assert_allclose(decode(soundfile_bytes(stereo, 16000, "WAV", "FLOAT")), 0.75 * speech,
+                               atol=1e-6)
+
+
+def test_other_rates_are_resampled_to_the_model_rate_as_resample_poly_would(speech):
+    at_48k = scipy.signal.resample_poly(speech, 3, 1).astype(np.float32)
+    waveform = decode(soundfile_bytes(at_48k, 48000, "WAV", "FLOAT"))
+    np.testing.assert_allclose(waveform, scipy.signal.resample_poly(at_48k, 1, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [4000, 7999, 192001, 384000])
+def test_sample_rates_outside_8_to_192_khz_are_422_before_decoding(speech, rate):
+    problem = assert_problem(soundfile_bytes(speech, rate, "WAV"), 422, "unsupported-sample-rate")
+    assert "8000-192000 Hz" in problem.detail
+
+
+def test_an_awkward_rate_near_the_top_is_resampled_in_bounded_time(speech):
+    # 191 999 Hz is coprime with 16 kHz: an exact polyphase filter would have ~3.8 M taps.
+    clip = np.tile(speech, 4)  # 7.5 s of audio at 191 999 Hz (read as such), 1.44 M samples
+    started = time.perf_counter()
+    waveform = decode(soundfile_bytes(clip, 191_999, "WAV", "FLOAT"))
+    assert time.perf_counter() - started < 2.0
+    assert abs(waveform.size - round(clip.size * 16000 / 191_999)) <= 1
 
 
 def test_unknown_bytes_are_415_naming_the_supported_formats():

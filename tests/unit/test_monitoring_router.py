@@ -8,6 +8,7 @@ monitoring lifespan) with only the task swapped for the toy.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel
 
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
-from app.core.middleware import RequestContextMiddleware
+from app.core.middleware import RequestContextMiddleware, new_request_id
 from app.core.registry import ModelRegistry, ServedModel, model_dependency
 from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.log import log_predictions
@@ -54,7 +55,8 @@ def make_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
+                       request_timeout_s=settings.request_timeout_s, max_in_flight=64)
 
     @app.post("/v1/toy/predict")
     def predict(body: ToyIn, request: Request, model: ToyModel = Depends(model_dependency("toy"))) -> dict:
@@ -120,16 +122,35 @@ def test_feedback_is_recorded_even_while_the_prediction_is_still_buffered(client
 
     assert first.status_code == 201
     assert first.json() == {"request_id": served["request_id"], "index": 1, "label": "neg", "model": "toy",
-                            "version": "1.0.0", "prediction": "neg", "correct": True, "replaced": None}
+                            "version": "1.0.0", "prediction": "neg", "correct": True, "replaced": False}
     assert again.status_code == 200
-    assert (again.json()["correct"], again.json()["replaced"]) == (False, "neg")
+    # The label it replaced is not shown: only the holder of the request id can label, and even
+    # they learn nothing about what was there before.
+    assert (again.json()["correct"], again.json()["replaced"]) == (False, True)
+    assert "neg" not in json.dumps({k: v for k, v in again.json().items() if k != "prediction"})
 
 
-def test_feedback_for_an_unknown_request_is_a_404_problem(admin_client):
-    response = admin_client.post("/v1/feedback", json={"request_id": "never-seen", "label": "pos"})
+@pytest.mark.parametrize("request_id", [
+    "never-seen", "user-42-upload-7",  # client-chosen ids are never keys
+    "00000000000a" + "0" * 20,  # one of ours in form, from 1970
+    f"{(time.time_ns() // 1_000_000) - 60_000:012x}" + "ab" * 10,  # made a minute ago: long written
+])
+def test_feedback_for_an_unknown_request_is_a_404_problem_at_once(admin_client, request_id):
+    started = time.perf_counter()
+    response = admin_client.post("/v1/feedback", json={"request_id": request_id, "label": "pos"})
+    assert time.perf_counter() - started < 0.25  # no waiting, no thread held
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
     assert (response.json()["code"], response.json()["field"]) == ("unknown-request", "request_id")
+
+
+def test_feedback_for_a_just_issued_id_waits_for_the_other_workers_buffers_then_404s(admin_client):
+    unknown_but_fresh = new_request_id()  # as if another worker had just served it
+    started = time.perf_counter()
+    response = admin_client.post("/v1/feedback", json={"request_id": unknown_but_fresh, "label": "pos"})
+    waited = time.perf_counter() - started
+    assert response.status_code == 404
+    assert 0.5 <= waited < 2.0  # two flush intervals (0.05 s here) plus the 1 s allowance
 
 
 def test_feedback_for_a_missing_instance_or_an_unknown_label_is_refused(client):

@@ -5,10 +5,15 @@ Two decoders, tried in order:
 - PyAV (``av``, which ships its own FFmpeg): WebM/Opus from browsers' MediaRecorder, M4A/AAC from
   phones, and anything else FFmpeg reads that libsndfile does not.
 
-Decoding is bounded: at most ``max_seconds`` of audio is ever decoded (the header's length is
-checked first where there is one, and decoding stops one block past the limit otherwise), so a
-small, highly compressed upload cannot expand into gigabytes. Channels are mixed down block by
-block unless ``mono=False``.
+Decoding is bounded in memory and CPU, whatever the upload claims:
+- the sample rate must be within 8-192 kHz and the channels at most 32 (checked from the header,
+  before decoding);
+- the header's length is checked first where there is one, and decoding stops one block past
+  ``max_seconds`` otherwise, so a small, highly compressed upload cannot expand into gigabytes;
+- each decoded block is mixed down to mono and resampled to the model rate at once
+  (:class:`~app.core.codecs.resample.StreamingResampler`): only the model-rate waveform is kept,
+  never the native-rate signal (60 s at 192 kHz would be 46 MB of float32 per channel);
+- the request's deadline is checked between blocks (:func:`~app.core.execution.checkpoint`).
 
 Statuses: 415 when no decoder recognises the bytes (the detail names the supported formats),
 422 when a recognised file is corrupt, too short, silent or holds non-finite samples, and
@@ -22,13 +27,15 @@ import logging
 
 import numpy as np
 
+from app.core.codecs.resample import StreamingResampler
 from app.core.errors import ProblemError
+from app.core.execution import checkpoint
 
 log = logging.getLogger("app.codecs.audio")
 
 SUPPORTED_FORMATS = ("WAV", "FLAC", "OGG/Vorbis", "OGG/Opus", "MP3", "WebM/Opus", "M4A/AAC")
-MIN_SAMPLE_RATE = 4_000
-MAX_SAMPLE_RATE = 384_000
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 32
 SILENCE_RMS_DBFS = -60.0   # quieter than this over the whole clip: nothing to classify
 _BLOCK_FRAMES = 65_536
@@ -72,11 +79,12 @@ def _check_stream(field: str, sample_rate: int, channels: int) -> None:
 
 
 class _Collector:
-    """Accumulates decoded blocks ``(frames, channels)``, mixing down, up to ``max_frames``."""
+    """Mixes decoded blocks ``(frames, channels)`` down to mono and resamples them to the target
+    rate as they arrive; refuses more than ``max_frames`` input frames (the duration limit)."""
 
-    def __init__(self, max_frames: int, mono: bool) -> None:
+    def __init__(self, sample_rate: int, target_rate: int, max_frames: int) -> None:
         self.max_frames = max_frames
-        self.mono = mono
+        self.resampler = StreamingResampler(sample_rate, target_rate)
         self.blocks: list[np.ndarray] = []
         self.frames = 0
 
@@ -84,19 +92,20 @@ class _Collector:
         block = np.asarray(block, dtype=np.float32)
         if block.size == 0:
             return
+        checkpoint()
         self.frames += block.shape[0]
         if self.frames > self.max_frames:
             raise _TooLong
-        self.blocks.append(block.mean(axis=1, dtype=np.float32) if self.mono else block)
+        mono = block.mean(axis=1, dtype=np.float32) if block.ndim == 2 else block
+        self.blocks.append(self.resampler.push(mono))
 
     def result(self) -> np.ndarray:
-        if not self.blocks:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate(self.blocks, axis=0)
+        self.blocks.append(self.resampler.finish())
+        return np.concatenate(self.blocks)
 
 
-def _decode_soundfile(data: bytes, field: str, max_seconds: float, mono: bool
-                      ) -> tuple[np.ndarray, int] | None:
+def _decode_soundfile(data: bytes, field: str, max_seconds: float, target_rate: int
+                      ) -> np.ndarray | None:
     """Decode with libsndfile; ``None`` when it does not recognise the format."""
     import soundfile as sf
 
@@ -110,7 +119,7 @@ def _decode_soundfile(data: bytes, field: str, max_seconds: float, mono: bool
         max_frames = int(max_seconds * sample_rate)
         if handle.frames > max_frames and handle.frames < 2**62:  # unknown length reads as huge
             raise _too_long(field, max_seconds, handle.frames / sample_rate)
-        collector = _Collector(max_frames, mono)
+        collector = _Collector(sample_rate, target_rate, max_frames)
         try:
             while True:
                 block = handle.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
@@ -121,10 +130,10 @@ def _decode_soundfile(data: bytes, field: str, max_seconds: float, mono: bool
             raise _too_long(field, max_seconds) from None
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
             raise _corrupt(field, exc) from exc
-    return collector.result(), sample_rate
+    return collector.result()
 
 
-def _decode_pyav(data: bytes, field: str, max_seconds: float, mono: bool) -> tuple[np.ndarray, int]:
+def _decode_pyav(data: bytes, field: str, max_seconds: float, target_rate: int) -> np.ndarray:
     """Decode with FFmpeg through PyAV (WebM/Opus, M4A/AAC, ...); 415 when FFmpeg cannot either."""
     import av
 
@@ -147,7 +156,7 @@ def _decode_pyav(data: bytes, field: str, max_seconds: float, mono: bool) -> tup
                 raise _too_long(field, max_seconds, declared)
         # Planar float at the stream's own rate and layout: frames come as (channels, samples).
         resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=sample_rate)
-        collector = _Collector(max_frames, mono)
+        collector = _Collector(sample_rate, target_rate, max_frames)
         decoded_any = False
         try:
             for frame in container.decode(stream):
@@ -165,35 +174,32 @@ def _decode_pyav(data: bytes, field: str, max_seconds: float, mono: bool) -> tup
     if not decoded_any:
         raise ProblemError(422, "corrupt-audio", f"{field} holds no decodable audio frames.",
                            field=field)
-    return collector.result(), sample_rate
+    return collector.result()
 
 
-def decode_audio(data: bytes, field: str, *, max_seconds: float, min_seconds: float = 0.3,
-                 mono: bool = True) -> tuple[np.ndarray, int]:
-    """Decode an uploaded audio file to ``(waveform, sample_rate)``.
+def decode_audio(data: bytes, field: str, *, max_seconds: float, target_rate: int,
+                 min_seconds: float = 0.3) -> np.ndarray:
+    """Decode an uploaded audio file to a mono float32 waveform in [-1, 1] at ``target_rate``.
 
-    ``waveform`` is float32 in [-1, 1]: ``(samples,)`` when ``mono`` (channels averaged),
-    else ``(samples, channels)``. Raises :class:`ProblemError` for anything that is not a usable
-    clip of ``min_seconds`` to ``max_seconds`` of non-silent audio.
+    Raises :class:`ProblemError` for anything that is not a usable clip of ``min_seconds`` to
+    ``max_seconds`` of non-silent audio at a supported sample rate.
     """
     if not data:
         raise ProblemError(422, "empty-file", f"{field} is empty.", field=field)
-    decoded = _decode_soundfile(data, field, max_seconds, mono)
-    if decoded is None:
-        decoded = _decode_pyav(data, field, max_seconds, mono)
-    waveform, sample_rate = decoded
+    waveform = _decode_soundfile(data, field, max_seconds, target_rate)
+    if waveform is None:
+        waveform = _decode_pyav(data, field, max_seconds, target_rate)
     if not np.all(np.isfinite(waveform)):
         raise ProblemError(422, "invalid-samples", f"{field} contains NaN or infinite samples.",
                            field=field)
-    seconds = waveform.shape[0] / sample_rate
+    seconds = waveform.shape[0] / target_rate
     if seconds < min_seconds:
         raise ProblemError(422, "audio-too-short",
                            f"{field} is {seconds:.2f} s long; at least {min_seconds:g} s is needed.",
                            field=field, min_seconds=min_seconds)
-    samples = waveform.astype(np.float64)
-    rms = float(np.sqrt(np.mean(samples * samples)))
+    rms = float(np.sqrt(np.dot(waveform, waveform) / max(1, waveform.size)))
     if 20.0 * np.log10(max(rms, 1e-12)) < SILENCE_RMS_DBFS:
         raise ProblemError(422, "silent-audio",
                            f"no speech: the audio is silent ({field} is quieter than "
                            f"{SILENCE_RMS_DBFS:g} dBFS).", field=field)
-    return waveform, sample_rate
+    return waveform

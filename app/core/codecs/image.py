@@ -1,8 +1,12 @@
-"""Image bytes -> Pillow image, with the limits applied in one place.
+"""Image bytes -> Pillow image, with the limits applied in one place and before any pixel is decoded.
 
-Pillow's decompression-bomb guard is turned into a 413, unknown formats into a 415 naming the
-supported ones, and truncated or corrupt files into a 422. EXIF orientation is applied (phone
-photos), and animated formats give their first frame.
+:func:`open_image` reads only the header: the format (415 naming the supported ones when unknown),
+the size (413 past the pixel limit) and, for JPEG, the number of scans (422 past
+:data:`MAX_JPEG_SCANS`: a progressive JPEG re-reads every coefficient once per scan, so 75 000
+tiny scans in 1.2 MB would cost minutes of CPU). Callers sum the sizes of every image of a request
+against its pixel budget before they decode any of them. :func:`decode_image` then decodes the first
+frame only (animated GIF/WebP, multi-page TIFF: the other frames and pages are never read or counted),
+applies the EXIF orientation (phone photos) and turns truncated or corrupt files into a 422.
 """
 
 from __future__ import annotations
@@ -13,40 +17,71 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.core.errors import ProblemError
+from app.core.limits import MAX_JPEG_SCANS
 
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+_SOS = b"\xff\xda"  # JPEG start-of-scan marker; entropy-coded data never contains it (byte stuffing)
 
 
-def decode_image(data: bytes, field: str, *, max_pixels: int,
-                 formats: frozenset[str] = DEFAULT_FORMATS) -> Image.Image:
-    """Decode ``data`` fully (so corrupt files fail here, not later) and return a Pillow image."""
+def open_image(data: bytes, field: str, *, max_pixels: int,
+               formats: frozenset[str] = DEFAULT_FORMATS) -> Image.Image:
+    """Identify ``data`` and check its header against the limits; no pixel is decoded yet."""
     if not data:
         raise ProblemError(422, "empty-file", f"{field} is empty.", field=field)
     supported = ", ".join(sorted(formats))
     try:
         with warnings.catch_warnings():
-            # Pillow warns between MAX_IMAGE_PIXELS and 2x; treat the warning as the error it is.
+            # Pillow warns between its own pixel limit and twice it; treat that as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=sorted(formats))
-            if image.width * image.height > max_pixels:
-                raise ProblemError(413, "image-too-large",
-                                   f"{field} is {image.width}x{image.height} pixels; the limit is "
-                                   f"{max_pixels} pixels.", field=field)
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-    except ProblemError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ProblemError(413, "image-too-large", f"{field}: {exc}", field=field) from exc
+        raise ProblemError(413, "image-too-large", f"{field}: {exc}", field=field,
+                           max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise ProblemError(415, "unsupported-image-format",
                            f"{field} is not an image in a supported format ({supported}).",
                            field=field, supported=sorted(formats)) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ProblemError(422, "corrupt-image", f"{field} could not be decoded: {exc}.",
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
+        raise ProblemError(422, "corrupt-image", f"{field} could not be read: {exc}.",
                            field=field) from exc
     if image.width < 1 or image.height < 1:
         raise ProblemError(422, "empty-image", f"{field} has no pixels.", field=field)
+    if image.width * image.height > max_pixels:
+        raise ProblemError(413, "image-too-large",
+                           f"{field} is {image.width}x{image.height} pixels; the limit is "
+                           f"{max_pixels} pixels per image.", field=field, max_pixels=max_pixels)
+    if image.format == "JPEG":
+        scans = data.count(_SOS)
+        if scans > MAX_JPEG_SCANS:
+            raise ProblemError(422, "too-many-scans",
+                               f"{field} is a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} "
+                               "are accepted (ordinary progressive JPEGs have about 10).",
+                               field=field, max_scans=MAX_JPEG_SCANS)
     return image
+
+
+def check_request_pixels(images: list[Image.Image], field: str, max_request_pixels: int) -> None:
+    """413 when the images of one request hold more pixels in all than the request's budget."""
+    total = sum(image.width * image.height for image in images)
+    if total > max_request_pixels:
+        raise ProblemError(413, "request-too-large",
+                           f"The {len(images)} images in {field} hold {total} pixels in all; the "
+                           f"limit is {max_request_pixels} pixels per request.", field=field,
+                           max_request_pixels=max_request_pixels)
+
+
+def load_image(image: Image.Image, field: str) -> Image.Image:
+    """Decode the first frame of an image from :func:`open_image` (fully, so corrupt files fail
+    here and not later) and apply its EXIF orientation."""
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image) or image
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, ZeroDivisionError) as exc:
+        raise ProblemError(422, "corrupt-image", f"{field} could not be decoded: {exc}.",
+                           field=field) from exc
+
+
+def decode_image(data: bytes, field: str, *, max_pixels: int,
+                 formats: frozenset[str] = DEFAULT_FORMATS) -> Image.Image:
+    """:func:`open_image` then :func:`load_image`: one upload, checked and decoded."""
+    return load_image(open_image(data, field, max_pixels=max_pixels, formats=formats), field)

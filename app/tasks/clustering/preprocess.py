@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,7 +156,8 @@ def elbow_k(ks: Sequence[int], inertias: Sequence[float]) -> int | None:
 
 
 def select_k(z: np.ndarray, *, k: int | None = None, k_min: int = 2, k_max: int = 10, seed: int = 0,
-             n_init: int = 10, max_iter: int = 300, sample_size: int | None = None) -> KSelection:
+             n_init: int = 10, max_iter: int = 300, sample_size: int | None = None,
+             between_fits: Callable[[], None] | None = None) -> KSelection:
     """Fit K-means for the requested k, or for every k in ``k_min..k_max`` and pick the best silhouette.
 
     With more than ``sample_size`` rows (the API's large inputs) the scan over k is fitted on a
@@ -164,16 +165,19 @@ def select_k(z: np.ndarray, *, k: int | None = None, k_min: int = 2, k_max: int 
     the elbow inertias are still measured on every row (each sample fit's centres applied to all
     rows), and the chosen k is then refitted on all rows. Silhouettes are computed on at most
     ``sample_size`` rows. Ties in silhouette go to the smaller k. Callers check that there are more
-    distinct rows than the largest k (training asserts it, the API answers 422).
+    distinct rows than the largest k (training asserts it, the API answers 422). ``between_fits`` is
+    called before each fit (the server stops a request there once its deadline has passed).
     """
     with one_thread():
         return _select_k(np.asarray(z, dtype=np.float64), k=k, k_min=k_min, k_max=k_max, seed=seed,
-                         n_init=n_init, max_iter=max_iter, sample_size=sample_size)
+                         n_init=n_init, max_iter=max_iter, sample_size=sample_size,
+                         between_fits=between_fits or (lambda: None))
 
 
 def _select_k(z: np.ndarray, *, k: int | None, k_min: int, k_max: int, seed: int, n_init: int,
-              max_iter: int, sample_size: int | None) -> KSelection:
+              max_iter: int, sample_size: int | None, between_fits: Callable[[], None]) -> KSelection:
     subsample = sample_size is not None and len(z) > sample_size
+    between_fits()
     if k is not None:
         fit = _fit_all_rows(z, k, seed=seed, n_init=n_init, max_iter=max_iter, sample_size=sample_size)
         return KSelection(fits=[fit], chosen=fit, method="requested", elbow_k=None,
@@ -184,6 +188,7 @@ def _select_k(z: np.ndarray, *, k: int | None, k_min: int, k_max: int, seed: int
         scan_z = z[np.sort(rng.choice(len(z), size=sample_size, replace=False))]
     fits = []
     for kk in range(k_min, k_max + 1):
+        between_fits()
         km = fit_kmeans(scan_z, kk, seed=seed, n_init=n_init, max_iter=max_iter)
         if subsample:
             labels, distances = nearest_centroid(z, km.cluster_centers_)
@@ -196,6 +201,7 @@ def _select_k(z: np.ndarray, *, k: int | None, k_min: int, k_max: int, seed: int
     scored = [f for f in fits if f.silhouette is not None]
     chosen = max(scored, key=lambda f: (f.silhouette, -f.k)) if scored else fits[0]
     if subsample:
+        between_fits()
         chosen = _fit_all_rows(z, chosen.k, seed=seed, n_init=n_init, max_iter=max_iter,
                                sample_size=sample_size)
     return KSelection(fits=fits, chosen=chosen, method="silhouette",

@@ -15,11 +15,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
+from PIL import Image
 
-from app.core.codecs.image import decode_image
+from app.core.codecs.image import load_image, open_image
 from app.core.config import Settings, get_settings
 from app.core.errors import ProblemError
+from app.core.execution import checkpoint, execution_of
+from app.core.limits import PALETTE_WORKING_PIXELS
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
@@ -105,8 +107,21 @@ class Segmentation:
     compute_ms: float
 
 
+# Values this large overflow when squared (distances, variances); no real feature comes near them.
+MAX_MAGNITUDE = 1e100
+
+
+def out_of_range(field: str) -> ProblemError:
+    return ProblemError(422, "value-out-of-range", f"{field} holds a value too large to compute with "
+                        f"(|value| must be at most {MAX_MAGNITUDE:g}).", field=field,
+                        max_magnitude=MAX_MAGNITUDE)
+
+
 def assign(instances: list[dict[str, float]], model: ClusteringModel) -> Segmentation:
     x = instances_matrix(instances, model.features)
+    too_large = np.flatnonzero(np.abs(x).max(axis=1) > MAX_MAGNITUDE)
+    if too_large.size:
+        raise out_of_range(f"instances[{int(too_large[0])}]")
     started = time.perf_counter()
     labels, distances = model.predict(x)
     return Segmentation(labels, distances, x, (time.perf_counter() - started) * 1000.0)
@@ -135,7 +150,7 @@ async def predict(
     Each instance is an object with exactly the model's features (see ``GET /v1/models``), in the
     original units, e.g. ``{"annual_income": 15, "spending_score": 39}``.
     """
-    result = await run_in_threadpool(assign, body.instances, model)
+    result = await execution_of(request).run(request, "light", assign, body.instances, model)
     segments = model.segments
     labels = result.labels.tolist()
     distances = result.distances.tolist()
@@ -167,16 +182,22 @@ def fit(body: FitRequest, rid: str) -> dict[str, Any]:
         raise ProblemError(422, "invalid-k-range", f"k_min ({body.k_min}) is larger than k_max "
                            f"({body.k_max}).", field="k_min")
     x = np.asarray(body.data, dtype=np.float64)
+    if np.abs(x).max() > MAX_MAGNITUDE:
+        raise out_of_range("data")
     largest_k = body.k if body.k is not None else body.k_max
     distinct = count_distinct_rows(x)
     if distinct < largest_k or len(x) <= largest_k:
         raise ProblemError(422, "too-few-rows",
                            f"data has {len(x)} rows ({distinct} distinct); k={largest_k} needs more than "
                            f"{largest_k} rows with at least {largest_k} distinct.", field="data")
-    scaler = Scaler.fit(x) if body.scale else Scaler.identity(width)
-    selection = select_k(scaler.transform(x), k=body.k, k_min=body.k_min, k_max=body.k_max,
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaler = Scaler.fit(x) if body.scale else Scaler.identity(width)
+        z = scaler.transform(x)
+    if not np.isfinite(z).all():
+        raise out_of_range("data")
+    selection = select_k(z, k=body.k, k_min=body.k_min, k_max=body.k_max,
                          seed=FIT_SEED, n_init=FIT_N_INIT, max_iter=FIT_MAX_ITER,
-                         sample_size=FIT_SAMPLE_SIZE)
+                         sample_size=FIT_SAMPLE_SIZE, between_fits=checkpoint)
     chosen = selection.chosen
     return {
         "k": chosen.k, "selection": selection.method, "elbow_k": selection.elbow_k,
@@ -208,7 +229,7 @@ async def fit_endpoint(request: Request, body: FitRequest) -> dict[str, Any]:
     k on every row, so up to 10 000 x 50 answers within a few seconds.
     """
     request.state.model_name = "clustering"
-    result = await run_in_threadpool(fit, body, request_id(request))
+    result = await execution_of(request).run(request, "heavy", fit, body, request_id(request))
     log_predictions(request, FIT_LOG, [  # type: ignore[arg-type]
         {"prediction": str(result["k"]), "confidence": result["silhouette"],
          "features": {"rows": float(result["n_rows"]), "columns": float(result["n_columns"])}}
@@ -218,8 +239,30 @@ async def fit_endpoint(request: Request, body: FitRequest) -> dict[str, Any]:
 
 # --- palette ---------------------------------------------------------------------------------------
 
+def working_image(image: Image.Image) -> Image.Image:
+    """At most PALETTE_WORKING_PIXELS pixels (nearest neighbour: only colours the image has), so a
+    4096 x 4096 upload costs ~50 MB, not ~350; 50 000 pixels are sampled from it anyway."""
+    factor = int(np.ceil(np.sqrt(image.width * image.height / PALETTE_WORKING_PIXELS)))
+    if factor <= 1:
+        return image
+    if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+    return image.resize((max(1, image.width // factor), max(1, image.height // factor)),
+                        Image.NEAREST)
+
+
 def palette(data: bytes, n_colours: int, max_pixels: int, rid: str) -> dict[str, Any]:
-    image = decode_image(data, "image", max_pixels=max_pixels)
+    image = open_image(data, "image", max_pixels=max_pixels)
+    width, height = image.size
+    if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when the image is that large
+        side = int(np.sqrt(PALETTE_WORKING_PIXELS))
+        image.draft("RGB", (side, side))
+    loaded = load_image(image, "image")
+    if width != height and (loaded.width > loaded.height) != (width > height):
+        width, height = height, width  # EXIF orientation turned it
+    image = working_image(loaded)
+    del loaded
+    checkpoint()
     pixels = opaque_pixels(np.asarray(image.convert("RGBA")))
     if len(pixels) == 0:
         raise ProblemError(422, "transparent-image", "image has no opaque pixels.", field="image")
@@ -227,7 +270,7 @@ def palette(data: bytes, n_colours: int, max_pixels: int, rid: str) -> dict[str,
     return {
         "colors": [{"hex": c.hex, "rgb": list(c.rgb), "fraction": c.fraction} for c in colours],
         "requested": n_colours, "pixels_sampled": min(len(pixels), PALETTE_SAMPLE_SIZE),
-        "width": image.width, "height": image.height, "request_id": rid,
+        "width": width, "height": height, "request_id": rid,
     }
 
 
@@ -251,4 +294,5 @@ async def palette_endpoint(
     request.state.model_name = "clustering"
     settings = app_settings(request)
     data = await read_upload(image, "image", settings.max_upload_bytes)
-    return await run_in_threadpool(palette, data, colors, settings.max_image_pixels, request_id(request))
+    return await execution_of(request).run(request, "heavy", palette, data, colors,
+                                           settings.max_image_pixels, request_id(request))

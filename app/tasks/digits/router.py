@@ -23,13 +23,15 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
+from PIL.Image import Image as PILImage
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from app.core.codecs.image import decode_image
+from app.core.codecs.image import check_request_pixels, load_image, open_image
 from app.core.config import Settings
 from app.core.errors import ProblemError
+from app.core.execution import checkpoint, execution_of
+from app.core.limits import MAX_REQUEST_PIXELS
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
@@ -126,6 +128,9 @@ async def read_json(request: Request, settings: Settings) -> list[RawInstance]:
     except RecursionError as exc:
         raise ProblemError(400, "malformed-json", "The body's JSON is nested too deeply.",
                            field="body") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ProblemError(400, "malformed-json", f"The body's JSON holds a number that cannot be "
+                           f"read: {str(exc).split(';')[0]}.", field="body") from exc
     if not isinstance(body, dict):
         raise ProblemError(422, "invalid-request", 'The body must be a JSON object {"instances": [...]}.',
                            field="body")
@@ -158,12 +163,10 @@ async def read_json(request: Request, settings: Settings) -> list[RawInstance]:
 # Prediction (blocking: runs on the thread pool)
 
 
-def prepare(instance: RawInstance, max_pixels: int) -> PreparedDigit:
+def prepare(instance: RawInstance, image: PILImage | None) -> PreparedDigit:
     try:
-        if instance.image_bytes is not None:
-            image = decode_image(instance.image_bytes, instance.field, max_pixels=max_pixels,
-                                 formats=IMAGE_FORMATS)
-            return prepare_image(image, instance.field)
+        if image is not None:
+            return prepare_image(load_image(image, instance.field), instance.field)
         return prepare_pixels(instance.pixels, instance.field)
     except DigitInputError as exc:
         raise ProblemError(422, exc.code, str(exc), field=exc.field or instance.field) from exc
@@ -185,7 +188,18 @@ class Outcome:
 
 
 def run_batch(instances: list[RawInstance], model: DigitsModel, max_pixels: int) -> Outcome:
-    digits = [prepare(instance, max_pixels) for instance in instances]
+    """Check every image's header and the request's pixel budget before decoding any of them, then
+    decode and normalise one at a time (the deadline is checked between instances) and predict."""
+    images = [open_image(i.image_bytes, i.field, max_pixels=max_pixels, formats=IMAGE_FORMATS)
+              if i.image_bytes is not None else None for i in instances]
+    opened = [image for image in images if image is not None]
+    if opened:
+        check_request_pixels(opened, "image" if instances[0].field.startswith("image") else "instances",
+                             MAX_REQUEST_PIXELS)
+    digits = []
+    for instance, image in zip(instances, images, strict=True):
+        checkpoint()
+        digits.append(prepare(instance, image))
     probabilities = model.predict(np.stack([d.array for d in digits]))
     return Outcome(digits, probabilities)
 
@@ -229,7 +243,8 @@ async def predict(
         raise ProblemError(415, "unsupported-media-type", "Send images as multipart/form-data (field "
                            "'image') or JSON instances as application/json; got "
                            f"{media_type or 'no Content-Type'}.", field="content-type")
-    outcome = await run_in_threadpool(run_batch, instances, model, settings.max_image_pixels)
+    outcome = await execution_of(request).run(request, "light", run_batch, instances, model,
+                                              settings.max_image_pixels)
 
     predictions, rows = [], []
     for digit, probs in zip(outcome.digits, outcome.probabilities, strict=True):

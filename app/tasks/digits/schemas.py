@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_INSTANCES = 256
+from app.core.limits import DIGITS_MAX_INSTANCES as MAX_INSTANCES
 
 
 class PixelsInstance(BaseModel):

@@ -22,11 +22,12 @@ The global per-coefficient standardisation is a Normalization layer inside the e
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from math import gcd
 
 import numpy as np
 import scipy.fft
 import scipy.signal
+
+from app.core.codecs.resample import resample as stream_resample
 
 SAMPLE_RATE = 16_000
 
@@ -92,13 +93,9 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
 
 
 def resample(waveform: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Polyphase resampling (``scipy.signal.resample_poly``, Kaiser window) to ``target_sr``."""
-    wav = np.asarray(waveform, dtype=np.float32)
-    if int(orig_sr) == int(target_sr):
-        return wav
-    g = gcd(int(orig_sr), int(target_sr))
-    out = scipy.signal.resample_poly(wav, int(target_sr) // g, int(orig_sr) // g)
-    return out.astype(np.float32)
+    """Polyphase resampling to ``target_sr``: ``scipy.signal.resample_poly``'s result, computed in
+    blocks by the same streaming resampler that decodes uploads (one source of truth)."""
+    return stream_resample(to_mono(waveform), int(orig_sr), int(target_sr))
 
 
 def prepare_waveform(waveform: np.ndarray, sample_rate: int,

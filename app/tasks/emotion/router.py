@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, File, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
-
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
+from app.core.execution import execution_of
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
@@ -26,8 +25,10 @@ _PROBLEMS = {status: {"description": text, "content": {"application/problem+json
 
 
 def _decode_and_classify(model: EmotionModel, data: bytes) -> tuple[EmotionResult, dict[str, float]]:
-    waveform, sample_rate = decode_audio(data, "audio", max_seconds=model.settings.max_audio_seconds)
-    result = model.classify(waveform, sample_rate)
+    rate = model.params.sample_rate
+    waveform = decode_audio(data, "audio", max_seconds=model.settings.max_audio_seconds,
+                            target_rate=rate)
+    result = model.classify(waveform, rate)
     return result, summary_features(result.waveform, model.params)
 
 
@@ -39,7 +40,8 @@ async def predict(request: Request,
                   model: EmotionModel = Depends(model_dependency("emotion"))) -> EmotionPrediction:
     data = await read_upload(audio, "audio", model.settings.max_upload_bytes)
     started = time.perf_counter()
-    result, features = await run_in_threadpool(_decode_and_classify, model, data)
+    result, features = await execution_of(request).run(request, "audio", _decode_and_classify,
+                                                       model, data)
     latency_ms = (time.perf_counter() - started) * 1000.0
     log_predictions(request, model, [{"prediction": result.emotion, "confidence": result.confidence,
                                       "features": features}],

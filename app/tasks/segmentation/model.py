@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.core.execution import checkpoint
 from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
 from app.tasks.segmentation.preprocess import MARGIN, THRESHOLD, TILE, predict_probability
@@ -31,7 +32,11 @@ class SegmentationModel(ServedModel):
         self.probability(np.zeros((self.tile, self.tile), dtype=np.float32))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Tiles (n, tile, tile, 1) in [0, 1] -> membrane probabilities of the same shape."""
+        """Tiles (n, tile, tile, 1) in [0, 1] -> membrane probabilities of the same shape.
+
+        Stops (raises ``Cancelled``) before the tiles when the request is past its deadline or its
+        client has gone: a 2048 x 2048 image is 81 tiles of ~0.1 s each."""
+        checkpoint()
         return self.runner.run(batch)
 
     def probability(self, gray: np.ndarray) -> np.ndarray:

@@ -12,10 +12,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
-
-from app.core.codecs.image import decode_image
+from app.core.codecs.image import load_image, open_image
 from app.core.errors import ProblemError
+from app.core.execution import execution_of
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
@@ -37,24 +36,34 @@ PNG_RESPONSE = {"content": {"image/png": {}}, "description": "the mask (or overl
 
 @dataclass
 class Segmentation:
-    gray: np.ndarray
     mask: np.ndarray
     features: dict[str, float]
     compute_ms: float
+    picture: bytes  # the response image (mask or overlay PNG); the mask PNG for format=json
 
 
-def segment(data: bytes, model: SegmentationModel, threshold: float, max_pixels: int) -> Segmentation:
-    """Decode, check the size limit, run the tiled U-Net and threshold (blocking; off the loop)."""
-    image = decode_image(data, "image", max_pixels=max_pixels, formats=IMAGE_FORMATS)
+def segment(data: bytes, model: SegmentationModel, threshold: float, max_pixels: int,
+            output_format: MaskFormat) -> Segmentation:
+    """Check the header against the limits, decode, run the tiled U-Net, threshold and encode the
+    answer (blocking: runs on the heavy gate's thread, stopping between tiles at the deadline)."""
+    image = open_image(data, "image", max_pixels=max_pixels, formats=IMAGE_FORMATS)
     if image.width > MAX_SIDE or image.height > MAX_SIDE:
         raise ProblemError(413, "image-too-large", f"image is {image.width}x{image.height} pixels; "
-                           f"each side may be at most {MAX_SIDE}.", field="image")
+                           f"each side may be at most {MAX_SIDE}.", field="image", max_side=MAX_SIDE)
+    image = load_image(image, "image")
     started = time.perf_counter()
     gray = to_grayscale(image)
+    del image
     probability = model.probability(gray)
     mask = binary_mask(probability, threshold)
+    features = summary_features(gray, probability, threshold)
+    del probability
     compute_ms = (time.perf_counter() - started) * 1000.0
-    return Segmentation(gray, mask, summary_features(gray, probability, threshold), compute_ms)
+    if output_format is MaskFormat.overlay:
+        picture = png_bytes(overlay(gray, mask))
+    else:
+        picture = png_bytes(Image.fromarray(mask, mode="L"))
+    return Segmentation(mask, features, compute_ms, picture)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -91,7 +100,8 @@ async def predict(
     data = await read_upload(image, "image", settings.max_upload_bytes)
     cut = model.threshold if threshold is None else threshold
     max_pixels = min(settings.max_image_pixels, MAX_SIDE * MAX_SIDE)
-    result = await run_in_threadpool(segment, data, model, cut, max_pixels)
+    result = await execution_of(request).run(request, "heavy", segment, data, model, cut,
+                                             max_pixels, output_format)
     log_predictions(request, model, [{"prediction": "mask",
                                       "confidence": result.features["mean_certainty"],
                                       "features": result.features}],
@@ -99,12 +109,9 @@ async def predict(
 
     headers = {"X-Model-Version": model.version,
                "X-Foreground-Fraction": f"{result.features['foreground_fraction']:.6f}"}
-    if output_format is MaskFormat.overlay:
-        picture = await run_in_threadpool(lambda: png_bytes(overlay(result.gray, result.mask)))
-        return Response(picture, media_type="image/png", headers=headers)
-    mask_png = await run_in_threadpool(png_bytes, Image.fromarray(result.mask, mode="L"))
-    if output_format is MaskFormat.png:
-        return Response(mask_png, media_type="image/png", headers=headers)
+    if output_format is not MaskFormat.json:
+        return Response(result.picture, media_type="image/png", headers=headers)
+    mask_png = result.picture
     response.headers.update(headers)
     return SegmentationResult(
         width=result.mask.shape[1], height=result.mask.shape[0],

@@ -1,0 +1,242 @@
+"""Where request work runs: a deadline per request, admission gates per kind of work, thread pools.
+
+Every prediction runs through :meth:`Execution.run`:
+
+* **Admission.** Work belongs to a :class:`Gate` (``light``: digits and clustering rows; ``audio``:
+  emotion; ``heavy``: segmentation, fits and palettes). A gate runs at most ``concurrency`` jobs at
+  once on its own thread pool and lets at most ``queue`` more wait; beyond that a request is refused
+  at once with a 503 problem and ``Retry-After``, instead of piling up towards the router's 30 s
+  timeout. A heavy request therefore never takes the threads that light requests run on, and heavy
+  threads run at a lower CPU priority (``nice``), so light requests keep their latency while one
+  runs. ``/health/ready`` reports a gate whose queue is full as saturated.
+* **Deadline.** Each request gets ``REQUEST_TIMEOUT_S`` (under gunicorn's timeout and Heroku's
+  30 s). Long work calls :func:`checkpoint` between its steps (tiles, audio blocks, k-means fits);
+  once the deadline has passed, or the client has gone away, the next checkpoint raises
+  :class:`Cancelled`, the thread is free again within one step, and the client gets a 503.
+  Waiting in a gate's queue counts against the same deadline.
+
+The current deadline travels in a context variable, which the thread pools copy into their threads,
+so code deep inside a task (a tile loop) reaches it without being passed anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from app.core.errors import ProblemError
+
+log = logging.getLogger("app.execution")
+T = TypeVar("T")
+
+_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("deadline", default=None)
+
+
+class Cancelled(Exception):
+    """Raised at a checkpoint once the request's deadline has passed or its client has gone."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Deadline:
+    """When a request's work must stop; ``cancel`` stops it early (the client went away)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires_at = time.monotonic() + seconds
+        self.reason: str | None = None
+
+    def remaining(self) -> float:
+        return max(0.0, self.expires_at - time.monotonic())
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def check(self) -> None:
+        if self.reason is None and time.monotonic() >= self.expires_at:
+            self.reason = "deadline"
+        if self.reason is not None:
+            raise Cancelled(self.reason)
+
+
+def checkpoint() -> None:
+    """Stop here (raise :class:`Cancelled`) if the current request is past its deadline or gone."""
+    deadline = _deadline.get()
+    if deadline is not None:
+        deadline.check()
+
+
+def deadline_problem(seconds: float) -> ProblemError:
+    return ProblemError(503, "deadline-exceeded",
+                        f"The request did not finish within {seconds:g} s (REQUEST_TIMEOUT_S) and was "
+                        "stopped; send less work per request or retry later.",
+                        headers={"Retry-After": "5"}, timeout_s=seconds)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    name: str
+    concurrency: int
+    queue: int
+    nice: int  # CPU priority of the gate's threads: 0 normal, higher is lower priority
+    description: str
+
+
+def _lower_priority(nice: int) -> None:
+    """Thread initializer: on Linux each thread has its own nice value."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:  # not permitted here; the gate still bounds the work
+            pass
+
+
+class Gate:
+    """At most ``concurrency`` jobs running and ``queue`` waiting; anything more is a 503 now."""
+
+    def __init__(self, spec: GateSpec) -> None:
+        self.spec = spec
+        self.executor = ThreadPoolExecutor(max_workers=spec.concurrency,
+                                           thread_name_prefix=f"gate-{spec.name}",
+                                           initializer=_lower_priority, initargs=(spec.nice,))
+        self._semaphore: asyncio.Semaphore | None = None
+        self.running = 0
+        self.waiting = 0
+        self.refused = 0
+
+    @property
+    def saturated(self) -> bool:
+        return self.running >= self.spec.concurrency and self.waiting >= self.spec.queue
+
+    def _sem(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # created on the worker's event loop, after the fork
+            self._semaphore = asyncio.Semaphore(self.spec.concurrency)
+        return self._semaphore
+
+    async def acquire(self, deadline: Deadline) -> None:
+        semaphore = self._sem()
+        if semaphore.locked() and self.waiting >= self.spec.queue:
+            self.refused += 1
+            raise ProblemError(
+                503, "overloaded",
+                f"The server is busy with {self.spec.description} ({self.running} running, "
+                f"{self.waiting} waiting, the most this worker queues); retry shortly.",
+                headers={"Retry-After": "2"}, gate=self.spec.name)
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(semaphore.acquire(), timeout=deadline.remaining())
+        except TimeoutError:
+            raise deadline_problem(deadline.seconds) from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self._sem().release()
+
+    def status(self) -> dict[str, Any]:
+        return {"running": self.running, "waiting": self.waiting,
+                "concurrency": self.spec.concurrency, "queue": self.spec.queue,
+                "saturated": self.saturated}
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client disconnects. Only called after the body has been read: from then on
+    the server's ``receive`` has nothing to hand out but ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Execution:
+    """The gates of one worker process (built in the lifespan, after the fork)."""
+
+    def __init__(self, specs: list[GateSpec], timeout_s: float) -> None:
+        self.gates = {spec.name: Gate(spec) for spec in specs}
+        self.timeout_s = timeout_s
+
+    def deadline(self, request: Request) -> Deadline:
+        """The request's deadline, started when its first byte arrived (set by the middleware)."""
+        state = request.scope.setdefault("state", {})
+        deadline = state.get("deadline")
+        if deadline is None:
+            deadline = state["deadline"] = Deadline(self.timeout_s)
+        return deadline
+
+    async def run(self, request: Request, gate_name: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the gate's pool within the request's deadline (see module doc)."""
+        gate = self.gates[gate_name]
+        deadline = self.deadline(request)
+        if deadline.remaining() <= 0:
+            raise deadline_problem(deadline.seconds)
+        await gate.acquire(deadline)
+        try:
+            context = contextvars.copy_context()
+            context.run(_deadline.set, deadline)
+            loop = asyncio.get_running_loop()
+            job = loop.run_in_executor(gate.executor, functools.partial(context.run, fn, *args))
+            watcher = asyncio.ensure_future(_client_gone(request))
+            try:
+                done, _ = await asyncio.wait({job, watcher}, timeout=deadline.remaining(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if job not in done:
+                    deadline.cancel("client-disconnected" if watcher in done else "deadline")
+            finally:
+                watcher.cancel()
+            try:
+                # The thread stops at its next checkpoint; the gate is only released once it has,
+                # so the memory and CPU a gate bounds really are bounded.
+                return await asyncio.shield(job)
+            except Cancelled as exc:
+                if exc.reason == "client-disconnected":
+                    log.info("request stopped: client went away",
+                             extra={"request_id": request.scope.get("state", {}).get("request_id")})
+                raise deadline_problem(deadline.seconds) from None
+        finally:
+            gate.release()
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: gate.status() for name, gate in self.gates.items()}
+
+    @property
+    def saturated(self) -> list[str]:
+        return sorted(name for name, gate in self.gates.items() if gate.saturated)
+
+    def shutdown(self) -> None:
+        for gate in self.gates.values():
+            gate.shutdown()
+
+
+def build_execution(settings: Any) -> Execution:
+    """The gates of :data:`app.core.limits.GATES`, the heavy one sized by the settings."""
+    from app.core.limits import GATES
+
+    specs = []
+    for name, (concurrency, queue, nice, description) in GATES.items():
+        if name == "heavy":
+            concurrency, queue = settings.heavy_concurrency, settings.heavy_queue
+        specs.append(GateSpec(name, concurrency, queue, nice, description))
+    return Execution(specs, settings.request_timeout_s)
+
+
+def execution_of(request: Request) -> Execution:
+    return request.app.state.execution

@@ -1,0 +1,109 @@
+"""Every request limit, defined once.
+
+The values live here (or, for the ones an operator may change, in :class:`~app.core.config.Settings`);
+the codecs, the task routers, the admission gates, ``GET /v1/models`` and the README's limits table
+all read them from here. ``python -m app.core.limits`` prints the README table; a test checks that
+the README shows exactly that table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
+
+# ---- images ----------------------------------------------------------------------------------
+MAX_JPEG_SCANS = 32  # progressive JPEGs have ~10; each scan re-reads every coefficient
+MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # all images of one request together (4 x 4096 x 4096)
+
+# ---- audio -----------------------------------------------------------------------------------
+MIN_AUDIO_SECONDS = 0.3
+AUDIO_SAMPLE_RATES = (8_000, 192_000)
+MAX_AUDIO_CHANNELS = 32
+
+# ---- per task --------------------------------------------------------------------------------
+DIGITS_MAX_INSTANCES = 256
+SEGMENTATION_MAX_SIDE = 2048  # 2048 x 2048 takes ~7 s on one core; 4096 x 4096 would pass the timeout
+CLUSTERING_MAX_ROWS = 10_000
+FIT_MAX_ROWS = 10_000
+FIT_MAX_COLUMNS = 50
+FIT_MAX_K = 20
+PALETTE_COLOURS = (2, 16)
+PALETTE_WORKING_PIXELS = 1024 * 1024  # larger images are shrunk first: 50 000 pixels are sampled anyway
+
+# ---- admission (per worker process) ------------------------------------------------------------
+GATES = {
+    # name: (concurrency, queue, nice, what runs there)
+    "light": (2, 32, 0, "digit and customer-segment predictions"),
+    "audio": (1, 8, 5, "emotion predictions"),
+    "heavy": (1, 2, 10, "segmentations, clustering fits and palettes"),
+}
+MAX_IN_FLIGHT = 64  # requests in progress per worker (health and metrics not counted)
+FEEDBACK_MAX_WAITERS = 16  # feedback requests waiting for a just-made prediction to be logged
+
+
+@dataclass(frozen=True)
+class Limit:
+    applies_to: str
+    what: str
+    value: str
+    refusal: str  # status and problem code beyond it
+    setting: str = ""
+
+
+def limits(settings: Settings) -> list[Limit]:
+    """The limits in force with ``settings``, in the order the README lists them."""
+    mib = settings.max_upload_mb
+    light, audio, heavy = GATES["light"], GATES["audio"], GATES["heavy"]
+    return [
+        Limit("every request", "request body", f"{mib:g} MiB", "413 `payload-too-large`",
+              "`MAX_UPLOAD_MB`"),
+        Limit("every request", "time to answer, queueing included; work stops at the deadline",
+              f"{settings.request_timeout_s:g} s", "503 `deadline-exceeded`", "`REQUEST_TIMEOUT_S`"),
+        Limit("images", "pixels per image", f"{settings.max_image_pixels:,}",
+              "413 `image-too-large`", "`MAX_IMAGE_PIXELS`"),
+        Limit("images", "pixels of all images in one request", f"{MAX_REQUEST_PIXELS:,}",
+              "413 `request-too-large`"),
+        Limit("images", "scans per JPEG", f"{MAX_JPEG_SCANS}", "422 `too-many-scans`"),
+        Limit("images", "frames and pages read (GIF, WebP, TIFF)", "the first only", "(others ignored)"),
+        Limit("audio", "duration", f"{MIN_AUDIO_SECONDS:g}-{settings.max_audio_seconds:g} s",
+              "422 `audio-too-short` / 413 `audio-too-long`", "`MAX_AUDIO_SECONDS`"),
+        Limit("audio", "sample rate", f"{AUDIO_SAMPLE_RATES[0]:,}-{AUDIO_SAMPLE_RATES[1]:,} Hz",
+              "422 `unsupported-sample-rate`"),
+        Limit("audio", "channels (mixed down to mono)", f"1-{MAX_AUDIO_CHANNELS}",
+              "422 `unsupported-channels`"),
+        Limit("digits", "instances per request", f"1-{DIGITS_MAX_INSTANCES}", "422 `too-many-instances`"),
+        Limit("segmentation", "image side", f"<= {SEGMENTATION_MAX_SIDE} px", "413 `image-too-large`"),
+        Limit("clustering predict", "rows per request", f"1-{CLUSTERING_MAX_ROWS:,}",
+              "422 `invalid-request`"),
+        Limit("clustering fit", "rows x columns, k", f"<= {FIT_MAX_ROWS:,} x {FIT_MAX_COLUMNS}, "
+              f"k 2-{FIT_MAX_K}", "422 `invalid-request`"),
+        Limit("clustering palette", "colours", f"{PALETTE_COLOURS[0]}-{PALETTE_COLOURS[1]}",
+              "422 `invalid-request`"),
+        Limit("per worker", f"concurrent {light[3]} (running + waiting)", f"{light[0]} + {light[1]}",
+              "503 `overloaded`"),
+        Limit("per worker", f"concurrent {audio[3]} (running + waiting)", f"{audio[0]} + {audio[1]}",
+              "503 `overloaded`"),
+        Limit("per worker", f"concurrent {heavy[3]} (running + waiting)",
+              f"{settings.heavy_concurrency} + {settings.heavy_queue}", "503 `overloaded`",
+              "`HEAVY_CONCURRENCY`, `HEAVY_QUEUE`"),
+        Limit("per worker", "requests in progress (health checks and metrics not counted)",
+              f"{MAX_IN_FLIGHT}", "503 `overloaded`"),
+        Limit("per worker", "feedback requests waiting for a prediction still being logged",
+              f"{FEEDBACK_MAX_WAITERS}", "503 `overloaded`"),
+    ]
+
+
+def limits_markdown(settings: Settings) -> str:
+    rows = ["| applies to | limit | value | beyond it | setting |", "| --- | --- | --- | --- | --- |"]
+    rows += [f"| {x.applies_to} | {x.what} | {x.value} | {x.refusal} | {x.setting} |"
+             for x in limits(settings)]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    from app.core.config import Settings
+
+    print(limits_markdown(Settings()))
