@@ -18,7 +18,7 @@ from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers, problem_response
 from app.core.execution import build_execution
 from app.core.limits import MAX_IN_FLIGHT
-from app.core.logging import configure_logging
+from app.core.logging import configure_logging, native_stderr_as_log
 from app.core.middleware import RequestContextMiddleware
 from app.core.registry import ModelRegistry, ModelSlot
 from app.monitoring import setup_monitoring, shutdown_monitoring
@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ModelRegistry(settings, {s.name: s.model_class for s in slices if s.model_class})
-        registry.load_all()
+        with native_stderr_as_log():
+            registry.load_all()
         for s in slices:
             if s.import_error:
                 registry.slots[s.name] = ModelSlot(

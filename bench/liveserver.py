@@ -50,6 +50,70 @@ class LiveServer:
 
         return [c.pid for c in psutil.Process(self.pid).children()]
 
+    def rss_mib(self) -> dict[int, float]:
+        """RSS of each worker process, MiB."""
+        import psutil
+
+        out = {}
+        for pid in self.worker_pids():
+            with contextlib.suppress(psutil.Error):
+                out[pid] = psutil.Process(pid).memory_info().rss / 1048576
+        return out
+
+    def pss_mib(self) -> float:
+        """PSS of the master and its workers together, MiB: what the processes cost the machine."""
+        import psutil
+
+        total = 0.0
+        for proc in [psutil.Process(self.pid), *psutil.Process(self.pid).children()]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_full_info().pss / 1048576
+        return total
+
+
+class MemorySampler:
+    """Samples the workers' RSS (and optionally the total PSS) in a thread while a block runs.
+
+    ``peak_growth_mib``: the largest rise of any one worker's RSS over its value at the start.
+    """
+
+    def __init__(self, server: LiveServer, interval: float = 0.02, pss: bool = False) -> None:
+        import threading
+
+        self.server = server
+        self.interval = interval
+        self.pss = pss
+        self.start_rss: dict[int, float] = {}
+        self.peak_rss: dict[int, float] = {}
+        self.peak_pss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid, rss in self.server.rss_mib().items():
+            self.peak_rss[pid] = max(self.peak_rss.get(pid, 0.0), rss)
+            self.start_rss.setdefault(pid, rss)
+        if self.pss:
+            self.peak_pss = max(self.peak_pss, self.server.pss_mib())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> MemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak_growth_mib(self) -> float:
+        return max((self.peak_rss[p] - self.start_rss[p] for p in self.peak_rss), default=0.0)
+
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready: bool = True,

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(10.0, gt=0)
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     max_audio_seconds: float = Field(60.0, gt=0)
-    request_timeout_s: float = Field(20.0, gt=0, description="deadline of one request, queueing "
+    request_timeout_s: float = Field(25.0, gt=0, description="deadline of one request, queueing "
                                      "included; under gunicorn's timeout and Heroku's 30 s")
     heavy_concurrency: int = Field(1, ge=1, le=16, description="segmentations, fits and palettes "
                                    "running at once per worker")

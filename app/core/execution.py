@@ -6,7 +6,9 @@ Every prediction runs through :meth:`Execution.run`:
   emotion; ``heavy``: segmentation, fits and palettes). A gate runs at most ``concurrency`` jobs at
   once on its own thread pool and lets at most ``queue`` more wait; beyond that a request is refused
   at once with a 503 problem and ``Retry-After``, instead of piling up towards the router's 30 s
-  timeout. A heavy request therefore never takes the threads that light requests run on, and heavy
+  timeout. It is also refused at once when the jobs ahead of it would, at the gate's recent pace
+  (a moving average of its job times), take longer than the request has left: waiting only to
+  time out helps nobody. A heavy request therefore never takes the threads that light requests run on, and heavy
   threads run at a lower CPU priority (``nice``), so light requests keep their latency while one
   runs. ``/health/ready`` reports a gate whose queue is full as saturated.
 * **Deadline.** Each request gets ``REQUEST_TIMEOUT_S`` (under gunicorn's timeout and Heroku's
@@ -117,6 +119,23 @@ class Gate:
         self.running = 0
         self.waiting = 0
         self.refused = 0
+        self.job_seconds = 0.0  # exponential moving average of recent job times
+        self.started: dict[int, float] = {}  # start times of the running jobs
+
+    def record(self, seconds: float) -> None:
+        self.job_seconds = seconds if self.job_seconds == 0.0 else 0.7 * self.job_seconds + 0.3 * seconds
+
+    def pace(self) -> float:
+        """Seconds a job here takes, as far as we know: the recent average, or longer when a job
+        still running has already taken longer (the first heavy jobs have no history)."""
+        now = time.monotonic()
+        return max([self.job_seconds, *(now - t for t in self.started.values())])
+
+    def expected_wait(self) -> float:
+        """Rough seconds before a new job would start: the queue ahead of it, then itself."""
+        if self.running < self.spec.concurrency:
+            return 0.0
+        return (self.waiting + 1) * self.job_seconds / self.spec.concurrency
 
     @property
     def saturated(self) -> bool:
@@ -129,18 +148,31 @@ class Gate:
 
     async def acquire(self, deadline: Deadline) -> None:
         semaphore = self._sem()
-        if semaphore.locked() and self.waiting >= self.spec.queue:
-            self.refused += 1
-            raise ProblemError(
-                503, "overloaded",
-                f"The server is busy with {self.spec.description} ({self.running} running, "
-                f"{self.waiting} waiting, the most this worker queues); retry shortly.",
-                headers={"Retry-After": "2"}, gate=self.spec.name)
+        if semaphore.locked():
+            full = self.waiting >= self.spec.queue
+            wait = self.expected_wait()
+            if full or wait + self.job_seconds > deadline.remaining():
+                self.refused += 1
+                why = ("the most this worker queues" if full else
+                       f"about {wait:.0f} s of work ahead, more than the request's deadline")
+                raise ProblemError(
+                    503, "overloaded",
+                    f"The server is busy with {self.spec.description} ({self.running} running, "
+                    f"{self.waiting} waiting: {why}); retry shortly.",
+                    headers={"Retry-After": str(max(1, min(30, round(wait or 2))))},
+                    gate=self.spec.name)
         self.waiting += 1
         try:
-            await asyncio.wait_for(semaphore.acquire(), timeout=deadline.remaining())
-        except TimeoutError:
-            raise deadline_problem(deadline.seconds) from None
+            # Wait in short steps: once the jobs ahead show that this one could not finish before
+            # its deadline, give up at once instead of waiting to fail.
+            while True:
+                if self.pace() >= deadline.remaining():
+                    raise deadline_problem(deadline.seconds)
+                try:
+                    await asyncio.wait_for(semaphore.acquire(), timeout=min(0.25, deadline.remaining()))
+                    break
+                except TimeoutError:
+                    continue
         finally:
             self.waiting -= 1
         self.running += 1
@@ -189,11 +221,23 @@ class Execution:
         if deadline.remaining() <= 0:
             raise deadline_problem(deadline.seconds)
         await gate.acquire(deadline)
+        token = object()
         try:
+            if gate.pace() >= deadline.remaining():
+                # It waited its turn, but at the gate's recent pace it could not finish in time.
+                raise deadline_problem(deadline.seconds)
             context = contextvars.copy_context()
             context.run(_deadline.set, deadline)
             loop = asyncio.get_running_loop()
+            started = gate.started[id(token)] = time.monotonic()
+
+            def finished(future: asyncio.Future) -> None:
+                gate.started.pop(id(token), None)
+                if not future.cancelled() and future.exception() is None:  # stopped or refused
+                    gate.record(time.monotonic() - started)  # jobs say nothing about the pace
+
             job = loop.run_in_executor(gate.executor, functools.partial(context.run, fn, *args))
+            job.add_done_callback(finished)
             watcher = asyncio.ensure_future(_client_gone(request))
             try:
                 done, _ = await asyncio.wait({job, watcher}, timeout=deadline.remaining(),

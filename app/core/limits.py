@@ -37,8 +37,8 @@ PALETTE_WORKING_PIXELS = 1024 * 1024  # larger images are shrunk first: 50 000 p
 GATES = {
     # name: (concurrency, queue, nice, what runs there)
     "light": (2, 32, 0, "digit and customer-segment predictions"),
-    "audio": (1, 8, 5, "emotion predictions"),
-    "heavy": (1, 2, 10, "segmentations, clustering fits and palettes"),
+    "audio": (1, 8, 2, "emotion predictions"),
+    "heavy": (1, 2, 0, "segmentations, clustering fits and palettes"),
 }
 MAX_IN_FLIGHT = 64  # requests in progress per worker (health and metrics not counted)
 FEEDBACK_MAX_WAITERS = 16  # feedback requests waiting for a just-made prediction to be logged

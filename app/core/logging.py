@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -38,3 +42,25 @@ def configure_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+@contextlib.contextmanager
+def native_stderr_as_log(logger: str = "app.native") -> Iterator[None]:
+    """Capture what native libraries write straight to file descriptor 2 inside the block (LiteRT
+    prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." when a model loads, and no
+    setting silences it) and log each line as JSON instead, so stdout stays one JSON object per
+    line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    logging.getLogger(logger).info(line.strip())

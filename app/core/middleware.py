@@ -158,6 +158,7 @@ class RequestContextMiddleware:
             "request_id": state.get("request_id"),
             "correlation_id": state.get("correlation_id"),
             "method": scope["method"],
+            "client": (scope.get("client") or (None,))[0],
             "route": route_path,
             "path": scope.get("path"),
             "status": counters["status"],

@@ -16,10 +16,15 @@ from ai_edge_litert.interpreter import Interpreter
 
 
 class TFLiteRunner:
-    """A ``.tflite`` model with one float32 input and one float32 output, any batch size."""
+    """A ``.tflite`` model with one float32 input and one float32 output, any batch size.
 
-    def __init__(self, path: Path, num_threads: int = 1) -> None:
+    Batches larger than ``max_batch`` run in slices of ``max_batch``: the interpreter's activation
+    arena is sized for the largest batch it has seen and kept, so one request with many windows or
+    tiles would otherwise leave the worker that much larger for good."""
+
+    def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32) -> None:
         self.path = Path(path)
+        self.max_batch = max_batch
         self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
@@ -39,6 +44,12 @@ class TFLiteRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on ``batch`` (batch dimension first) and return a copy of the output."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape[0] > self.max_batch:
+            return np.concatenate([self._run(batch[i:i + self.max_batch])
+                                   for i in range(0, batch.shape[0], self.max_batch)])
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
             if batch.shape != self._shape:
                 self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))

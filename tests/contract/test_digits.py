@@ -84,7 +84,8 @@ def test_response_has_model_version_request_id_and_probabilities(client, mnist_t
     assert set(body) == {"model", "version", "request_id", "predictions"}
     served = {m["task"]: m["version"] for m in client.get("/v1/models").json()["models"]}
     assert body["model"] == "digits" and body["version"] == served["digits"]
-    assert body["request_id"] == "digits-contract-1"
+    assert body["request_id"] == response.headers["x-request-id"] != "digits-contract-1"
+    assert response.headers["x-correlation-id"] == "digits-contract-1"
     (prediction,) = body["predictions"]
     assert prediction["digit"] == 7
     assert len(prediction["probabilities"]) == 10

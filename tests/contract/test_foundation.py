@@ -48,7 +48,8 @@ def test_body_over_max_upload_is_413(client):
 
 def test_request_id_is_echoed_and_logged_as_one_json_line(client, server):
     response = client.get("/v1/models", headers={"X-Request-ID": "contract-log-check-1"})
-    assert response.headers["x-request-id"] == "contract-log-check-1"
+    assert response.headers["x-correlation-id"] == "contract-log-check-1"
+    request_id = response.headers["x-request-id"]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         lines = [json.loads(line) for line in server.log_text().splitlines()
@@ -58,6 +59,7 @@ def test_request_id_is_echoed_and_logged_as_one_json_line(client, server):
         time.sleep(0.1)
     assert len(lines) == 1
     entry = lines[0]
+    assert (entry["request_id"], entry["correlation_id"]) == (request_id, "contract-log-check-1")
     assert entry["route"] == "/v1/models"
     assert entry["status"] == 200
     assert entry["latency_ms"] >= 0

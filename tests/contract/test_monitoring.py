@@ -77,15 +77,18 @@ def server(backend):
         yield live
 
 
-def predict_digits(base_url: str, images: np.ndarray, request_id: str) -> httpx.Response:
+def predict_digits(base_url: str, images: np.ndarray, issued: list[str] | None = None) -> httpx.Response:
+    """POST the images; the request id the server issued is appended to ``issued``."""
     body = {"instances": [{"pixels": img.tolist()} for img in images]}
-    return httpx.post(base_url + "/v1/digits/predict", json=body, headers={"X-Request-ID": request_id},
-                      timeout=60)
+    response = httpx.post(base_url + "/v1/digits/predict", json=body, timeout=60)
+    if issued is not None and response.status_code == 200:
+        issued.append(response.json()["request_id"])
+    return response
 
 
-def predict_in_batches(base_url: str, images: np.ndarray, request_id: str, batch: int = 100) -> list[int]:
+def predict_in_batches(base_url: str, images: np.ndarray, batch: int = 100) -> list[int]:
     """Status codes of sending ``images`` 100 per request (the digits API takes up to 256)."""
-    return [predict_digits(base_url, images[i:i + batch], f"{request_id}-{i}").status_code
+    return [predict_digits(base_url, images[i:i + batch]).status_code
             for i in range(0, len(images), batch)]
 
 
@@ -97,19 +100,19 @@ def drift_report(base_url: str, window: str) -> dict:
     return report
 
 
-def count_rows(read_url: str, prefix: str) -> int:
+def count_rows(read_url: str, request_ids: list[str]) -> int:
     engine = make_engine(read_url)
     try:
         with engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(predictions)
-                                .where(predictions.c.request_id.like(prefix + "%"))).scalar_one()
+                                .where(predictions.c.request_id.in_(request_ids))).scalar_one()
     finally:
         engine.dispose()
 
 
-def wait_for_rows(read_url: str, prefix: str, expected: int, timeout: float = 30.0) -> int:
+def wait_for_rows(read_url: str, request_ids: list[str], expected: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
-    while (n := count_rows(read_url, prefix)) < expected and time.monotonic() < deadline:
+    while (n := count_rows(read_url, request_ids)) < expected and time.monotonic() < deadline:
         time.sleep(0.2)
     return n
 
@@ -127,15 +130,15 @@ def wait_for_write_failures(base_url: str, timeout: float = 20.0) -> float:
 
 
 def test_real_digits_are_not_flagged_and_inverted_or_noisy_digits_are(server: LiveServer, mnist_test_digits):
-    assert predict_in_batches(server.base_url, mnist_test_digits, "real") == [200, 200, 200]
+    assert predict_in_batches(server.base_url, mnist_test_digits) == [200, 200, 200]
     unshifted = drift_report(server.base_url, str(N))
 
-    assert predict_in_batches(server.base_url, 255 - mnist_test_digits, "inverted") == [200, 200, 200]
+    assert predict_in_batches(server.base_url, 255 - mnist_test_digits) == [200, 200, 200]
     after_inversion = drift_report(server.base_url, str(N))
 
     rng = np.random.default_rng(1)
     noisy_images = np.clip(mnist_test_digits + rng.normal(0, 60, mnist_test_digits.shape), 0, 255).astype(np.uint8)
-    assert predict_in_batches(server.base_url, noisy_images, "noisy") == [200, 200, 200]
+    assert predict_in_batches(server.base_url, noisy_images) == [200, 200, 200]
     after_noise = drift_report(server.base_url, str(N))
 
     assert unshifted["n"] == N
@@ -155,8 +158,8 @@ def test_feedback_through_http_gives_live_accuracy(server: LiveServer, mnist_tes
     with np.load(MNIST) as data:
         labels = data["y_test"][:20]
         images = data["x_test"][:20]
-    request_id = f"fb-{uuid.uuid4().hex[:8]}"
-    served = predict_digits(server.base_url, images, request_id).json()["predictions"]
+    response = predict_digits(server.base_url, images).json()
+    served, request_id = response["predictions"], response["request_id"]
     for index, label in enumerate(labels):
         response = httpx.post(server.base_url + "/v1/feedback",
                               json={"request_id": request_id, "index": index, "label": str(label)})
@@ -170,15 +173,15 @@ def test_feedback_through_http_gives_live_accuracy(server: LiveServer, mnist_tes
 
 
 def test_two_server_processes_share_one_prediction_log(server: LiveServer, backend, mnist_test_digits):
-    prefix = f"two-{uuid.uuid4().hex[:8]}"
+    issued: list[str] = []
     with running_server(env=server_env(backend[0]), workers=1, ready=False) as second:
-        assert predict_digits(server.base_url, mnist_test_digits[:40], f"{prefix}-a").status_code == 200
-        assert predict_digits(second.base_url, mnist_test_digits[40:100], f"{prefix}-b").status_code == 200
+        assert predict_digits(server.base_url, mnist_test_digits[:40], issued).status_code == 200
+        assert predict_digits(second.base_url, mnist_test_digits[40:100], issued).status_code == 200
         # Feedback sent to the other process finds the prediction (waiting for its buffer if needed).
         cross = httpx.post(second.base_url + "/v1/feedback",
-                           json={"request_id": f"{prefix}-a", "index": 0, "label": "7"})
+                           json={"request_id": issued[0], "index": 0, "label": "7"})
         assert cross.status_code == 201, cross.text
-        assert wait_for_rows(backend[1], prefix, 100) == 100
+        assert wait_for_rows(backend[1], issued, 100) == 100
         from_first = drift_report(server.base_url, "100")
         from_second = drift_report(second.base_url, "100")
     assert from_first["n"] == from_second["n"] == 100
@@ -188,9 +191,9 @@ def test_two_server_processes_share_one_prediction_log(server: LiveServer, backe
 def test_predictions_are_served_through_a_database_outage_and_logged_after_it(server: LiveServer, backend,
                                                                               mnist_test_digits):
     serve_url, read_url, cut, restore = backend
-    prefix = f"outage-{uuid.uuid4().hex[:8]}"
-    assert predict_digits(server.base_url, mnist_test_digits[:5], f"{prefix}-before").status_code == 200
-    assert wait_for_rows(read_url, prefix, 5) == 5
+    issued: list[str] = []
+    assert predict_digits(server.base_url, mnist_test_digits[:5], issued).status_code == 200
+    assert wait_for_rows(read_url, issued, 5) == 5
 
     cut()
     try:
@@ -198,7 +201,7 @@ def test_predictions_are_served_through_a_database_outage_and_logged_after_it(se
         for i in range(10):
             started = time.perf_counter()
             statuses.append(predict_digits(server.base_url, mnist_test_digits[i * 5:(i + 1) * 5],
-                                           f"{prefix}-during-{i}").status_code)
+                                           issued).status_code)
             assert time.perf_counter() - started < 5.0
         failures = wait_for_write_failures(server.base_url)  # SQLite's writer waits out busy_timeout first
         down = httpx.get(server.base_url + "/v1/monitoring/drift", headers=ADMIN, timeout=30)
@@ -211,7 +214,7 @@ def test_predictions_are_served_through_a_database_outage_and_logged_after_it(se
     else:  # a locked SQLite file still serves readers (WAL): only the writer has to wait
         assert down.status_code == 200
     assert failures >= 1
-    assert wait_for_rows(read_url, prefix, 55) == 55
+    assert wait_for_rows(read_url, issued, 55) == 55
     log = server.log_text()
     assert log.count("prediction log: database unavailable") == 1  # logged once, not per retry
     assert log.count("prediction log: database back") == 1

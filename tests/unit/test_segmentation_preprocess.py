@@ -14,6 +14,7 @@ from app.tasks.segmentation.preprocess import (
     mask_from_label,
     overlay,
     predict_probability,
+    segment_image,
     segmentation_metrics,
     stitch_tiles,
     summary_features,
@@ -146,3 +147,24 @@ def test_overlay_tints_only_the_foreground():
     assert picture.shape == (2, 2, 3)
     np.testing.assert_array_equal(picture[0, 1], [128, 128, 128])
     np.testing.assert_array_equal(picture[0, 0], [191, 64, 64])
+
+
+def test_the_serving_path_gives_the_mask_and_features_of_the_whole_image_path():
+    """segment_image (tile by tile, uint8 in) = binary_mask + summary_features of predict_probability."""
+    rng = np.random.default_rng(5)
+    u8 = rng.integers(0, 256, (300, 517), dtype=np.uint8)
+
+    def run(batch):  # a deterministic stand-in for the U-Net: a smooth function of the tile
+        return 1.0 / (1.0 + np.exp(-(batch - 0.5) * 6.0))
+
+    gray = to_grayscale(Image.fromarray(u8))
+    probability = predict_probability(gray, run, tile=96, margin=16, batch_size=1)
+    expected_mask = binary_mask(probability, 0.45)
+    expected = summary_features(gray, probability, 0.45)
+    got = segment_image(u8, run, threshold=0.45, tile=96, margin=16)
+    np.testing.assert_array_equal(got.mask, expected_mask)
+    assert got.features.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got.features[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    floats = segment_image(gray, run, threshold=0.45, tile=96, margin=16)
+    np.testing.assert_array_equal(floats.mask, expected_mask)

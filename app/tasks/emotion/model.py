@@ -33,7 +33,9 @@ class EmotionModel(ServedModel):
         stored = self.metadata.get("params", {}).get("preprocessing", {})
         names = {f.name for f in fields(FeatureParams)}
         self.params = FeatureParams(**{k: v for k, v in stored.items() if k in names})
-        self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads)
+        # 8 windows (12 s of audio) per call bound the interpreter's arena; a minute is 39 windows.
+        self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads,
+                                   max_batch=8)
         expected = (self.params.n_frames, self.params.n_mfcc)
         if tuple(self.runner.input_shape[1:]) != expected:
             raise ValueError(f"model input {self.runner.input_shape} does not match the "

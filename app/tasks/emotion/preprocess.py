@@ -178,16 +178,39 @@ def _analysis_window(params: FeatureParams) -> np.ndarray:
     return np.pad(window, (left, params.n_fft - params.win_length - left))
 
 
-def power_spectrogram(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
-    """``|STFT|^2`` as ``(1 + n_fft // 2, frames)``: centred frames, zero padding, float64."""
+def _frames(waveform: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """Centred, zero-padded analysis frames ``(frames, n_fft)`` as a view (no copy), float64."""
     y = np.asarray(waveform, dtype=np.float64)
     pad = params.n_fft // 2
     y = np.pad(y, (pad, pad), mode="constant")
     if y.size < params.n_fft:
         raise ValueError(f"waveform too short for n_fft={params.n_fft}")
-    frames = np.lib.stride_tricks.sliding_window_view(y, params.n_fft)[::params.hop_length]
+    return np.lib.stride_tricks.sliding_window_view(y, params.n_fft)[::params.hop_length]
+
+
+def _power(frames: np.ndarray, params: FeatureParams) -> np.ndarray:
     spectrum = np.fft.rfft(frames * _analysis_window(params), n=params.n_fft, axis=-1)
     return (spectrum.real ** 2 + spectrum.imag ** 2).T
+
+
+def power_spectrogram(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
+    """``|STFT|^2`` as ``(1 + n_fft // 2, frames)``: centred frames, zero padding, float64."""
+    return _power(_frames(waveform, params), params)
+
+
+MEL_CHUNK_FRAMES = 512  # frames per FFT pass: a minute of audio never needs its whole spectrogram
+
+
+def mel_power(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
+    """Mel power spectrogram ``(n_mels, frames)``, computed 512 frames at a time (the same values
+    as the mel basis applied to :func:`power_spectrogram`, in a fraction of the memory)."""
+    frames = _frames(waveform, params)
+    basis = _mel_basis(params).astype(np.float64)
+    out = np.empty((params.n_mels, frames.shape[0]), dtype=np.float64)
+    for start in range(0, frames.shape[0], MEL_CHUNK_FRAMES):
+        chunk = frames[start:start + MEL_CHUNK_FRAMES]
+        out[:, start:start + chunk.shape[0]] = basis @ _power(chunk, params)
+    return out
 
 
 def power_to_db(power: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
@@ -198,7 +221,7 @@ def power_to_db(power: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarr
 
 def mfcc(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
     """MFCCs ``(n_mfcc, frames)`` of a mono waveform at ``params.sample_rate`` (librosa-equal)."""
-    mel = _mel_basis(params).astype(np.float64) @ power_spectrogram(waveform, params)
+    mel = mel_power(waveform, params)
     return scipy.fft.dct(power_to_db(mel, params), axis=-2, type=2, norm="ortho")[:params.n_mfcc]
 
 

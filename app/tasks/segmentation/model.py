@@ -7,7 +7,14 @@ import numpy as np
 from app.core.execution import checkpoint
 from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
-from app.tasks.segmentation.preprocess import MARGIN, THRESHOLD, TILE, predict_probability
+from app.tasks.segmentation.preprocess import (
+    MARGIN,
+    THRESHOLD,
+    TILE,
+    TiledSegmentation,
+    predict_probability,
+    segment_image,
+)
 
 # One tile per interpreter call: the interpreter's activation arena grows with the batch (RSS after a
 # 512 x 512 image: 204 MiB at 1 tile per call, 290 at 2, 368 at 4; 16 peaked at 1.2 GB), and batching
@@ -43,6 +50,11 @@ class SegmentationModel(ServedModel):
         """Membrane probability (H, W) for a normalised grayscale image of any size."""
         return predict_probability(gray, self.predict, tile=self.tile, margin=self.margin,
                                    batch_size=TILES_PER_CALL)
+
+    def segment(self, gray: np.ndarray, threshold: float) -> TiledSegmentation:
+        """Mask and summary features of a uint8 or float image, tile by tile (the serving path)."""
+        return segment_image(gray, self.predict, threshold=threshold, tile=self.tile,
+                             margin=self.margin)
 
 
 MODEL_CLASS = SegmentationModel

@@ -30,6 +30,15 @@ THRESHOLD = 0.5
 MAX_SIDE = 2048
 
 
+def to_gray_u8(image: Image.Image) -> np.ndarray | None:
+    """The image as uint8 luma (H, W) when it is 8-bit (L, RGB, palette...), else ``None``: the
+    serving path keeps 8-bit images at a quarter of the memory and scales each tile as
+    :func:`to_grayscale` would (``/ 255.0`` in float32: the same values)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return None
+    return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+
+
 def to_grayscale(image: Image.Image) -> np.ndarray:
     """A Pillow image of any mode -> float32 array (H, W) in [0, 1].
 
@@ -208,3 +217,62 @@ def predict_probability(gray: np.ndarray, run, *, tile: int = TILE, margin: int 
         for (y, x), tile_prediction in zip(chunk, prediction, strict=True):
             out[y:y + s, x:x + s] = tile_prediction[margin:margin + s, margin:margin + s]
     return out[:layout.height, :layout.width]
+
+
+@dataclass
+class TiledSegmentation:
+    """What the server needs of one image: the uint8 mask and the summary features."""
+
+    mask: np.ndarray
+    features: dict[str, float]
+
+
+def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
+                  margin: int = MARGIN) -> TiledSegmentation:
+    """:func:`binary_mask` of :func:`predict_probability` plus :func:`summary_features`, in bounded
+    memory: tile by tile, the mask is written and the statistics accumulated as each tile comes
+    back, so no full-size probability map (16 MB for 2048 x 2048) or temporary is ever made.
+
+    ``gray`` is uint8 (scaled by 1/255 tile by tile, as :func:`to_grayscale` scales) or float32 in
+    [0, 1]. ``run`` maps one tile batch (1, tile, tile, 1) to probabilities; it may raise to stop.
+    """
+    height, width = int(gray.shape[0]), int(gray.shape[1])
+    layout = TileLayout(height, width, tile, margin)
+    padded = layout.pad(np.asarray(gray))
+    s = layout.stride
+    mask = np.empty((height, width), dtype=np.uint8)
+    n = float(height * width)
+    foreground = probability_sum = certainty_sum = 0.0
+    for y, x in layout.origins():
+        window = padded[y:y + tile, x:x + tile]
+        if window.dtype == np.uint8:
+            window = window.astype(np.float32) / 255.0
+        prediction = np.asarray(run(np.asarray(window, dtype=np.float32)[None, ..., None]),
+                                dtype=np.float32).reshape(tile, tile)
+        rows, cols = min(s, height - y), min(s, width - x)
+        kept = prediction[margin:margin + rows, margin:margin + cols]
+        above = kept >= threshold
+        mask[y:y + rows, x:x + cols] = np.where(above, 255, 0)
+        foreground += float(np.count_nonzero(above))
+        probability_sum += float(kept.sum(dtype=np.float64))
+        certainty_sum += float((np.abs(kept - 0.5) * 2.0).sum(dtype=np.float64))
+    mean, std = _mean_std(gray)
+    features = {
+        "image_mean": mean, "image_std": std, "width": float(width), "height": float(height),
+        "foreground_fraction": foreground / n, "mean_probability": probability_sum / n,
+        "mean_certainty": certainty_sum / n,
+    }
+    return TiledSegmentation(mask, features)
+
+
+def _mean_std(gray: np.ndarray, rows: int = 256) -> tuple[float, float]:
+    """Mean and standard deviation of the image in [0, 1], a block of rows at a time."""
+    scale = 255.0 if gray.dtype == np.uint8 else 1.0
+    total = squares = 0.0
+    for start in range(0, gray.shape[0], rows):
+        block = gray[start:start + rows].astype(np.float64) / scale
+        total += float(block.sum())
+        squares += float(np.square(block).sum())
+    n = gray.size
+    mean = total / n
+    return mean, float(np.sqrt(max(0.0, squares / n - mean * mean)))

@@ -19,13 +19,7 @@ from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
 from app.tasks.segmentation.model import SegmentationModel
-from app.tasks.segmentation.preprocess import (
-    MAX_SIDE,
-    binary_mask,
-    overlay,
-    summary_features,
-    to_grayscale,
-)
+from app.tasks.segmentation.preprocess import MAX_SIDE, overlay, to_gray_u8, to_grayscale
 from app.tasks.segmentation.schemas import MaskFormat, SegmentationResult
 
 router = APIRouter(prefix="/v1/segmentation", tags=["segmentation"])
@@ -52,18 +46,18 @@ def segment(data: bytes, model: SegmentationModel, threshold: float, max_pixels:
                            f"each side may be at most {MAX_SIDE}.", field="image", max_side=MAX_SIDE)
     image = load_image(image, "image")
     started = time.perf_counter()
-    gray = to_grayscale(image)
+    gray = to_gray_u8(image)
+    if gray is None:  # 16-bit or float images keep their precision
+        gray = to_grayscale(image)
     del image
-    probability = model.probability(gray)
-    mask = binary_mask(probability, threshold)
-    features = summary_features(gray, probability, threshold)
-    del probability
+    result = model.segment(gray, threshold)
     compute_ms = (time.perf_counter() - started) * 1000.0
     if output_format is MaskFormat.overlay:
-        picture = png_bytes(overlay(gray, mask))
+        scaled = gray.astype(np.float32) / 255.0 if gray.dtype == np.uint8 else gray
+        picture = png_bytes(overlay(scaled, result.mask))
     else:
-        picture = png_bytes(Image.fromarray(mask, mode="L"))
-    return Segmentation(mask, features, compute_ms, picture)
+        picture = png_bytes(Image.fromarray(result.mask, mode="L"))
+    return Segmentation(result.mask, result.features, compute_ms, picture)
 
 
 def png_bytes(image: Image.Image) -> bytes:
