@@ -30,6 +30,7 @@ CLUSTERING_MAX_ROWS = 10_000
 FIT_MAX_ROWS = 10_000
 FIT_MAX_COLUMNS = 50
 FIT_MAX_K = 20
+CLUSTERING_MAX_MAGNITUDE = 1e100  # larger values overflow when squared (distances, variances)
 PALETTE_COLOURS = (2, 16)
 PALETTE_WORKING_PIXELS = 1024 * 1024  # larger images are shrunk first: 50 000 pixels are sampled anyway
 
@@ -80,6 +81,8 @@ def limits(settings: Settings) -> list[Limit]:
               "422 `invalid-request`"),
         Limit("clustering fit", "rows x columns, k", f"<= {FIT_MAX_ROWS:,} x {FIT_MAX_COLUMNS}, "
               f"k 2-{FIT_MAX_K}", "422 `invalid-request`"),
+        Limit("clustering predict and fit", "magnitude of any value", f"<= {CLUSTERING_MAX_MAGNITUDE:g}",
+              "422 `value-out-of-range`"),
         Limit("clustering palette", "colours", f"{PALETTE_COLOURS[0]}-{PALETTE_COLOURS[1]}",
               "422 `invalid-request`"),
         Limit("per worker", f"concurrent {light[3]} (running + waiting)", f"{light[0]} + {light[1]}",

@@ -22,7 +22,14 @@ import pytest
 from PIL import Image
 
 from bench.liveserver import LiveServer, MemorySampler, running_server
-from tests.hostile import big_digit_png, flac_dc, flat_png, jpeg_scans, tiff_pages, wav_noise
+from tests.hostile import (
+    big_digit_png,
+    flac_dc,
+    flat_png,
+    jpeg_scans,
+    tiff_pages,
+    wav_noise,
+)
 from tests.support import MODELS, SHARED_DATA
 
 MAX_SECONDS = 10.0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
-
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -111,3 +112,33 @@ def test_metrics_are_prometheus_text(empty_client):
     response = empty_client.get("/metrics")
     assert response.status_code == 200
     assert "http_requests_total" in response.text
+
+
+def test_an_unexpected_error_is_one_json_log_line_with_the_request_id_and_a_500_problem(
+        tmp_path, capsys):
+    app = create_app(Settings(models_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path / 'l.db'}"))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug\nspanning lines")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == "internal-error" and "a bug" not in json.dumps(problem)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "unhandled error" in line]
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["request_id"] == problem["request_id"] == response.headers["x-request-id"]
+    assert "RuntimeError: a bug" in entry["exc"] and "Traceback" in entry["exc"]
+
+
+def test_the_readme_shows_the_limits_the_code_enforces():
+    from app.core.limits import limits_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = readme.split("<!-- limits:start -->")[1].split("<!-- limits:end -->")[0].strip()
+    assert shown == limits_markdown(Settings()), "run python -m app.core.limits and paste the table"

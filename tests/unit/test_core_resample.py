@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from app.core.codecs.resample import MAX_RATIO_TERM, StreamingResampler, resampling_ratio
+from app.core.codecs.resample import (
+    MAX_RATIO_TERM,
+    StreamingResampler,
+    resampling_ratio,
+)
 
 
 def stream(x: np.ndarray, orig: int, target: int, rng: np.random.Generator) -> np.ndarray:

@@ -30,13 +30,13 @@ import numpy as np
 from app.core.codecs.resample import StreamingResampler
 from app.core.errors import ProblemError
 from app.core.execution import checkpoint
+from app.core.limits import AUDIO_SAMPLE_RATES, MAX_AUDIO_CHANNELS, MIN_AUDIO_SECONDS
 
 log = logging.getLogger("app.codecs.audio")
 
 SUPPORTED_FORMATS = ("WAV", "FLAC", "OGG/Vorbis", "OGG/Opus", "MP3", "WebM/Opus", "M4A/AAC")
-MIN_SAMPLE_RATE = 8_000
-MAX_SAMPLE_RATE = 192_000
-MAX_CHANNELS = 32
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = AUDIO_SAMPLE_RATES
+MAX_CHANNELS = MAX_AUDIO_CHANNELS
 SILENCE_RMS_DBFS = -60.0   # quieter than this over the whole clip: nothing to classify
 _BLOCK_FRAMES = 65_536
 
@@ -178,7 +178,7 @@ def _decode_pyav(data: bytes, field: str, max_seconds: float, target_rate: int) 
 
 
 def decode_audio(data: bytes, field: str, *, max_seconds: float, target_rate: int,
-                 min_seconds: float = 0.3) -> np.ndarray:
+                 min_seconds: float = MIN_AUDIO_SECONDS) -> np.ndarray:
     """Decode an uploaded audio file to a mono float32 waveform in [-1, 1] at ``target_rate``.
 
     Raises :class:`ProblemError` for anything that is not a usable clip of ``min_seconds`` to

@@ -21,7 +21,7 @@ from app.core.codecs.image import load_image, open_image
 from app.core.config import Settings, get_settings
 from app.core.errors import ProblemError
 from app.core.execution import checkpoint, execution_of
-from app.core.limits import PALETTE_WORKING_PIXELS
+from app.core.limits import CLUSTERING_MAX_MAGNITUDE, PALETTE_WORKING_PIXELS
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
@@ -107,8 +107,7 @@ class Segmentation:
     compute_ms: float
 
 
-# Values this large overflow when squared (distances, variances); no real feature comes near them.
-MAX_MAGNITUDE = 1e100
+MAX_MAGNITUDE = CLUSTERING_MAX_MAGNITUDE
 
 
 def out_of_range(field: str) -> ProblemError:

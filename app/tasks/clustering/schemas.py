@@ -10,10 +10,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_ROWS = 10_000
-MAX_COLUMNS = 50
-MAX_K = 20
-MIN_COLOURS, MAX_COLOURS, DEFAULT_COLOURS = 2, 16, 5
+from app.core.limits import CLUSTERING_MAX_ROWS as MAX_ROWS
+from app.core.limits import FIT_MAX_COLUMNS as MAX_COLUMNS
+from app.core.limits import FIT_MAX_K as MAX_K
+from app.core.limits import FIT_MAX_ROWS, PALETTE_COLOURS
+
+MIN_COLOURS, MAX_COLOURS = PALETTE_COLOURS
+DEFAULT_COLOURS = 5
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 StrictInt = Annotated[int, Field(strict=True)]
@@ -52,8 +55,8 @@ class FitRequest(BaseModel):
                       "k": None, "k_min": 2, "k_max": 4, "scale": True}]})
 
     data: list[Annotated[list[FiniteNumber], Field(min_length=1, max_length=MAX_COLUMNS)]] = Field(
-        min_length=1, max_length=MAX_ROWS,
-        description=f"rows of numbers, all the same length (at most {MAX_ROWS} x {MAX_COLUMNS})")
+        min_length=1, max_length=FIT_MAX_ROWS,
+        description=f"rows of numbers, all the same length (at most {FIT_MAX_ROWS} x {MAX_COLUMNS})")
     k: StrictInt | None = Field(None, ge=2, le=MAX_K, description="fixed k; null: choose by silhouette")
     k_min: StrictInt = Field(2, ge=2, le=MAX_K)
     k_max: StrictInt = Field(10, ge=2, le=MAX_K)

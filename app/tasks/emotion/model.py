@@ -8,7 +8,12 @@ import numpy as np
 
 from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
-from app.tasks.emotion.preprocess import FeatureParams, clip_windows, prepare_waveform, rms_db
+from app.tasks.emotion.preprocess import (
+    FeatureParams,
+    clip_windows,
+    prepare_waveform,
+    rms_db,
+)
 
 # Windows this much quieter than the loudest window (pauses, trailing silence) are not scored:
 # the model never saw silence-only windows, and averaging them in only adds noise.

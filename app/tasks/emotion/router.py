@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, File, Request, UploadFile
+
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
 from app.core.execution import execution_of
 from app.core.registry import model_dependency

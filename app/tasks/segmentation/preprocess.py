@@ -25,9 +25,6 @@ from PIL import Image
 TILE = 320
 MARGIN = 32
 THRESHOLD = 0.5
-# Documented limit: 2048 x 2048. A 4096 x 4096 image took ~27 s on a loaded 2-core machine, past the
-# 25 s worker timeout (Heroku cuts at 30 s); 2048 x 2048 takes ~7 s there.
-MAX_SIDE = 2048
 
 
 def to_gray_u8(image: Image.Image) -> np.ndarray | None:

@@ -12,14 +12,16 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from PIL import Image
+
 from app.core.codecs.image import load_image, open_image
 from app.core.errors import ProblemError
 from app.core.execution import execution_of
+from app.core.limits import SEGMENTATION_MAX_SIDE as MAX_SIDE
 from app.core.registry import model_dependency
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
 from app.tasks.segmentation.model import SegmentationModel
-from app.tasks.segmentation.preprocess import MAX_SIDE, overlay, to_gray_u8, to_grayscale
+from app.tasks.segmentation.preprocess import overlay, to_gray_u8, to_grayscale
 from app.tasks.segmentation.schemas import MaskFormat, SegmentationResult
 
 router = APIRouter(prefix="/v1/segmentation", tags=["segmentation"])
