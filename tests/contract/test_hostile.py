@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from bench.liveserver import LiveServer, MemorySampler, running_server
-from tests.hostile import (
+from bench.hostile_inputs import (
     big_digit_png,
     flac_dc,
     flat_png,
