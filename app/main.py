@@ -12,15 +12,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from app.core.config import Settings, get_settings
-from app.core.errors import install_error_handlers, problem_response
+from app.core.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
 from app.core.execution import build_execution
 from app.core.limits import MAX_IN_FLIGHT
 from app.core.logging import configure_logging, native_stderr_as_log
 from app.core.middleware import RequestContextMiddleware
+from app.core.pipeline import REGISTERED
 from app.core.registry import ModelRegistry, ModelSlot
+from app.core.schemas import Problem
 from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.metrics import render_metrics
 from app.monitoring.router import router as monitoring_router
@@ -114,7 +117,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if s.router is not None:
             app.include_router(s.router)
     app.include_router(monitoring_router)
+    app.openapi = lambda: contract(app)  # type: ignore[method-assign]
     return app
+
+
+def contract(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document: FastAPI's, plus the request schemas the pipeline reads itself, the
+    ``Problem`` schema on every error answer, and no framework validation-error shapes."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for endpoint in REGISTERED:
+        if endpoint.json_schema is not None:
+            model_schema = endpoint.json_schema.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[endpoint.json_schema.__name__] = model_schema
+    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["Problem"] = problem
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    app.openapi_schema = schema
+    return schema
 
 
 app = create_app()

@@ -81,6 +81,22 @@ def _field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
+def problem_from_validation(errors: list[dict[str, Any]]) -> ProblemError:
+    """A pydantic validation error as the problem a client can act on: 400 for JSON that cannot be
+    parsed, else 422 naming the first field (and listing up to 20)."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = _field_from_loc(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        return ProblemError(400, "malformed-json", f"The body is not valid JSON: {first.get('msg')}.",
+                            field="body")
+    if first.get("type") == "missing" and field == "body":
+        return ProblemError(422, "empty-body", "The request body is empty.", field="body")
+    detail = f"{field}: {first.get('msg', 'invalid value')}"
+    issues = [{"field": _field_from_loc(e.get("loc", ())), "message": e.get("msg", "")}
+              for e in errors[:20]]
+    return ProblemError(422, "invalid-request", detail, field=field, errors=issues)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
@@ -89,19 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        field = _field_from_loc(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
-            return problem_response(request, 400, "malformed-json",
-                                    f"The body is not valid JSON: {first.get('msg')}.", field="body")
-        if first.get("type") == "missing" and field == "body":
-            return problem_response(request, 422, "empty-body", "The request body is empty.",
-                                    field="body")
-        detail = f"{field}: {first.get('msg', 'invalid value')}"
-        issues = [{"field": _field_from_loc(e.get("loc", ())), "message": e.get("msg", "")}
-                  for e in errors[:20]]
-        return problem_response(request, 422, "invalid-request", detail, field=field, errors=issues)
+        problem = problem_from_validation(list(exc.errors()))
+        return problem_response(request, problem.status, problem.code, problem.detail,
+                                field=problem.field, **problem.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

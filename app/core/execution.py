@@ -146,9 +146,9 @@ class Gate:
             self._semaphore = asyncio.Semaphore(self.spec.concurrency)
         return self._semaphore
 
-    async def acquire(self, deadline: Deadline) -> None:
-        semaphore = self._sem()
-        if semaphore.locked():
+    def enter(self, deadline: Deadline) -> None:
+        """Take a place in the queue, or refuse at once (503) when there is none worth having."""
+        if self.running >= self.spec.concurrency or self.waiting:
             full = self.waiting >= self.spec.queue
             wait = self.expected_wait()
             if full or wait + self.job_seconds > deadline.remaining():
@@ -162,6 +162,14 @@ class Gate:
                     headers={"Retry-After": str(max(1, min(30, round(wait or 2))))},
                     gate=self.spec.name)
         self.waiting += 1
+
+    def leave(self) -> None:
+        """Give the queue place back without having run (the request failed before its work)."""
+        self.waiting -= 1
+
+    async def start(self, deadline: Deadline) -> None:
+        """Wait for a free slot (holding a queue place from :meth:`enter`)."""
+        semaphore = self._sem()
         try:
             # Wait in short steps: once the jobs ahead show that this one could not finish before
             # its deadline, give up at once instead of waiting to fail.
@@ -176,6 +184,10 @@ class Gate:
         finally:
             self.waiting -= 1
         self.running += 1
+
+    async def acquire(self, deadline: Deadline) -> None:
+        self.enter(deadline)
+        await self.start(deadline)
 
     def release(self) -> None:
         self.running -= 1
@@ -214,49 +226,15 @@ class Execution:
             deadline = state["deadline"] = Deadline(self.timeout_s)
         return deadline
 
+    def ticket(self, request: Request, gate_name: str) -> Ticket:
+        """A place in the gate's queue, taken (or refused with a 503) before the request's body is
+        read, so a full worker refuses without reading uploads it would never process."""
+        return Ticket(self, request, self.gates[gate_name])
+
     async def run(self, request: Request, gate_name: str, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the gate's pool within the request's deadline (see module doc)."""
-        gate = self.gates[gate_name]
-        deadline = self.deadline(request)
-        if deadline.remaining() <= 0:
-            raise deadline_problem(deadline.seconds)
-        await gate.acquire(deadline)
-        token = object()
-        try:
-            if gate.pace() >= deadline.remaining():
-                # It waited its turn, but at the gate's recent pace it could not finish in time.
-                raise deadline_problem(deadline.seconds)
-            context = contextvars.copy_context()
-            context.run(_deadline.set, deadline)
-            loop = asyncio.get_running_loop()
-            started = gate.started[id(token)] = time.monotonic()
-
-            def finished(future: asyncio.Future) -> None:
-                gate.started.pop(id(token), None)
-                if not future.cancelled() and future.exception() is None:  # stopped or refused
-                    gate.record(time.monotonic() - started)  # jobs say nothing about the pace
-
-            job = loop.run_in_executor(gate.executor, functools.partial(context.run, fn, *args))
-            job.add_done_callback(finished)
-            watcher = asyncio.ensure_future(_client_gone(request))
-            try:
-                done, _ = await asyncio.wait({job, watcher}, timeout=deadline.remaining(),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if job not in done:
-                    deadline.cancel("client-disconnected" if watcher in done else "deadline")
-            finally:
-                watcher.cancel()
-            try:
-                # The thread stops at its next checkpoint; the gate is only released once it has,
-                # so the memory and CPU a gate bounds really are bounded.
-                return await asyncio.shield(job)
-            except Cancelled as exc:
-                if exc.reason == "client-disconnected":
-                    log.info("request stopped: client went away",
-                             extra={"request_id": request.scope.get("state", {}).get("request_id")})
-                raise deadline_problem(deadline.seconds) from None
-        finally:
-            gate.release()
+        async with self.ticket(request, gate_name) as ticket:
+            return await ticket.run(fn, *args)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: gate.status() for name, gate in self.gates.items()}
@@ -268,6 +246,73 @@ class Execution:
     def shutdown(self) -> None:
         for gate in self.gates.values():
             gate.shutdown()
+
+
+class Ticket:
+    """``async with execution.ticket(request, "heavy") as ticket: ... await ticket.run(fn, job)``"""
+
+    def __init__(self, execution: Execution, request: Request, gate: Gate) -> None:
+        self.request = request
+        self.gate = gate
+        self.deadline = execution.deadline(request)
+        self._state = "new"
+
+    async def __aenter__(self) -> Ticket:
+        if self.deadline.remaining() <= 0:
+            raise deadline_problem(self.deadline.seconds)
+        self.gate.enter(self.deadline)
+        self._state = "queued"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._state == "queued":
+            self.gate.leave()
+        elif self._state == "running":
+            self.gate.release()
+        self._state = "done"
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        gate, deadline, request = self.gate, self.deadline, self.request
+        self._state = "starting"
+        try:
+            await gate.start(deadline)
+        except BaseException:
+            self._state = "done"  # start() gave the queue place back
+            raise
+        self._state = "running"
+        if gate.pace() >= deadline.remaining():
+            # It waited its turn, but at the gate's recent pace it could not finish in time.
+            raise deadline_problem(deadline.seconds)
+        context = contextvars.copy_context()
+        context.run(_deadline.set, deadline)
+        loop = asyncio.get_running_loop()
+        token = object()
+        started = gate.started[id(token)] = time.monotonic()
+
+        def finished(future: asyncio.Future) -> None:
+            gate.started.pop(id(token), None)
+            if not future.cancelled() and future.exception() is None:  # stopped or refused
+                gate.record(time.monotonic() - started)  # jobs say nothing about the pace
+
+        job = loop.run_in_executor(gate.executor, functools.partial(context.run, fn, *args))
+        job.add_done_callback(finished)
+        watcher = asyncio.ensure_future(_client_gone(request))
+        try:
+            done, _ = await asyncio.wait({job, watcher}, timeout=deadline.remaining(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job not in done:
+                deadline.cancel("client-disconnected" if watcher in done else "deadline")
+        finally:
+            watcher.cancel()
+        try:
+            # The thread stops at its next checkpoint; the gate is only released once it has,
+            # so the memory and CPU a gate bounds really are bounded.
+            return await asyncio.shield(job)
+        except Cancelled as exc:
+            if exc.reason == "client-disconnected":
+                log.info("request stopped: client went away",
+                         extra={"request_id": request.scope.get("state", {}).get("request_id")})
+            raise deadline_problem(deadline.seconds) from None
 
 
 def build_execution(settings: Any) -> Execution:

@@ -25,6 +25,9 @@ MAX_AUDIO_CHANNELS = 32
 
 # ---- per task --------------------------------------------------------------------------------
 DIGITS_MAX_INSTANCES = 256
+EMOTION_MAX_INSTANCES = 8
+SEGMENTATION_MAX_INSTANCES = 4  # with format=json; png and overlay answer one image
+PALETTE_MAX_INSTANCES = 4
 SEGMENTATION_MAX_SIDE = 2048  # 2048 x 2048 takes ~7 s on one core; 4096 x 4096 would pass the timeout
 CLUSTERING_MAX_ROWS = 10_000
 FIT_MAX_ROWS = 10_000
@@ -75,7 +78,11 @@ def limits(settings: Settings) -> list[Limit]:
               "422 `unsupported-sample-rate`"),
         Limit("audio", "channels (mixed down to mono)", f"1-{MAX_AUDIO_CHANNELS}",
               "422 `unsupported-channels`"),
-        Limit("digits", "instances per request", f"1-{DIGITS_MAX_INSTANCES}", "422 `too-many-instances`"),
+        Limit("digits", "images or instances per request", f"1-{DIGITS_MAX_INSTANCES}",
+              "422 `too-many-instances`"),
+        Limit("emotion", "clips per request", f"1-{EMOTION_MAX_INSTANCES}", "422 `too-many-instances`"),
+        Limit("segmentation", "images per request", f"1 (png, overlay), 1-{SEGMENTATION_MAX_INSTANCES} (json)",
+              "422 `too-many-instances`"),
         Limit("segmentation", "image side", f"<= {SEGMENTATION_MAX_SIDE} px", "413 `image-too-large`"),
         Limit("clustering predict", "rows per request", f"1-{CLUSTERING_MAX_ROWS:,}",
               "422 `invalid-request`"),
@@ -83,6 +90,8 @@ def limits(settings: Settings) -> list[Limit]:
               f"k 2-{FIT_MAX_K}", "422 `invalid-request`"),
         Limit("clustering predict and fit", "magnitude of any value", f"<= {CLUSTERING_MAX_MAGNITUDE:g}",
               "422 `value-out-of-range`"),
+        Limit("clustering palette", "images per request", f"1-{PALETTE_MAX_INSTANCES}",
+              "422 `too-many-instances`"),
         Limit("clustering palette", "colours", f"{PALETTE_COLOURS[0]}-{PALETTE_COLOURS[1]}",
               "422 `invalid-request`"),
         Limit("per worker", f"concurrent {light[3]} (running + waiting)", f"{light[0]} + {light[1]}",

@@ -46,7 +46,8 @@ def test_predict_returns_cluster_segment_and_distances_per_instance(client):
     for p in body["predictions"]:
         assert len(p["distances"]) == 5
         assert p["distance"] == min(p["distances"]) == p["distances"][p["cluster"]]
-        assert body["segments"][p["cluster"]] == p["segment"]
+    assert response.headers["x-model-version"] == body["version"]
+    assert response.headers["x-request-id"] == body["request_id"]
 
 
 @pytest.mark.parametrize(("instance", "field", "code"), [
@@ -93,7 +94,8 @@ def test_predict_accepts_ten_thousand_instances(client):
 def test_fit_on_the_mall_data_chooses_five_clusters_by_silhouette(client):
     response = client.post("/v1/clustering/fit", json={"data": mall_rows(), "k": None})
     assert response.status_code == 200, response.text
-    body = response.json()
+    assert (response.json()["model"], response.json()["version"]) == ("clustering-fit", "1.0.0")
+    (body,) = response.json()["predictions"]
     assert body["k"] == 5 and body["selection"] == "silhouette" and body["elbow_k"] == 5
     assert body["silhouette"] == pytest.approx(0.5547, abs=2e-3)
     assert [p["k"] for p in body["elbow"]] == list(range(2, 11))
@@ -105,7 +107,7 @@ def test_fit_on_the_mall_data_chooses_five_clusters_by_silhouette(client):
 
 
 def test_fit_with_a_requested_k_fits_that_k(client):
-    body = client.post("/v1/clustering/fit", json={"data": mall_rows(), "k": 3, "scale": False}).json()
+    (body,) = client.post("/v1/clustering/fit", json={"data": mall_rows(), "k": 3, "scale": False}).json()["predictions"]
     assert body["k"] == 3 and body["selection"] == "requested" and body["scaled"] is False
     assert [p["k"] for p in body["elbow"]] == [3]
 
@@ -151,7 +153,7 @@ def test_palette_of_a_three_colour_image_returns_the_colours_and_their_fractions
     response = client.post("/v1/clustering/palette", data={"colors": "3"},
                            files={"image": ("flag.png", png(three_colour_image()), "image/png")})
     assert response.status_code == 200, response.text
-    assert [(c["hex"], c["rgb"], c["fraction"]) for c in response.json()["colors"]] == [
+    assert [(c["hex"], c["rgb"], c["fraction"]) for c in response.json()["predictions"][0]["colors"]] == [
         ("#e62828", [230, 40, 40], 0.5), ("#145ac8", [20, 90, 200], 0.3), ("#fadc1e", [250, 220, 30], 0.2)]
 
 
@@ -160,14 +162,14 @@ def test_palette_ignores_transparent_pixels(client):
     rgba[:, :4] = (10, 200, 10, 255)
     rgba[:, 4:] = (200, 10, 10, 0)   # fully transparent red: not part of the palette
     response = client.post("/v1/clustering/palette", files={"image": ("a.png", png(rgba), "image/png")})
-    assert response.json()["colors"] == [{"hex": "#0ac80a", "rgb": [10, 200, 10], "fraction": 1.0}]
+    assert response.json()["predictions"][0]["colors"] == [{"hex": "#0ac80a", "rgb": [10, 200, 10], "fraction": 1.0}]
 
 
 def test_palette_is_deterministic_for_the_same_image(client):
     photo = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
     files = {"image": ("noise.png", png(photo), "image/png")}
-    first = client.post("/v1/clustering/palette", files=files, data={"colors": "7"}).json()["colors"]
-    second = client.post("/v1/clustering/palette", files=files, data={"colors": "7"}).json()["colors"]
+    first = client.post("/v1/clustering/palette", files=files, data={"colors": "7"}).json()["predictions"][0]["colors"]
+    second = client.post("/v1/clustering/palette", files=files, data={"colors": "7"}).json()["predictions"][0]["colors"]
     assert first == second and len(first) == 7
 
 
@@ -182,13 +184,15 @@ def test_palette_rejects_corrupt_unknown_empty_and_transparent_images(client):
     data = png(three_colour_image())
     post = client.post
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", data[:100], "image/png")}),
-                   422, "image")
+                   422, "image[0]")
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.txt", b"not an image", "text/plain")}),
-                   415, "image")
-    assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", b"", "image/png")}), 422, "image")
+                   415, "image[0]")
+    assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", b"", "image/png")}), 422, "image[0]")
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", png(np.zeros((4, 4, 4), np.uint8)),
-                                                                   "image/png")}), 422, "image")
-    assert_problem(post("/v1/clustering/palette", data={"colors": "3"}), 422, "image")
+                                                                   "image/png")}), 422, "image[0]")
+    assert_problem(post("/v1/clustering/palette", data={"colors": "3"}, files={"photo": ("a.png", data, "image/png")}),
+                   422, "image")
+    assert_problem(post("/v1/clustering/palette", data={"colors": "3"}), 415, "content-type")  # no file at all
 
 
 # --- monitoring ----------------------------------------------------------------------------------------

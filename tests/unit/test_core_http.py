@@ -102,7 +102,7 @@ def test_streamed_body_over_the_limit_is_413(empty_client):
         for _ in range(40):
             yield b"x" * 65536
 
-    response = empty_client.post("/v1/clustering/predict", content=chunks(),
+    response = empty_client.post("/v1/feedback", content=chunks(),
                                  headers={"content-type": "application/json"})
     assert response.status_code == 413
 

@@ -89,8 +89,9 @@ def test_endpoint_classifies_a_png_upload(client, mnist_test):
     assert body["model"] == "digits" and body["version"] == committed_version("digits").name
     assert body["request_id"] == response.headers["x-request-id"]
     (prediction,) = body["predictions"]
-    assert prediction["digit"] == mnist_test[1][0] == 7
-    assert prediction["confidence"] == max(prediction["probabilities"])
+    assert prediction["digit"] == mnist_test[1][0] == 7 and prediction["label"] == "7"
+    assert prediction["confidence"] == max(prediction["probabilities"].values())
+    assert list(prediction["probabilities"]) == [str(d) for d in range(10)]
 
 
 def test_endpoint_refuses_other_media_types(client):
@@ -100,11 +101,13 @@ def test_endpoint_refuses_other_media_types(client):
     assert response.json()["field"] == "content-type"
 
 
-def test_docs_describe_both_request_shapes(client):
-    operation = client.get("/openapi.json").json()["paths"]["/v1/digits/predict"]["post"]
+def test_docs_describe_every_request_shape(client):
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/digits/predict"]["post"]
     content = operation["requestBody"]["content"]
-    assert set(content) == {"multipart/form-data", "application/json"}
-    instances = content["application/json"]["schema"]["properties"]["instances"]
-    assert instances["maxItems"] == 256
-    assert {"pixels", "image_b64"} == {key for option in instances["items"]["anyOf"]
-                                       for key in option["properties"]}
+    assert set(content) == {"multipart/form-data", "application/json", "image/*"}
+    files = content["multipart/form-data"]["schema"]["properties"]["image"]
+    assert (files["maxItems"], files["items"]["format"]) == (256, "binary")
+    request = spec["components"]["schemas"][content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert request["properties"]["instances"]["maxItems"] == 256
+    assert operation["operationId"] == "digits_predict"

@@ -71,12 +71,14 @@ def test_predict_answers_with_the_documented_body(client):
     response = client.post(URL, files={"audio": ("a.wav", wav_bytes(speech), "audio/wav")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"emotion", "confidence", "probabilities", "duration_s", "segments",
-                         "model", "version", "request_id"}
+    assert set(body) == {"model", "version", "request_id", "predictions"}
     assert body["model"] == "emotion" and body["version"] == committed_version("emotion").name
-    assert body["confidence"] == body["probabilities"][body["emotion"]]
-    assert body["duration_s"] == 1.878
+    assert body["version"] == response.headers["x-model-version"]
     assert body["request_id"] == response.headers["x-request-id"]
+    (prediction,) = body["predictions"]
+    assert set(prediction) == {"label", "confidence", "probabilities", "duration_s", "segments"}
+    assert prediction["confidence"] == prediction["probabilities"][prediction["label"]]
+    assert prediction["duration_s"] == 1.878
 
 
 def test_a_wrong_field_name_is_a_422_naming_audio(client):

@@ -3,28 +3,32 @@
 - ``POST /v1/clustering/predict``: rows of the model's features -> nearest segment (the committed
   K-means model; identical to scikit-learn's ``KMeans.predict``).
 - ``POST /v1/clustering/fit``: any numeric table -> K-means with k requested or chosen by
-  silhouette, with the elbow curve. Does not need the committed model.
-- ``POST /v1/clustering/palette``: an image -> its dominant colours (K-means in CIE Lab).
+  silhouette, with the elbow curve. Needs no trained model: the envelope's ``model`` is
+  ``clustering-fit`` and its ``version`` the algorithm's.
+- ``POST /v1/clustering/palette``: images -> their dominant colours (K-means in CIE Lab); the
+  envelope's ``model`` is ``clustering-palette``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter
 from PIL import Image
 
 from app.core.codecs.image import load_image, open_image
-from app.core.config import Settings, get_settings
 from app.core.errors import ProblemError
-from app.core.execution import checkpoint, execution_of
-from app.core.limits import CLUSTERING_MAX_MAGNITUDE, PALETTE_WORKING_PIXELS
-from app.core.registry import model_dependency
-from app.core.uploads import read_upload
-from app.monitoring.log import log_predictions
+from app.core.execution import checkpoint
+from app.core.limits import (
+    CLUSTERING_MAX_MAGNITUDE,
+    CLUSTERING_MAX_ROWS,
+    PALETTE_MAX_INSTANCES,
+    PALETTE_WORKING_PIXELS,
+)
+from app.core.pipeline import Endpoint, Instance, Job, Outcome, register
 from app.tasks.clustering.model import ClusteringModel
 from app.tasks.clustering.preprocess import (
     Scaler,
@@ -35,17 +39,15 @@ from app.tasks.clustering.preprocess import (
     summary_features,
 )
 from app.tasks.clustering.schemas import (
-    DEFAULT_COLOURS,
-    MAX_COLOURS,
-    MIN_COLOURS,
-    FitRequest,
-    FitResponse,
-    PaletteResponse,
-    PredictRequest,
-    PredictResponse,
+    ClusteringFitRequest,
+    ClusteringFitResponse,
+    ClusteringPaletteResponse,
+    ClusteringPredictRequest,
+    ClusteringPredictResponse,
+    PaletteParams,
 )
 
-router = APIRouter(prefix="/v1/clustering", tags=["clustering"])
+router = APIRouter()
 
 # Ad-hoc fits must answer within a few seconds for 10 000 x 50: modest restarts and iterations, the
 # k scan and silhouettes on a fixed-seed subsample (see preprocess.select_k).
@@ -54,26 +56,8 @@ FIT_N_INIT = 3
 FIT_MAX_ITER = 100
 FIT_SAMPLE_SIZE = 2000
 PALETTE_SAMPLE_SIZE = 50_000
-
-
-@dataclass(frozen=True)
-class _LogIdentity:
-    """What ``log_predictions`` reads of a model. Ad-hoc fits are logged under their own name so
-    their "prediction" (the chosen k) never mixes with the segment model's drift statistics."""
-
-    task: str
-    version: str
-
-
-FIT_LOG = _LogIdentity(task="clustering-fit", version="adhoc")
-
-
-def request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "")
-
-
-def app_settings(request: Request) -> Settings:
-    return getattr(request.app.state, "settings", None) or get_settings()
+ALGORITHM_VERSION = "1.0.0"  # of fit and palette: bump when their results change for the same input
+MAX_MAGNITUDE = CLUSTERING_MAX_MAGNITUDE
 
 
 # --- predict ---------------------------------------------------------------------------------------
@@ -132,44 +116,42 @@ def margin(distances: np.ndarray) -> np.ndarray:
     return np.where(two[:, 1] > 0, 1.0 - two[:, 0] / np.where(two[:, 1] > 0, two[:, 1], 1.0), 0.0)
 
 
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    responses={422: {"description": "a missing, unknown, non-numeric or non-finite feature value, "
-                                    "or no / too many instances"}},
-    summary="Customer segment of each instance",
-)
-async def predict(
-    request: Request,
-    body: PredictRequest,
-    model: Annotated[ClusteringModel, Depends(model_dependency("clustering"))],
-) -> dict[str, Any]:
-    """Assign each instance to the nearest centroid of the committed K-means model (scaled space).
-
-    Each instance is an object with exactly the model's features (see ``GET /v1/models``), in the
-    original units, e.g. ``{"annual_income": 15, "spending_score": 39}``.
-    """
-    result = await execution_of(request).run(request, "light", assign, body.instances, model)
+def predict_run(job: Job) -> Outcome:
+    model: ClusteringModel = job.model
+    with job.timing.measure("inference"):
+        result = assign([i.value for i in job.instances], model)
     segments = model.segments
-    labels = result.labels.tolist()
-    distances = result.distances.tolist()
     confidences = margin(result.distances).tolist()
-    log_predictions(request, model, [
-        {"prediction": segments[label], "confidence": confidence,
-         "features": summary_features(dict(zip(model.features, row, strict=True)))}
-        for label, confidence, row in zip(labels, confidences, result.x.tolist(), strict=True)
-    ], latency_ms=result.compute_ms)
-    return {
-        "model": model.task, "version": model.version, "request_id": request_id(request),
-        "features": model.features, "segments": segments,
-        "predictions": [{"cluster": label, "segment": segments[label], "distance": row[label],
-                         "distances": row} for label, row in zip(labels, distances, strict=True)],
-    }
+    predictions, rows = [], []
+    for label, row, confidence, x in zip(result.labels.tolist(), result.distances.tolist(), confidences,
+                                         result.x.tolist(), strict=True):
+        predictions.append({"cluster": label, "segment": segments[label], "distance": row[label],
+                            "distances": row})
+        rows.append({"prediction": segments[label], "confidence": confidence,
+                     "features": summary_features(dict(zip(model.features, x, strict=True)))})
+    return Outcome(predictions, rows)
+
+
+register(router, Endpoint(
+    operation_id="clustering_predict", path="/v1/clustering/predict", tag="clustering", model="clustering",
+    summary="Customer segment of each instance",
+    description="Assigns each instance to the nearest centroid of the committed K-means model (scaled "
+                "space). Each instance is an object with exactly the model's features (see GET "
+                "/v1/models), in the original units, e.g. {\"annual_income\": 15, \"spending_score\": 39}.",
+    run=predict_run, response_schema=ClusteringPredictResponse, gate="light",
+    json_schema=ClusteringPredictRequest,
+    json_instances=lambda body: [Instance(f"instances[{i}]", value=v) for i, v in enumerate(body.instances)],
+    max_instances=CLUSTERING_MAX_ROWS,
+    response_example={"model": "clustering", "version": "1.0.0",
+                      "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+                      "predictions": [{"cluster": 2, "segment": "low income, low spending", "distance": 0.31,
+                                       "distances": [1.9, 2.4, 0.31, 2.2, 1.5]}]},
+))
 
 
 # --- fit -------------------------------------------------------------------------------------------
 
-def fit(body: FitRequest, rid: str) -> dict[str, Any]:
+def fit(body: ClusteringFitRequest) -> dict[str, Any]:
     """Validate the shape, scale, scan or fit k (blocking: run off the event loop)."""
     started = time.perf_counter()
     width = len(body.data[0])
@@ -209,31 +191,27 @@ def fit(body: FitRequest, rid: str) -> dict[str, Any]:
         "silhouettes": [{"k": f.k, "silhouette": f.silhouette} for f in selection.fits],
         "silhouette_sample_size": selection.silhouette_sample_size,
         "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
-        "request_id": rid,
     }
 
 
-@router.post(
-    "/fit",
-    response_model=FitResponse,
-    responses={422: {"description": "non-numeric, non-finite or ragged data, too many rows or "
-                                    "columns, k out of range, fewer rows than k"}},
-    summary="K-means on your own data, with the choice of k",
-)
-async def fit_endpoint(request: Request, body: FitRequest) -> dict[str, Any]:
-    """K-means (k-means++, fixed seed) on ``data``: with ``k`` as given, or the k in
-    ``k_min..k_max`` with the best mean silhouette (the elbow of the inertia curve is reported too).
+def fit_run(job: Job) -> Outcome:
+    with job.timing.measure("inference"):
+        result = fit(job.instances[0].value)
+    row = {"prediction": str(result["k"]), "confidence": result["silhouette"],
+           "features": {"rows": float(result["n_rows"]), "columns": float(result["n_columns"])}}
+    return Outcome([result], [row])
 
-    Inputs of more than 2 000 rows scan k on a fixed-seed 2 000-row subsample and refit the chosen
-    k on every row, so up to 10 000 x 50 answers within a few seconds.
-    """
-    request.state.model_name = "clustering"
-    result = await execution_of(request).run(request, "heavy", fit, body, request_id(request))
-    log_predictions(request, FIT_LOG, [  # type: ignore[arg-type]
-        {"prediction": str(result["k"]), "confidence": result["silhouette"],
-         "features": {"rows": float(result["n_rows"]), "columns": float(result["n_columns"])}}
-    ], latency_ms=result["duration_ms"])
-    return result
+
+register(router, Endpoint(
+    operation_id="clustering_fit", path="/v1/clustering/fit", tag="clustering", name="clustering-fit",
+    version=ALGORITHM_VERSION, summary="K-means on your own data, with the choice of k",
+    description="K-means (k-means++, fixed seed) on `data`: with `k` as given, or the k in k_min..k_max "
+                "with the best mean silhouette (the elbow of the inertia curve is reported too). Inputs "
+                "of more than 2 000 rows scan k on a fixed-seed 2 000-row subsample and refit the chosen "
+                "k on every row, so up to 10 000 x 50 answers within a few seconds.",
+    run=fit_run, response_schema=ClusteringFitResponse, gate="heavy",
+    json_schema=ClusteringFitRequest, json_instances=lambda body: [Instance("data", value=body)],
+))
 
 
 # --- palette ---------------------------------------------------------------------------------------
@@ -250,13 +228,13 @@ def working_image(image: Image.Image) -> Image.Image:
                         Image.NEAREST)
 
 
-def palette(data: bytes, n_colours: int, max_pixels: int, rid: str) -> dict[str, Any]:
-    image = open_image(data, "image", max_pixels=max_pixels)
+def palette(data: bytes, field: str, n_colours: int, max_pixels: int) -> dict[str, Any]:
+    image = open_image(data, field, max_pixels=max_pixels)
     width, height = image.size
     if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when the image is that large
         side = int(np.sqrt(PALETTE_WORKING_PIXELS))
         image.draft("RGB", (side, side))
-    loaded = load_image(image, "image")
+    loaded = load_image(image, field)
     if width != height and (loaded.width > loaded.height) != (width > height):
         width, height = height, width  # EXIF orientation turned it
     image = working_image(loaded)
@@ -264,34 +242,34 @@ def palette(data: bytes, n_colours: int, max_pixels: int, rid: str) -> dict[str,
     checkpoint()
     pixels = opaque_pixels(np.asarray(image.convert("RGBA")))
     if len(pixels) == 0:
-        raise ProblemError(422, "transparent-image", "image has no opaque pixels.", field="image")
+        raise ProblemError(422, "transparent-image", f"{field} has no opaque pixels.", field=field)
     colours = dominant_colours(pixels, n_colours, sample_size=PALETTE_SAMPLE_SIZE, seed=0)
     return {
         "colors": [{"hex": c.hex, "rgb": list(c.rgb), "fraction": c.fraction} for c in colours],
         "requested": n_colours, "pixels_sampled": min(len(pixels), PALETTE_SAMPLE_SIZE),
-        "width": width, "height": height, "request_id": rid,
+        "width": width, "height": height,
     }
 
 
-@router.post(
-    "/palette",
-    response_model=PaletteResponse,
-    responses={413: {"description": "file or image too large"},
-               415: {"description": "not an image in a supported format"},
-               422: {"description": "empty, corrupt or fully transparent image; colors out of range"}},
-    summary="Dominant colours of an image",
-)
-async def palette_endpoint(
-    request: Request,
-    image: Annotated[UploadFile, File(description="PNG, JPEG, WebP, BMP, GIF or TIFF")],
-    colors: Annotated[int, Form(ge=MIN_COLOURS, le=MAX_COLOURS,
-                                description="how many colours")] = DEFAULT_COLOURS,
-) -> dict[str, Any]:
-    """K-means in CIE Lab on a fixed-seed sample of up to 50 000 opaque pixels (pixels less than
-    half opaque are ignored). Deterministic for the same image; fewer colours come back when the
-    image has fewer distinct ones. Sorted by fraction, largest first."""
-    request.state.model_name = "clustering"
-    settings = app_settings(request)
-    data = await read_upload(image, "image", settings.max_upload_bytes)
-    return await execution_of(request).run(request, "heavy", palette, data, colors,
-                                           settings.max_image_pixels, request_id(request))
+def palette_run(job: Job) -> Outcome:
+    params: PaletteParams = job.params
+    predictions = []
+    for instance in job.instances:
+        checkpoint()
+        with job.timing.measure("inference"):
+            predictions.append(palette(instance.data, instance.field, params.colors,
+                                       job.settings.max_image_pixels))
+    return Outcome(predictions, [])
+
+
+register(router, Endpoint(
+    operation_id="clustering_palette", path="/v1/clustering/palette", tag="clustering",
+    name="clustering-palette", version=ALGORITHM_VERSION, summary="Dominant colours of images",
+    description="K-means in CIE Lab on a fixed-seed sample of up to 50 000 opaque pixels of each image "
+                "(pixels less than half opaque are ignored). Deterministic for the same image; fewer "
+                "colours come back when an image has fewer distinct ones. Sorted by fraction, largest "
+                "first.",
+    run=palette_run, response_schema=ClusteringPaletteResponse, gate="heavy",
+    file_field="image", file_description="PNG, JPEG, WebP, BMP, GIF or TIFF", raw_media=("image/",),
+    params_schema=PaletteParams, max_instances=PALETTE_MAX_INSTANCES,
+))

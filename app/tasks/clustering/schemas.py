@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.schemas import Envelope
+
 from app.core.limits import CLUSTERING_MAX_ROWS as MAX_ROWS
 from app.core.limits import FIT_MAX_COLUMNS as MAX_COLUMNS
 from app.core.limits import FIT_MAX_K as MAX_K
@@ -22,7 +24,7 @@ FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 StrictInt = Annotated[int, Field(strict=True)]
 
 
-class PredictRequest(BaseModel):
+class ClusteringPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"instances": [{"annual_income": 15, "spending_score": 39},
                                     {"annual_income": 120, "spending_score": 10}]}]})
@@ -40,16 +42,11 @@ class Assignment(BaseModel):
     distances: list[float] = Field(description="distance to every centroid, by cluster index")
 
 
-class PredictResponse(BaseModel):
-    model: str
-    version: str
-    request_id: str
-    features: list[str]
-    segments: list[str] = Field(description="segment name of each cluster index")
+class ClusteringPredictResponse(Envelope):
     predictions: list[Assignment]
 
 
-class FitRequest(BaseModel):
+class ClusteringFitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"data": [[15, 39], [15, 81], [16, 6], [16, 77], [17, 40], [17, 76]],
                       "k": None, "k_min": 2, "k_max": 4, "scale": True}]})
@@ -74,7 +71,7 @@ class KSilhouette(BaseModel):
     silhouette: float | None
 
 
-class FitResponse(BaseModel):
+class FitResult(BaseModel):
     k: int
     selection: Literal["requested", "silhouette"] = Field(description="how k was chosen")
     elbow_k: int | None = Field(description="knee of the inertia curve (null unless k was scanned)")
@@ -90,7 +87,10 @@ class FitResponse(BaseModel):
     silhouettes: list[KSilhouette] = Field(description="mean silhouette per k")
     silhouette_sample_size: int = Field(description="rows the silhouettes were computed on")
     duration_ms: float
-    request_id: str
+
+
+class ClusteringFitResponse(Envelope):
+    predictions: list[FitResult] = Field(description="one result: the fit of the data sent")
 
 
 class PaletteEntry(BaseModel):
@@ -99,11 +99,20 @@ class PaletteEntry(BaseModel):
     fraction: float = Field(description="share of the (opaque, sampled) pixels nearest this colour")
 
 
-class PaletteResponse(BaseModel):
+class PaletteResult(BaseModel):
     colors: list[PaletteEntry] = Field(description="dominant colours, largest fraction first")
     requested: int
     pixels_sampled: int
     width: int
     height: int
-    request_id: str
+
+
+class PaletteParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    colors: int = Field(DEFAULT_COLOURS, ge=MIN_COLOURS, le=MAX_COLOURS, description="how many colours")
+
+
+class ClusteringPaletteResponse(Envelope):
+    predictions: list[PaletteResult] = Field(description="one palette per image, in the order sent")
 

@@ -1,88 +1,50 @@
-"""Request and response shapes of ``POST /v1/digits/predict`` (also what ``/docs`` shows).
-
-The JSON body is checked by hand in the router (so each problem names ``instances[i].pixels``
-precisely, and NaN or out-of-range pixels are caught); these models document it.
-"""
+"""Request and response shapes of ``POST /v1/digits/predict`` (the contract ``/docs`` shows)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.limits import DIGITS_MAX_INSTANCES as MAX_INSTANCES
+from app.core.schemas import Envelope
+
+LABELS = [str(d) for d in range(10)]
+Row = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=28, max_length=28)]
 
 
-class PixelsInstance(BaseModel):
+class DigitsInstance(BaseModel):
+    """Exactly one of ``pixels`` or ``image_b64``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    pixels: list[list[float]] = Field(
-        description="28 rows of 28 values, white digit on black as in MNIST: 0-255 integers, or "
-                    "0-1 floats (used when every value is within 0..1).",
-        min_length=28, max_length=28)
+    pixels: list[Row] | None = Field(
+        None, min_length=28, max_length=28,
+        description="28 rows of 28 values, white digit on black as in MNIST: 0-255, or 0-1 floats "
+                    "(used when every value is within 0..1)")
+    image_b64: str | None = Field(None, description="a PNG, JPEG, WebP, BMP or GIF file, base64-encoded "
+                                                    "(a `data:image/...;base64,` prefix is accepted)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DigitsInstance:
+        if (self.pixels is None) == (self.image_b64 is None):
+            raise ValueError('give exactly one of "pixels" or "image_b64"')
+        return self
 
 
-class ImageInstance(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DigitsPredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"instances": [{"image_b64": "data:image/png;base64,iVBORw0KGgo..."}]}]})
 
-    image_b64: str = Field(description="A PNG, JPEG, WebP, BMP or GIF file, base64-encoded (a "
-                                       "`data:image/...;base64,` prefix is accepted).")
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    instances: list[PixelsInstance | ImageInstance] = Field(min_length=1, max_length=MAX_INSTANCES)
+    instances: list[DigitsInstance] = Field(min_length=1, json_schema_extra={"maxItems": MAX_INSTANCES})
 
 
 class DigitPrediction(BaseModel):
-    digit: int = Field(ge=0, le=9)
+    label: str = Field(description="the digit, as a string like every classifier's label")
+    digit: int = Field(ge=0, le=9, description="the same digit as an integer")
     confidence: float = Field(ge=0.0, le=1.0, description="probability of the predicted digit")
-    probabilities: list[float] = Field(min_length=10, max_length=10,
-                                       description="probability of each digit 0-9")
+    probabilities: dict[str, float] = Field(description="probability of each digit '0'..'9'")
 
 
-class PredictResponse(BaseModel):
-    model: str = "digits"
-    version: str
-    request_id: str
+class DigitsPredictResponse(Envelope):
     predictions: list[DigitPrediction]
-
-
-def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema with its ``$defs`` inlined, so it stands alone inside ``openapi_extra``
-    (FastAPI does not register models that appear only there under ``components``)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    return resolve(schema)
-
-
-REQUEST_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {"image": {
-                        "type": "array", "maxItems": MAX_INSTANCES,
-                        "items": {"type": "string", "format": "binary"},
-                        "description": "one or more image files (PNG, JPEG, WebP, BMP, GIF first "
-                                       "frame): any size, dark-on-light or light-on-dark"}},
-                },
-            },
-            "application/json": {"schema": inline_schema(PredictRequest)},
-        },
-    },
-}

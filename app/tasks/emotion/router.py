@@ -1,54 +1,55 @@
-"""``POST /v1/emotion/predict``: one audio clip (multipart field ``audio``) -> its emotion."""
+"""``POST /v1/emotion/predict``: speech clips (multipart ``audio``, repeated, or one raw ``audio/*``
+body) -> the emotion of each, with per-window segments."""
 
 from __future__ import annotations
 
-import time
-
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter
 
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
-from app.core.execution import execution_of
-from app.core.registry import model_dependency
-from app.core.uploads import read_upload
-from app.monitoring.log import log_predictions
-from app.tasks.emotion.model import EmotionModel, EmotionResult
+from app.core.execution import checkpoint
+from app.core.pipeline import Endpoint, Job, Outcome, register
 from app.tasks.emotion.preprocess import summary_features
-from app.tasks.emotion.schemas import EmotionPrediction, EmotionSegment
+from app.tasks.emotion.schemas import MAX_INSTANCES, EmotionPredictResponse
 
-router = APIRouter(prefix="/v1/emotion", tags=["emotion"])
-
-_PROBLEMS = {status: {"description": text, "content": {"application/problem+json": {}}}
-             for status, text in {
-                 413: "file or audio too long (see max_audio_seconds)",
-                 415: "not audio in a supported format",
-                 422: "empty, corrupt, shorter than 0.3 s, silent, or missing the audio field",
-                 503: "model not loaded"}.items()}
+router = APIRouter()
 
 
-def _decode_and_classify(model: EmotionModel, data: bytes) -> tuple[EmotionResult, dict[str, float]]:
+def run(job: Job) -> Outcome:
+    model = job.model
     rate = model.params.sample_rate
-    waveform = decode_audio(data, "audio", max_seconds=model.settings.max_audio_seconds,
-                            target_rate=rate)
-    result = model.classify(waveform, rate)
-    return result, summary_features(result.waveform, model.params)
+    predictions, rows = [], []
+    for instance in job.instances:
+        checkpoint()
+        with job.timing.measure("decode"):
+            waveform = decode_audio(instance.data, instance.field,
+                                    max_seconds=job.settings.max_audio_seconds, target_rate=rate)
+        with job.timing.measure("inference"):
+            result = model.classify(waveform, rate)
+        predictions.append({
+            "label": result.emotion, "confidence": result.confidence,
+            "probabilities": result.probabilities, "duration_s": result.duration_s,
+            "segments": [{"start_s": s["start_s"], "end_s": s["end_s"], "label": s["emotion"],
+                          "confidence": s["confidence"]} for s in result.segments]})
+        rows.append({"prediction": result.emotion, "confidence": result.confidence,
+                     "features": summary_features(result.waveform, model.params)})
+    return Outcome(predictions, rows, raw_inputs=[i.data for i in job.instances])
 
 
-@router.post("/predict", response_model=EmotionPrediction, responses=_PROBLEMS,
-             summary="Recognise the emotion in a speech clip")
-async def predict(request: Request,
-                  audio: UploadFile = File(description="speech, 0.3 s to max_audio_seconds (60 s by "
-                                                       "default): " + ", ".join(SUPPORTED_FORMATS)),
-                  model: EmotionModel = Depends(model_dependency("emotion"))) -> EmotionPrediction:
-    data = await read_upload(audio, "audio", model.settings.max_upload_bytes)
-    started = time.perf_counter()
-    result, features = await execution_of(request).run(request, "audio", _decode_and_classify,
-                                                       model, data)
-    latency_ms = (time.perf_counter() - started) * 1000.0
-    log_predictions(request, model, [{"prediction": result.emotion, "confidence": result.confidence,
-                                      "features": features}],
-                    latency_ms=latency_ms, raw_inputs=[data])
-    return EmotionPrediction(
-        emotion=result.emotion, confidence=result.confidence, probabilities=result.probabilities,
-        duration_s=result.duration_s, segments=[EmotionSegment(**s) for s in result.segments],
-        model=model.metadata.get("name", model.task), version=model.version,
-        request_id=str(getattr(request.state, "request_id", "")))
+register(router, Endpoint(
+    operation_id="emotion_predict", path="/v1/emotion/predict", tag="emotion", model="emotion",
+    summary="Recognise the emotion in speech clips",
+    description="One prediction per clip, in the order sent: the clip's emotion (the mean of its 3 s "
+                "windows' probabilities) and each window's. German acted speech (EmoDB); see the "
+                "README for the model's limits.",
+    run=run, response_schema=EmotionPredictResponse, gate="audio",
+    file_field="audio", file_description="speech, 0.3 s to MAX_AUDIO_SECONDS (60 s by default), "
+                                         "8-192 kHz: " + ", ".join(SUPPORTED_FORMATS),
+    raw_media=("audio/",), max_instances=MAX_INSTANCES,
+    response_example={"model": "emotion", "version": "1.3.0", "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+                      "predictions": [{"label": "anger", "confidence": 0.91,
+                                       "probabilities": {"anger": 0.91, "boredom": 0.01, "disgust": 0.01,
+                                                         "fear": 0.03, "happiness": 0.02, "sadness": 0.01,
+                                                         "neutral": 0.01},
+                                       "duration_s": 2.5, "segments": [{"start_s": 0.0, "end_s": 2.5,
+                                                                        "label": "anger", "confidence": 0.91}]}]},
+))

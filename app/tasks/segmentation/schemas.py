@@ -1,10 +1,14 @@
-"""Response and query schemas of the segmentation endpoint."""
+"""Parameters and response shapes of the segmentation endpoint."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.schemas import Envelope
+
+from app.core.limits import SEGMENTATION_MAX_INSTANCES as MAX_INSTANCES
 
 
 class MaskFormat(StrEnum):
@@ -13,14 +17,24 @@ class MaskFormat(StrEnum):
     overlay = "overlay"
 
 
-class SegmentationResult(BaseModel):
-    """``?format=json``: the mask as a base64 PNG plus what a client needs to use it."""
+class SegmentationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
+    format: MaskFormat = Field(MaskFormat.png, description=(
+        "png: the binary mask of one image (255 = membrane); json: the envelope with each mask as a "
+        "base64 PNG; overlay: the mask tinted red over one image"))
+    threshold: float | None = Field(None, gt=0.0, lt=1.0, description=(
+        "membrane probability threshold; default: the one tuned on validation data (in GET /v1/models)"))
+
+
+class SegmentationPrediction(BaseModel):
     width: int = Field(description="mask width in pixels (= the input's)")
     height: int = Field(description="mask height in pixels (= the input's)")
-    foreground_fraction: float = Field(description="fraction of pixels predicted as membrane")
+    membrane_fraction: float = Field(ge=0.0, le=1.0, description="fraction of pixels predicted as membrane")
     threshold: float = Field(description="probability threshold used for the mask")
-    mask_png_b64: str = Field(description="base64 PNG, 8-bit grayscale: 255 = membrane, 0 = background")
-    model: str
-    version: str
-    request_id: str
+    mask_png_b64: str = Field(description="the mask as a base64 PNG, 8-bit grayscale, the input's size: "
+                                          "255 = membrane, 0 = background")
+
+
+class SegmentationPredictResponse(Envelope):
+    predictions: list[SegmentationPrediction]

@@ -1,0 +1,343 @@
+"""One request pipeline for every prediction endpoint.
+
+A task declares an :class:`Endpoint` (compare LitServe's ``LitAPI`` and Seldon MLServer's codecs +
+``MLModel``): where its inputs come from (a multipart file field, a raw ``image/*`` or ``audio/*``
+body, a JSON schema), its parameters, its limits, its admission gate and one blocking ``run(job)``
+that decodes, predicts and encodes each instance. The core owns everything around it:
+
+1. the model (503 while it is not loaded) and the parameters (query string or multipart text
+   fields, validated by the endpoint's schema: 422 naming the parameter);
+2. a place in the admission gate's queue, taken before the body is read (503 ``overloaded``);
+3. reading the body by its media type: ``multipart/form-data`` (repeated file fields, one instance
+   each, in order), ``application/json`` (the endpoint's schema) or one raw upload
+   (``Content-Type: image/png``, ``audio/wav``...); anything else is the same 415 everywhere;
+   more instances than the endpoint takes is a 422, never a silently dropped file;
+4. ``run(job)`` on the gate's thread within the request's deadline (:mod:`app.core.execution`);
+5. the prediction log, then the envelope ``{"model", "version", "request_id", "predictions"}`` (or
+   one binary image) with ``X-Request-ID``, ``X-Model-Version`` and ``Server-Timing`` headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from app.core.errors import ProblemError, problem_from_validation
+from app.core.execution import execution_of
+from app.core.registry import ServedModel
+from app.monitoring.log import log_predictions
+
+PROBLEM_STATUSES = {
+    400: "malformed JSON or multipart body",
+    413: "a body, file, image or request over its limit (see the limits table)",
+    415: "a media type this endpoint does not take, or a file in an unsupported format",
+    422: "well-formed but invalid input; the problem's `field` names it",
+    503: "the model is not loaded, the worker is busy (`overloaded`, with Retry-After) or the request "
+         "ran out of time (`deadline-exceeded`)",
+}
+
+
+@dataclass
+class Instance:
+    """One input as received; ``field`` is how problems name it (``image[1]``, ``instances[0]``)."""
+
+    field: str
+    data: bytes | None = None  # an uploaded file
+    value: Any = None  # a JSON instance, already validated by the endpoint's schema
+
+
+class Timing:
+    """Durations for the ``Server-Timing`` header (decode, inference; total is added at the end)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - started) * 1000.0
+
+    def header(self, total_ms: float) -> str:
+        stages = {"decode": 0.0, "inference": 0.0, **self.ms, "total": total_ms}
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in stages.items())
+
+
+@dataclass
+class Job:
+    model: ServedModel | None
+    instances: list[Instance]
+    params: Any
+    timing: Timing
+    settings: Any
+
+
+@dataclass
+class Outcome:
+    """What ``run`` returns: one prediction per instance (plain JSON values) and one log row each,
+    or a binary answer (a mask PNG) for endpoints that have one."""
+
+    predictions: list[dict[str, Any]]
+    log_rows: list[dict[str, Any]]
+    raw_inputs: list[bytes] | None = None
+    binary: tuple[bytes, str] | None = None  # (content, media type)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    operation_id: str
+    path: str
+    tag: str
+    summary: str
+    description: str
+    run: Callable[[Job], Outcome]
+    response_schema: type[BaseModel]
+    gate: str = "light"
+    model: str | None = None  # registry slot; None for operations without a trained model
+    name: str | None = None  # the envelope's "model" when there is no trained model
+    version: str | None = None  # ... and its "version"
+    file_field: str | None = None  # multipart field holding the files, one instance each
+    file_description: str = ""
+    raw_media: tuple[str, ...] = ()  # media-type prefixes of a single raw upload: ("image/",)
+    json_schema: type[BaseModel] | None = None
+    json_instances: Callable[[Any], list[Instance]] | None = None
+    params_schema: type[BaseModel] | None = None
+    max_instances: int = 1
+    binary_media: tuple[str, ...] = ()  # media types of a binary answer (documented)
+    binary_description: str = ""
+    request_examples: dict[str, Any] = field(default_factory=dict)  # media type -> example
+    response_example: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the request
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _accepted(endpoint: Endpoint) -> list[str]:
+    kinds = []
+    if endpoint.file_field:
+        kinds.append(f"multipart/form-data (field '{endpoint.file_field}')")
+    if endpoint.json_schema is not None:
+        kinds.append("application/json")
+    kinds += [f"{prefix}*" for prefix in endpoint.raw_media]
+    return kinds
+
+
+def unsupported_media_type(endpoint: Endpoint, media_type: str) -> ProblemError:
+    return ProblemError(415, "unsupported-media-type",
+                        f"This endpoint takes {', '.join(_accepted(endpoint))}; got "
+                        f"{media_type or 'no Content-Type'}.", field="content-type",
+                        accepted=_accepted(endpoint))
+
+
+def too_many(endpoint: Endpoint, got: int, field_name: str) -> ProblemError:
+    return ProblemError(422, "too-many-instances", f"At most {endpoint.max_instances} instance(s) per "
+                        f"request; got {got}.", field=field_name, max_instances=endpoint.max_instances)
+
+
+def parse_params(endpoint: Endpoint, values: dict[str, Any]) -> Any:
+    if endpoint.params_schema is None:
+        return None
+    try:
+        return endpoint.params_schema.model_validate(values)
+    except ValidationError as exc:
+        raise problem_from_validation(exc.errors(include_url=False)) from None
+
+
+async def read_multipart(request: Request, endpoint: Endpoint,
+                         max_bytes: int) -> tuple[list[Instance], dict[str, str]]:
+    """The files of the endpoint's field, in order, and the text fields (parameters)."""
+    params = set(endpoint.params_schema.model_fields) if endpoint.params_schema else set()
+    try:
+        form = await request.form(max_files=endpoint.max_instances + 1,
+                                  max_fields=len(params) + endpoint.max_instances + 8)
+    except MultiPartException as exc:
+        raise ProblemError(400, "malformed-multipart", f"The multipart body could not be parsed: "
+                           f"{exc}.", field="body") from exc
+    unexpected = sorted(set(form.keys()) - {endpoint.file_field} - params)
+    uploads = form.getlist(endpoint.file_field)
+    if not uploads:
+        got = f" (got {', '.join(repr(u) for u in unexpected)})" if unexpected else ""
+        raise ProblemError(422, "missing-file", f"Send one or more files in the form field "
+                           f"'{endpoint.file_field}'{got}.", field=endpoint.file_field)
+    if unexpected:
+        raise ProblemError(422, "unexpected-field", f"Unexpected form field {unexpected[0]!r}; send "
+                           f"files in the field '{endpoint.file_field}'.", field=unexpected[0])
+    if len(uploads) > endpoint.max_instances:
+        raise too_many(endpoint, len(uploads), endpoint.file_field)
+    instances = []
+    for i, upload in enumerate(uploads):
+        name = f"{endpoint.file_field}[{i}]" if endpoint.max_instances > 1 else endpoint.file_field
+        if not isinstance(upload, UploadFile):
+            raise ProblemError(422, "not-a-file", f"{name} must be a file upload, not a text value.",
+                               field=name)
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ProblemError(413, "file-too-large", f"{name} is larger than the "
+                               f"{max_bytes / 1048576:g} MiB limit.", field=name)
+        if not data:
+            raise ProblemError(422, "empty-file", f"{name} is empty.", field=name)
+        instances.append(Instance(name, data=data))
+    text = {k: v for k, v in form.multi_items() if k in params and isinstance(v, str)}
+    return instances, text
+
+
+async def read_json(request: Request, endpoint: Endpoint) -> list[Instance]:
+    assert endpoint.json_schema is not None and endpoint.json_instances is not None
+    raw = await request.body()
+    if not raw.strip():
+        raise ProblemError(422, "empty-body", "The request body is empty.", field="body")
+    try:
+        body = endpoint.json_schema.model_validate_json(raw)
+    except ValidationError as exc:
+        raise problem_from_validation(exc.errors(include_url=False)) from None
+    except (RecursionError, ValueError) as exc:
+        raise ProblemError(400, "malformed-json", "The body's JSON could not be read.",
+                           field="body") from exc
+    instances = endpoint.json_instances(body)
+    if len(instances) > endpoint.max_instances:
+        raise too_many(endpoint, len(instances), "instances")
+    return instances
+
+
+async def read_raw(request: Request, endpoint: Endpoint, max_bytes: int) -> list[Instance]:
+    data = await request.body()
+    if not data:
+        raise ProblemError(422, "empty-file", "The request body is empty.", field="body")
+    if len(data) > max_bytes:  # the middleware caps the body already; kept for clarity
+        raise ProblemError(413, "file-too-large", "The body is over the upload limit.", field="body")
+    return [Instance("body", data=data)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The route
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
+    async def predict(request: Request) -> Response:
+        started = time.perf_counter()
+        settings = request.app.state.settings
+        model = None
+        if endpoint.model is not None:
+            model = request.app.state.registry.get(endpoint.model)
+            request.state.model_name = endpoint.model
+            request.state.model_version = model.version
+        else:
+            request.state.model_name = endpoint.tag
+            request.state.model_version = endpoint.version
+        name = endpoint.model or endpoint.name or endpoint.tag
+        version = model.version if model is not None else str(endpoint.version)
+        media_type = _media_type(request)
+        query = dict(request.query_params)
+        async with execution_of(request).ticket(request, endpoint.gate) as ticket:
+            if media_type == "multipart/form-data" and endpoint.file_field:
+                instances, text = await read_multipart(request, endpoint, settings.max_upload_bytes)
+                params = parse_params(endpoint, {**query, **text})
+            elif media_type == "application/json" and endpoint.json_schema is not None:
+                params = parse_params(endpoint, query)
+                instances = await read_json(request, endpoint)
+            elif endpoint.raw_media and media_type.startswith(endpoint.raw_media):
+                params = parse_params(endpoint, query)
+                instances = await read_raw(request, endpoint, settings.max_upload_bytes)
+            else:
+                raise unsupported_media_type(endpoint, media_type)
+            job = Job(model, instances, params, Timing(), settings)
+            outcome = await ticket.run(endpoint.run, job)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
+                        raw_inputs=outcome.raw_inputs)
+        headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
+                   **outcome.headers}
+        if outcome.binary is not None:
+            content, binary_type = outcome.binary
+            return Response(content, media_type=binary_type, headers=headers)
+        body = {"model": name, "version": version, "request_id": request.state.request_id,
+                "predictions": outcome.predictions}
+        return Response(_json(body), media_type="application/json", headers=headers)
+
+    predict.__name__ = endpoint.operation_id
+    predict.__doc__ = endpoint.description
+    return predict
+
+
+@dataclass(frozen=True)
+class _LogAs:
+    """What ``log_predictions`` reads of a model: the name and version the rows are logged under."""
+
+    task: str
+    version: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract (OpenAPI)
+
+
+def request_body_doc(endpoint: Endpoint) -> dict[str, Any]:
+    content: dict[str, Any] = {}
+    if endpoint.file_field:
+        files: dict[str, Any] = {"type": "string", "format": "binary"}
+        if endpoint.max_instances > 1:
+            files = {"type": "array", "items": files, "minItems": 1, "maxItems": endpoint.max_instances}
+        properties: dict[str, Any] = {endpoint.file_field: {**files, "description": endpoint.file_description}}
+        if endpoint.params_schema is not None:
+            for name, schema in endpoint.params_schema.model_json_schema()["properties"].items():
+                properties[name] = schema
+        content["multipart/form-data"] = {"schema": {"type": "object", "required": [endpoint.file_field],
+                                                     "properties": properties}}
+    if endpoint.json_schema is not None:
+        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{endpoint.json_schema.__name__}"}}
+    for prefix in endpoint.raw_media:
+        content[f"{prefix}*"] = {"schema": {"type": "string", "format": "binary",
+                                            "description": "one file as the whole body"}}
+    for media, example in endpoint.request_examples.items():
+        content.setdefault(media, {})["example"] = example
+    return {"required": True, "content": content}
+
+
+def register(router: APIRouter, endpoint: Endpoint) -> None:
+    """Add ``endpoint`` to ``router``: the route, its request body, parameters and answers."""
+    responses: dict[int | str, Any] = {status: {"description": text} for status, text in PROBLEM_STATUSES.items()}
+    success: dict[str, Any] = {"description": "one prediction per instance, in the order sent"}
+    if endpoint.binary_media:
+        success["content"] = {media: {"schema": {"type": "string", "format": "binary"}}
+                              for media in endpoint.binary_media}
+        success["description"] += "; " + endpoint.binary_description
+    if endpoint.response_example is not None:
+        success.setdefault("content", {})["application/json"] = {"example": endpoint.response_example}
+    responses[200] = success
+    openapi_extra: dict[str, Any] = {"requestBody": request_body_doc(endpoint)}
+    if endpoint.params_schema is not None:
+        openapi_extra["parameters"] = [
+            {"name": name, "in": "query", "required": False, "schema": schema,
+             "description": schema.get("description", "")}
+            for name, schema in endpoint.params_schema.model_json_schema()["properties"].items()]
+    router.add_api_route(endpoint.path, handler(endpoint), methods=["POST"],
+                         response_model=endpoint.response_schema, responses=responses,
+                         summary=endpoint.summary, description=endpoint.description,
+                         operation_id=endpoint.operation_id, tags=[endpoint.tag],
+                         openapi_extra=openapi_extra)
+    REGISTERED.append(endpoint)
+
+
+REGISTERED: list[Endpoint] = []  # every endpoint declared, for the OpenAPI components

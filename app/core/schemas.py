@@ -1,0 +1,37 @@
+"""Shapes every task shares: the prediction envelope and the problem (error) document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Envelope(BaseModel):
+    """Every prediction answer: which model and version answered, the request id (the key to this
+    prediction for feedback), and one prediction per instance in the order sent. Each task
+    subclasses it with its own ``predictions`` item."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(description="the task's model, or the operation for fit and palette")
+    version: str = Field(description="the model version (or the algorithm's version) that answered; "
+                                     "also in the X-Model-Version header")
+    request_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="issued by the server; also in the "
+                            "X-Request-ID header; the key for POST /v1/feedback")
+    predictions: list[Any]
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="URI naming the kind of problem (ends with `code`)")
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str = Field(description="what is wrong, naming the field")
+    code: str = Field(description="short kebab-case identifier, e.g. `blank-image`")
+    field: str | None = Field(None, description="the input to blame, e.g. `image[2]`")
+    instance: str | None = Field(None, description="the request path")
+    request_id: str | None = None
