@@ -148,8 +148,9 @@ def unsupported_media_type(endpoint: Endpoint, media_type: str) -> ProblemError:
 
 
 def too_many(endpoint: Endpoint, got: int, field_name: str) -> ProblemError:
-    return ProblemError(422, "too-many-instances", f"At most {endpoint.max_instances} instance(s) per "
-                        f"request; got {got}.", field=field_name, max_instances=endpoint.max_instances)
+    return ProblemError(422, "too-many-instances", f"{field_name}: at most {endpoint.max_instances} "
+                        f"instance(s) per request; got {got}.", field=field_name,
+                        max_instances=endpoint.max_instances)
 
 
 def parse_params(endpoint: Endpoint, values: dict[str, Any]) -> Any:

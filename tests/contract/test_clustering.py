@@ -66,7 +66,8 @@ def test_fit_on_the_mall_data_with_k_null_returns_k_5(client: httpx.Client):
     response = client.post("/v1/clustering/fit", json={"data": mall_rows(), "k": None, "k_min": 2,
                                                         "k_max": 10, "scale": True})
     assert response.status_code == 200, response.text
-    body = response.json()
+    assert response.json()["model"] == "clustering-fit"
+    (body,) = response.json()["predictions"]
     assert body["k"] == 5 and body["selection"] == "silhouette"
     assert body["silhouette"] == pytest.approx(0.55, abs=0.01)
     assert [p["k"] for p in body["elbow"]] == list(range(2, 11))
@@ -79,7 +80,7 @@ def test_fit_of_10000_by_50_answers_within_a_few_seconds(client: httpx.Client):
     data = (centres[rng.integers(0, 4, 10_000)] + rng.normal(size=(10_000, 50))).round(3)
     response = client.post("/v1/clustering/fit", json={"data": data.tolist(), "k_max": 8}, timeout=30.0)
     assert response.status_code == 200, response.text
-    body = response.json()
+    (body,) = response.json()["predictions"]
     assert body["k"] == 4 and body["silhouette_sample_size"] == 2000
     assert response.elapsed.total_seconds() < 10.0
 
@@ -92,7 +93,7 @@ def test_palette_of_a_generated_three_colour_image(client: httpx.Client):
     response = client.post("/v1/clustering/palette", data={"colors": "3"},
                            files={"image": ("three.png", png(image), "image/png")})
     assert response.status_code == 200, response.text
-    colours = response.json()["colors"]
+    colours = response.json()["predictions"][0]["colors"]
     assert [c["fraction"] for c in colours] == pytest.approx([0.5, 0.3, 0.2], abs=1e-9)
     for colour, expected in zip(colours, [(30, 160, 90), (240, 240, 240), (90, 20, 120)], strict=True):
         np.testing.assert_allclose(colour["rgb"], expected, atol=2)
@@ -131,6 +132,6 @@ def test_bad_palette_uploads_are_problems_naming_the_field(client: httpx.Client)
                                files={"image": ("a.png", image, "image/png")}), 422, "colors")
     truncated = image[: len(image) // 2]
     assert_problem(client.post("/v1/clustering/palette", files={"image": ("a.png", truncated, "image/png")}),
-                   422, "image")
+                   422, "image[0]")
     assert_problem(client.post("/v1/clustering/palette", files={"image": ("a.pdf", b"%PDF-1.4", "application/pdf")}),
-                   415, "image")
+                   415, "image[0]")

@@ -88,9 +88,13 @@ def test_response_has_model_version_request_id_and_probabilities(client, mnist_t
     assert response.headers["x-correlation-id"] == "digits-contract-1"
     (prediction,) = body["predictions"]
     assert prediction["digit"] == 7
-    assert len(prediction["probabilities"]) == 10
-    assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
-    assert prediction["confidence"] == max(prediction["probabilities"]) > 0.9
+    assert list(prediction["probabilities"]) == [str(d) for d in range(10)]
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert prediction["confidence"] == max(prediction["probabilities"].values()) > 0.9
+    assert prediction["label"] == str(prediction["digit"])
+    assert response.headers["x-model-version"] == body["version"]
+    assert {"decode", "inference", "total"} <= {part.split(";")[0].strip() for part in
+                                                response.headers["server-timing"].split(",")}
 
 
 def test_real_mnist_test_digits_are_classified(client, mnist_test):
@@ -163,7 +167,7 @@ def test_blank_image_is_422_not_a_guess(client, mnist_test):
 
 def test_empty_file_and_missing_field_are_422(client):
     assert_problem(client.post(URL, files=files(("e.png", b"", "image/png"))), 422, "image[0]", "empty-file")
-    assert_problem(client.post(URL, files={"picture": ("x.png", b"x", "image/png")}), 422, "picture")
+    assert_problem(client.post(URL, files={"picture": ("x.png", b"x", "image/png")}), 422, "image", "missing-file")
 
 
 def test_empty_and_malformed_json_bodies(client):
@@ -176,27 +180,35 @@ def test_empty_and_malformed_json_bodies(client):
 
 def test_more_than_256_instances_is_refused(client, mnist_test):
     instances = [{"pixels": mnist_test[0][i % 300].tolist()} for i in range(257)]
-    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances", "too-many-instances")
+    problem = assert_problem(client.post(URL, json={"instances": instances}), 422, "instances",
+                             "too-many-instances")
+    assert problem["max_instances"] == 256
 
 
 def test_pixels_of_the_wrong_shape_name_the_instance(client, mnist_test):
     good = {"pixels": mnist_test[0][0].tolist()}
     instances = [good, good, good, {"pixels": mnist_test[0][0][:27].tolist()}]
-    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances[3].pixels", "invalid-pixels")
+    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances[3].pixels", "invalid-request")
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-3", "300", '"7"'])
-def test_pixels_must_be_finite_numbers_in_range(client, bad):
-    row = ", ".join(["0"] * 27 + [bad])
+@pytest.mark.parametrize("bad,field,code", [
+    ("NaN", "instances[0].pixels[0][27]", "invalid-request"),
+    ("Infinity", "instances[0].pixels[0][27]", "invalid-request"),
+    ('"7"', "instances[0].pixels[0][27]", "invalid-request"),
+    ("-3", "instances[0].pixels", "invalid-pixels"),
+    ("300", "instances[0].pixels", "invalid-pixels"),
+])
+def test_pixels_must_be_finite_numbers_in_range(client, bad, field, code):
+    row = ", ".join(["0"] * 14 + ["255"] * 13 + [bad])
     body = '{"instances": [{"pixels": [' + ", ".join([f"[{row}]"] * 28) + "]}]}"
     response = client.post(URL, content=body.encode(), headers={"content-type": "application/json"})
-    assert_problem(response, 422, "instances[0].pixels", "invalid-pixels")
+    assert_problem(response, 422, field, code)
 
 
 def test_instances_must_be_pixels_or_image_b64(client, mnist_test):
     pixels = mnist_test[0][0].tolist()
     both = {"instances": [{"pixels": pixels, "image_b64": "aGk="}]}
-    assert_problem(client.post(URL, json=both), 422, "instances[0]", "invalid-instance")
+    assert_problem(client.post(URL, json=both), 422, "instances[0]", "invalid-request")
     assert_problem(client.post(URL, json={"instances": [{"pixels": pixels}, 7]}), 422, "instances[1]")
     not_b64 = {"instances": [{"image_b64": "%%% not base64 %%%"}]}
     assert_problem(client.post(URL, json=not_b64), 422, "instances[0].image_b64", "invalid-base64")
@@ -204,7 +216,14 @@ def test_instances_must_be_pixels_or_image_b64(client, mnist_test):
     assert_problem(client.post(URL, json=not_image), 415, "instances[0].image_b64")
 
 
-def test_other_content_types_are_415(client, mnist_test):
-    response = client.post(URL, content=encode(mnist_test[0][0]), headers={"content-type": "image/png"})
-    assert_problem(response, 415, "content-type", "unsupported-media-type")
-    assert json.loads(response.text)["request_id"] == response.headers["x-request-id"]
+def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client, mnist_test):
+    png = encode(mnist_test[0][0])
+    for content_type in ("text/plain", "application/octet-stream", "audio/wav", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = client.post(URL, content=png, headers=headers)
+        assert_problem(response, 415, "content-type", "unsupported-media-type")
+        assert json.loads(response.text)["request_id"] == response.headers["x-request-id"]
+    raw = client.post(URL, content=png, headers={"content-type": "image/png"})
+    as_file = client.post(URL, files=files(("7.png", png, "image/png")))
+    assert digits_of(raw) == digits_of(as_file) == [7]
+    assert raw.json()["predictions"][0]["probabilities"] == as_file.json()["predictions"][0]["probabilities"]

@@ -40,7 +40,7 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["status"] == status and body["code"] == code and body["field"] == "audio"
+    assert body["status"] == status and body["code"] == code and body["field"] == "audio[0]"
     return body
 
 
@@ -49,16 +49,24 @@ def wav_answer(live_server: str, speech: np.ndarray) -> dict:
     with httpx.Client(base_url=live_server, timeout=30.0) as client:
         response = post(client, soundfile_bytes(speech, 16000, "WAV"))
     assert response.status_code == 200, response.text
-    return response.json()
+    (prediction,) = response.json()["predictions"]
+    return {**response.json(), **prediction}
+
+
+def only(response: httpx.Response) -> dict:
+    """The one prediction of a one-clip request."""
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    return prediction
 
 
 def test_a_wav_clip_gets_its_emotion_with_probabilities_and_segments(wav_answer):
-    assert wav_answer["emotion"] == "anger"
+    assert wav_answer["label"] == "anger"
     assert set(wav_answer["probabilities"]) == LABELS
     assert sum(wav_answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
     assert wav_answer["duration_s"] == 1.878
     assert wav_answer["segments"] == [{"start_s": 0.0, "end_s": wav_answer["duration_s"],
-                                       "emotion": "anger", "confidence": wav_answer["confidence"]}]
+                                       "label": "anger", "confidence": wav_answer["confidence"]}]
     assert wav_answer["model"] == "emotion" and wav_answer["request_id"]
 
 
@@ -69,7 +77,7 @@ def test_the_same_audio_as_flac_ogg_mp3_gives_the_same_emotion(client, speech, w
                                                               fmt, subtype, mime):
     response = post(client, soundfile_bytes(speech, 16000, fmt, subtype), f"clip.{fmt.lower()}", mime)
     assert response.status_code == 200, response.text
-    assert response.json()["emotion"] == wav_answer["emotion"]
+    assert only(response)["label"] == wav_answer["label"]
 
 
 def test_44k1_stereo_gives_the_same_emotion_and_duration(client, speech, wav_answer):
@@ -77,8 +85,8 @@ def test_44k1_stereo_gives_the_same_emotion_and_duration(client, speech, wav_ans
     stereo = np.stack([resampled, 0.8 * resampled], axis=1)
     response = post(client, soundfile_bytes(stereo, 44100, "WAV"))
     assert response.status_code == 200, response.text
-    assert response.json()["emotion"] == wav_answer["emotion"]
-    assert response.json()["duration_s"] == pytest.approx(wav_answer["duration_s"], abs=0.01)
+    assert only(response)["label"] == wav_answer["label"]
+    assert only(response)["duration_s"] == pytest.approx(wav_answer["duration_s"], abs=0.01)
 
 
 @pytest.mark.parametrize("container,codec,rate,mime", [("webm", "libopus", 48000, "audio/webm"),
@@ -87,14 +95,14 @@ def test_browser_webm_opus_and_phone_m4a_are_accepted(client, speech, wav_answer
                                                       rate, mime):
     response = post(client, pyav_bytes(speech, container, codec, rate), f"clip.{container}", mime)
     assert response.status_code == 200, response.text
-    assert response.json()["emotion"] == wav_answer["emotion"]
+    assert only(response)["label"] == wav_answer["label"]
 
 
 def test_a_long_clip_is_scored_in_overlapping_windows(client):
     speech, _ = sf.read(EMODB / "16a05Tb.wav", dtype="float32")  # 6.79 s
     response = post(client, soundfile_bytes(speech, 16000, "FLAC"), "long.flac", "audio/flac")
     assert response.status_code == 200, response.text
-    starts = [s["start_s"] for s in response.json()["segments"]]
+    starts = [s["start_s"] for s in only(response)["segments"]]
     assert starts[:3] == [0.0, 1.5, 3.0] and len(starts) >= 3
 
 
@@ -134,3 +142,17 @@ def test_wrong_field_name_is_422_naming_audio(client, speech):
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["field"] == "audio"
+
+
+def test_several_clips_and_a_raw_body_each_get_their_own_answer(client, speech):
+    """Two files in one request give two predictions in order; a raw audio/wav body is one clip."""
+    wav = soundfile_bytes(speech, 16000, "WAV")
+    quiet = soundfile_bytes(speech[:16000] * 0.5, 16000, "WAV")
+    both = client.post(URL, files=[("audio", ("a.wav", wav, "audio/wav")), ("audio", ("b.wav", quiet, "audio/wav"))])
+    assert both.status_code == 200, both.text
+    first, second = both.json()["predictions"]
+    assert (first["duration_s"], second["duration_s"]) == (1.878, 1.0)
+    raw = client.post(URL, content=wav, headers={"content-type": "audio/wav"})
+    assert only(raw)["probabilities"] == first["probabilities"]
+    assert raw.headers["x-model-version"] == raw.json()["version"]
+    assert "inference;dur=" in raw.headers["server-timing"]

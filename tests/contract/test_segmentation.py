@@ -63,15 +63,25 @@ def test_held_out_slice_is_segmented_well_above_chance(client):
 def test_json_format_describes_the_mask(client):
     response = post(client, encode(em_crop(200, 333)), format="json")
     assert response.status_code == 200
-    body = response.json()
-    assert set(body) >= {"width", "height", "foreground_fraction", "mask_png_b64", "model",
-                         "version", "request_id"}
-    assert (body["width"], body["height"], body["model"]) == (333, 200, "segmentation")
-    assert body["request_id"] == response.headers["x-request-id"]
+    assert response.json()["model"] == "segmentation"
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    (body,) = response.json()["predictions"]
+    assert (body["width"], body["height"]) == (333, 200)
     mask = np.asarray(read_png(base64.b64decode(body["mask_png_b64"])))
     assert mask.shape == (200, 333)
-    assert body["foreground_fraction"] == pytest.approx(float(np.mean(mask == 255)))
-    assert 0.05 < body["foreground_fraction"] < 0.6  # EM has membranes, but not everywhere
+    assert body["membrane_fraction"] == pytest.approx(float(np.mean(mask == 255)), abs=1e-6)
+    assert 0.05 < body["membrane_fraction"] < 0.6  # EM has membranes, but not everywhere
+
+
+def test_several_images_with_format_json_come_back_in_order(client):
+    small, large = encode(em_crop(64, 96)), encode(em_crop(128, 80))
+    response = client.post("/v1/segmentation/predict", params={"format": "json"},
+                           files=[("image", ("a.png", small, "image/png")), ("image", ("b.png", large, "image/png"))])
+    assert response.status_code == 200, response.text
+    assert [(p["width"], p["height"]) for p in response.json()["predictions"]] == [(96, 64), (80, 128)]
+    as_png = client.post("/v1/segmentation/predict",
+                         files=[("image", ("a.png", small, "image/png")), ("image", ("b.png", large, "image/png"))])
+    assert (as_png.status_code, as_png.json()["code"]) == (422, "too-many-instances")
 
 
 def test_overlay_is_an_rgb_picture_of_the_input_size(client):
@@ -93,9 +103,10 @@ def test_rgb_jpeg_and_tiff_inputs_are_accepted(client):
 
 def test_a_lower_threshold_marks_at_least_as_much_membrane(client):
     data = encode(em_crop(256, 256))
-    low = post(client, data, format="json", threshold=0.2).json()
-    high = post(client, data, format="json", threshold=0.8).json()
-    assert low["foreground_fraction"] >= high["foreground_fraction"]
+    low = post(client, data, format="json", threshold=0.2).json()["predictions"][0]
+    high = post(client, data, format="json", threshold=0.8).json()["predictions"][0]
+    assert low["membrane_fraction"] > high["membrane_fraction"]
+    assert (low["threshold"], high["threshold"]) == (0.2, 0.8)
 
 
 @pytest.mark.parametrize(("data", "media", "status", "code"), [
@@ -108,7 +119,7 @@ def test_bad_uploads_are_problem_json(client, data, media, status, code):
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == code
-    assert response.json()["field"] == "image"
+    assert response.json()["field"] == "image[0]"
 
 
 @pytest.mark.parametrize("params", [{"threshold": "0"}, {"threshold": "1.5"}, {"threshold": "x"},

@@ -10,7 +10,8 @@ from app.core.limits import DIGITS_MAX_INSTANCES as MAX_INSTANCES
 from app.core.schemas import Envelope
 
 LABELS = [str(d) for d in range(10)]
-Row = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=28, max_length=28)]
+Row = Annotated[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]],
+                Field(min_length=28, max_length=28)]
 
 
 class DigitsInstance(BaseModel):
