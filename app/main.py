@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -18,12 +19,12 @@ from fastapi.responses import JSONResponse, Response
 from app.core.config import Settings, get_settings
 from app.core.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
 from app.core.execution import build_execution
-from app.core.limits import MAX_IN_FLIGHT
+from app.core.limits import MAX_IN_FLIGHT, limits_for
 from app.core.logging import configure_logging, native_stderr_as_log
 from app.core.middleware import RequestContextMiddleware
-from app.core.pipeline import REGISTERED
+from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED
 from app.core.registry import ModelRegistry, ModelSlot
-from app.core.schemas import Problem
+from app.core.schemas import Liveness, ModelList, Problem, Readiness
 from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.metrics import render_metrics
 from app.monitoring.router import router as monitoring_router
@@ -58,8 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.execution.shutdown()
 
     # No trailing-slash redirects: they would echo the client's Host header back in a Location.
-    app = FastAPI(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
-                  lifespan=lifespan, redirect_slashes=False)
+    # /docs and /redoc from assets installed with fastapi-offline: no CDN, they work offline.
+    app = FastAPIOffline(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
+                         lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     install_error_handlers(app)
     if settings.cors_origins:
@@ -70,12 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
                        request_timeout_s=settings.request_timeout_s, max_in_flight=MAX_IN_FLIGHT)
 
-    @app.get("/health/live", tags=["health"])
+    @app.get("/health/live", tags=["health"], operation_id="health_live", response_model=Liveness)
     async def live() -> dict[str, str]:
         """The process is up and answering."""
         return {"status": "ok"}
 
-    @app.get("/health/ready", tags=["health"], responses={503: {"description": "models not loaded"}})
+    @app.get("/health/ready", tags=["health"], operation_id="health_ready", response_model=Readiness,
+             responses={503: {"description": "a model is not loaded (`models-not-ready`) or this "
+                                             "worker's heavy queue is full (`saturated`)"}})
     async def ready(request: Request) -> Response:
         """200 when every model is loaded and this worker can take more work; else 503 naming the
         models that are not loaded or the kinds of work whose queue is full."""
@@ -95,17 +99,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 saturated=saturated, gates=execution.status(),
                                 headers={"Retry-After": "2"})
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], operation_id="models_list", response_model=ModelList)
     async def list_models(request: Request) -> dict[str, Any]:
-        """Every task: version, input/output spec, training metrics, created; or why it is not loaded."""
+        """Every task: version, input/output spec, labels, training metrics, created and the limits
+        its endpoints enforce; or why it is not loaded."""
         registry: ModelRegistry = request.app.state.registry
         models = []
         for task, slot in registry.slots.items():
+            limits = limits_for(task, settings)
             if slot.model is not None:
-                models.append({**slot.model.describe(), "ready": True})
+                models.append({**slot.model.describe(), "ready": True, "limits": limits})
             else:
                 models.append({"name": task, "task": task, "version": slot.version, "ready": False,
-                               "error": slot.error})
+                               "error": slot.error, "limits": limits})
         return {"models": models}
 
     @app.get("/metrics", tags=["monitoring"], include_in_schema=False)
@@ -134,6 +140,7 @@ def contract(app: FastAPI) -> dict[str, Any]:
             model_schema = endpoint.json_schema.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[endpoint.json_schema.__name__] = model_schema
+    components.update(EXTRA_SCHEMAS)
     problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     components["Problem"] = problem
     for name in ("HTTPValidationError", "ValidationError"):

@@ -108,6 +108,17 @@ def limits(settings: Settings) -> list[Limit]:
     ]
 
 
+_MEDIA = {"digits": "images", "segmentation": "images", "clustering": "images", "emotion": "audio"}
+
+
+def limits_for(task: str, settings: Settings) -> list[dict[str, str]]:
+    """The rows of the table that apply to ``task``'s endpoints, as ``GET /v1/models`` shows them."""
+    wanted = ("every request", _MEDIA.get(task, ""), task)
+    return [{"applies_to": x.applies_to, "what": x.what, "value": x.value, "refusal": x.refusal,
+             "setting": x.setting.replace("`", "")}
+            for x in limits(settings) if x.applies_to.split(" ")[0] in wanted or x.applies_to in wanted]
+
+
 def limits_markdown(settings: Settings) -> str:
     rows = ["| applies to | limit | value | beyond it | setting |", "| --- | --- | --- | --- | --- |"]
     rows += [f"| {x.applies_to} | {x.what} | {x.value} | {x.refusal} | {x.setting} |"

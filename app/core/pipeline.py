@@ -10,7 +10,8 @@ that decodes, predicts and encodes each instance. The core owns everything aroun
 2. a place in the admission gate's queue, taken before the body is read (503 ``overloaded``);
 3. reading the body by its media type: ``multipart/form-data`` (repeated file fields, one instance
    each, in order), ``application/json`` (the endpoint's schema) or one raw upload
-   (``Content-Type: image/png``, ``audio/wav``...); anything else is the same 415 everywhere;
+   (``Content-Type: image/png``, ``audio/wav``..., or ``application/octet-stream``: the codecs read
+   the format from the bytes); anything else is the same 415 everywhere;
    more instances than the endpoint takes is a 422, never a silently dropped file;
 4. ``run(job)`` on the gate's thread within the request's deadline (:mod:`app.core.execution`);
 5. the prediction log, then the envelope ``{"model", "version", "request_id", "predictions"}`` (or
@@ -37,6 +38,7 @@ from app.core.execution import execution_of
 from app.core.registry import ServedModel
 from app.monitoring.log import log_predictions
 
+RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted format
 PROBLEM_STATUSES = {
     400: "malformed JSON or multipart body",
     413: "a body, file, image or request over its limit (see the limits table)",
@@ -137,6 +139,8 @@ def _accepted(endpoint: Endpoint) -> list[str]:
     if endpoint.json_schema is not None:
         kinds.append("application/json")
     kinds += [f"{prefix}*" for prefix in endpoint.raw_media]
+    if endpoint.raw_media:
+        kinds.append(RAW_MEDIA_TYPE)
     return kinds
 
 
@@ -258,7 +262,8 @@ def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
             elif media_type == "application/json" and endpoint.json_schema is not None:
                 params = parse_params(endpoint, query)
                 instances = await read_json(request, endpoint)
-            elif endpoint.raw_media and media_type.startswith(endpoint.raw_media):
+            elif endpoint.raw_media and (media_type.startswith(endpoint.raw_media)
+                                         or media_type == RAW_MEDIA_TYPE):
                 params = parse_params(endpoint, query)
                 instances = await read_raw(request, endpoint, settings.max_upload_bytes)
             else:
@@ -302,18 +307,28 @@ def request_body_doc(endpoint: Endpoint) -> dict[str, Any]:
             files = {"type": "array", "items": files, "minItems": 1, "maxItems": endpoint.max_instances}
         properties: dict[str, Any] = {endpoint.file_field: {**files, "description": endpoint.file_description}}
         if endpoint.params_schema is not None:
-            for name, schema in endpoint.params_schema.model_json_schema()["properties"].items():
-                properties[name] = schema
+            properties.update(_param_schemas(endpoint))
         content["multipart/form-data"] = {"schema": {"type": "object", "required": [endpoint.file_field],
                                                      "properties": properties}}
     if endpoint.json_schema is not None:
         content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{endpoint.json_schema.__name__}"}}
-    for prefix in endpoint.raw_media:
-        content[f"{prefix}*"] = {"schema": {"type": "string", "format": "binary",
-                                            "description": "one file as the whole body"}}
+    if endpoint.raw_media:
+        # Documented as octet-stream, the media type generic clients send raw files with; the
+        # specific image/* or audio/* types of mobile upload APIs are accepted the same way.
+        kinds = " or ".join(f"{prefix}*" for prefix in endpoint.raw_media)
+        content[RAW_MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary", "description": (
+            f"one file as the whole body; Content-Type {kinds} is accepted too")}}
     for media, example in endpoint.request_examples.items():
         content.setdefault(media, {})["example"] = example
     return {"required": True, "content": content}
+
+
+def _param_schemas(endpoint: Endpoint) -> dict[str, Any]:
+    """The parameters' JSON schemas; the enums they use become components (``EXTRA_SCHEMAS``)."""
+    assert endpoint.params_schema is not None
+    schema = endpoint.params_schema.model_json_schema(ref_template="#/components/schemas/{model}")
+    EXTRA_SCHEMAS.update(schema.get("$defs", {}))
+    return schema["properties"]
 
 
 def register(router: APIRouter, endpoint: Endpoint) -> None:
@@ -327,12 +342,13 @@ def register(router: APIRouter, endpoint: Endpoint) -> None:
     if endpoint.response_example is not None:
         success.setdefault("content", {})["application/json"] = {"example": endpoint.response_example}
     responses[200] = success
-    openapi_extra: dict[str, Any] = {"requestBody": request_body_doc(endpoint)}
+    openapi_extra: dict[str, Any] = {"requestBody": request_body_doc(endpoint),
+                                     "parameters": [CORRELATION_HEADER]}
     if endpoint.params_schema is not None:
-        openapi_extra["parameters"] = [
+        openapi_extra["parameters"] += [
             {"name": name, "in": "query", "required": False, "schema": schema,
              "description": schema.get("description", "")}
-            for name, schema in endpoint.params_schema.model_json_schema()["properties"].items()]
+            for name, schema in _param_schemas(endpoint).items()]
     router.add_api_route(endpoint.path, handler(endpoint), methods=["POST"],
                          response_model=endpoint.response_schema, responses=responses,
                          summary=endpoint.summary, description=endpoint.description,
@@ -341,4 +357,10 @@ def register(router: APIRouter, endpoint: Endpoint) -> None:
     REGISTERED.append(endpoint)
 
 
+CORRELATION_HEADER = {
+    "name": "X-Request-ID", "in": "header", "required": False,
+    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:\-]{1,128}$"},
+    "description": "your own correlation id: logged with the request and echoed as X-Correlation-ID. "
+                   "The request id of the answer (request_id, X-Request-ID) is issued by the server."}
 REGISTERED: list[Endpoint] = []  # every endpoint declared, for the OpenAPI components
+EXTRA_SCHEMAS: dict[str, Any] = {}  # schemas the parameters refer to (enums)

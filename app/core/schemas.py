@@ -35,3 +35,37 @@ class Problem(BaseModel):
     field: str | None = Field(None, description="the input to blame, e.g. `image[2]`")
     instance: str | None = Field(None, description="the request path")
     request_id: str | None = None
+
+
+class Liveness(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    models: dict[str, dict[str, Any]] = Field(description="per task: ready, version, error, load_seconds")
+    gates: dict[str, dict[str, Any]] = Field(description="per kind of work: running, waiting, saturated")
+
+
+class LimitRow(BaseModel):
+    applies_to: str
+    what: str
+    value: str
+    refusal: str = Field(description="status and problem code beyond the limit")
+    setting: str = Field(description="the environment variable that sets it, if any")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    task: str
+    version: str | None
+    ready: bool
+    error: str | None = None
+    labels: list[str] | None = None
+    limits: list[LimitRow] = Field(description="the limits this task's endpoints enforce (as in the README)")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]

@@ -11,7 +11,8 @@ import asyncio
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,7 +40,12 @@ def monitoring_state(request: Request) -> Monitoring:
     return monitoring
 
 
-def require_admin(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> None:
+bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken",
+                    description="Authorization: Bearer $ADMIN_TOKEN (required when ADMIN_TOKEN is set)")
+
+
+def require_admin(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+                  _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> None:
     """Bearer ``ADMIN_TOKEN`` when one is configured (401 without credentials, 403 with wrong ones)."""
     token = monitoring.settings.admin_token
     if token is None or not token.get_secret_value():
@@ -55,6 +61,13 @@ def require_admin(request: Request, monitoring: Annotated[Monitoring, Depends(mo
 
 
 Admin = Depends(require_admin)
+ADMIN_RESPONSES: dict[int | str, Any] = {
+    401: {"description": "no bearer token (ADMIN_TOKEN is set)"},
+    403: {"description": "a bearer token that is not ADMIN_TOKEN"},
+    404: {"description": "no model of that name"},
+    422: {"description": "a window, history or limit that cannot be read"},
+    503: {"description": "the prediction-log database is unavailable"},
+}
 
 
 def _flush_local(monitoring: Monitoring) -> None:
@@ -145,7 +158,23 @@ async def _find_prediction(monitoring: Monitoring, request_id: str) -> list[Any]
     return rows
 
 
-@router.post("/v1/feedback", status_code=201)
+class FeedbackOut(BaseModel):
+    request_id: str
+    index: int
+    label: str
+    model: str
+    version: str
+    prediction: str = Field(description="what the model predicted for this instance")
+    correct: bool
+    replaced: bool = Field(description="whether an earlier label was replaced (it is never shown)")
+
+
+@router.post("/v1/feedback", status_code=201, operation_id="feedback_create", response_model=FeedbackOut,
+             responses={200: {"description": "an earlier label was replaced", "model": FeedbackOut},
+                        404: {"description": "no prediction with that request id, or no such instance"},
+                        422: {"description": "a label the model does not have, or a malformed body"},
+                        503: {"description": "the prediction-log database is unavailable, or too many "
+                                             "feedback requests are waiting"}})
 async def post_feedback(body: FeedbackIn, request: Request, response: Response,
                         monitoring: Annotated[Monitoring, Depends(monitoring_state)]) -> dict[str, Any]:
     """Record the ground-truth label of one predicted instance (a second label replaces the first:
@@ -184,7 +213,7 @@ def _labels_of(request: Request, model: str, version: str) -> list[str]:
     return [str(label) for label in slot.model.metadata.get("labels") or []]
 
 
-@router.get("/v1/feedback", dependencies=[Admin])
+@router.get("/v1/feedback", dependencies=[Admin], operation_id="feedback_list", responses=ADMIN_RESPONSES)
 def get_feedback(monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                  model: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -196,7 +225,8 @@ def get_feedback(monitoring: Annotated[Monitoring, Depends(monitoring_state)],
         raise _database_down(exc) from None
 
 
-@router.get("/v1/monitoring/accuracy", dependencies=[Admin])
+@router.get("/v1/monitoring/accuracy", dependencies=[Admin], operation_id="monitoring_accuracy",
+            responses=ADMIN_RESPONSES)
 def get_accuracy(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                  model: str | None = None, window: str | None = None) -> dict[str, Any]:
     """Live accuracy per model over the window's predictions that have feedback."""
@@ -216,7 +246,8 @@ def get_accuracy(request: Request, monitoring: Annotated[Monitoring, Depends(mon
         raise _database_down(exc) from None
 
 
-@router.get("/v1/monitoring/drift", dependencies=[Admin])
+@router.get("/v1/monitoring/drift", dependencies=[Admin], operation_id="monitoring_drift",
+            responses=ADMIN_RESPONSES)
 def get_drift(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
               model: str | None = None, window: str | None = None) -> dict[str, Any]:
     """Drift report per model (all loaded models when ``model`` is omitted) over ``window``:
@@ -231,7 +262,8 @@ def get_drift(request: Request, monitoring: Annotated[Monitoring, Depends(monito
         raise _database_down(exc) from None
 
 
-@router.get("/v1/monitoring/dashboard", dependencies=[Admin], response_class=HTMLResponse)
+@router.get("/v1/monitoring/dashboard", dependencies=[Admin], response_class=HTMLResponse,
+            operation_id="monitoring_dashboard", responses=ADMIN_RESPONSES)
 def get_dashboard(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                   model: str | None = None, window: str | None = None,
                   history: str = "24h") -> HTMLResponse:

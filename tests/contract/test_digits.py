@@ -218,7 +218,7 @@ def test_instances_must_be_pixels_or_image_b64(client, mnist_test):
 
 def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client, mnist_test):
     png = encode(mnist_test[0][0])
-    for content_type in ("text/plain", "application/octet-stream", "audio/wav", None):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "audio/wav", None):
         headers = {"content-type": content_type} if content_type else {}
         response = client.post(URL, content=png, headers=headers)
         assert_problem(response, 415, "content-type", "unsupported-media-type")

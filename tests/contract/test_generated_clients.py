@@ -1,0 +1,132 @@
+"""The OpenAPI document is the contract: clients generated from the live server's /openapi.json
+call every prediction endpoint with real files and get typed answers."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from tests.support import MODELS, SHARED_DATA
+
+BIN = Path(sys.executable).parent
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def spec(live_server: str) -> dict:
+    return httpx.get(live_server + "/openapi.json").json()
+
+
+@pytest.fixture(scope="module")
+def generated(spec: dict, tmp_path_factory) -> object:
+    """``openapi-python-client generate`` on the live spec; fails on any warning."""
+    root = tmp_path_factory.mktemp("generated")
+    (root / "openapi.json").write_text(json.dumps(spec))
+    result = subprocess.run([str(BIN / "openapi-python-client"), "generate", "--path", str(root / "openapi.json"),
+                             "--output-path", str(root / "inference_client"), "--meta", "none"],
+                            capture_output=True, text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "warning" not in output.lower(), output
+    sys.path.insert(0, str(root))
+    try:
+        yield importlib.import_module("inference_client")
+    finally:
+        sys.path.remove(str(root))
+
+
+def test_every_operation_has_a_meaningful_unique_id_and_documented_problems(spec):
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert all(not i.endswith(("_post", "_get")) for i in ids), ids
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            for status, response in op["responses"].items():
+                if int(status) >= 400:
+                    schema = response["content"]["application/problem+json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Problem"}, (path, status)
+            if path.startswith("/v1/monitoring") or (path == "/v1/feedback" and "get" in ops):
+                assert {"401", "403"} <= set(ops["get"]["responses"]), path
+                assert ops["get"]["security"] == [{"AdminToken": []}]
+
+
+def test_the_generated_python_client_calls_every_prediction_endpoint(generated, live_server):
+    from inference_client import Client
+    from inference_client.api.clustering import clustering_fit, clustering_palette, clustering_predict
+    from inference_client.api.digits import digits_predict
+    from inference_client.api.emotion import emotion_predict
+    from inference_client.api.monitoring import feedback_create
+    from inference_client.api.segmentation import segmentation_predict
+    from inference_client.models import (
+        ClusteringFitRequest,
+        ClusteringPaletteFilesBody,
+        ClusteringPredictRequest,
+        ClusteringPredictRequestInstancesItem,
+        DigitsInstance,
+        DigitsPredictFilesBody,
+        DigitsPredictRequest,
+        EmotionPredictFilesBody,
+        FeedbackIn,
+        MaskFormat,
+        SegmentationPredictFilesBody,
+    )
+    from inference_client.types import File
+
+    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
+        seven, two = data["x_test"][0], data["x_test"][1]
+    client = Client(base_url=live_server, timeout=httpx.Timeout(60.0))
+
+    digits = digits_predict.sync(client=client, body=DigitsPredictFilesBody(image=[
+        File(payload=io.BytesIO(png(seven)), file_name="7.png", mime_type="image/png"),
+        File(payload=io.BytesIO(png(two)), file_name="2.png", mime_type="image/png")]))
+    assert [p.digit for p in digits.predictions] == [7, 2] and digits.model == "digits"
+    as_json = digits_predict.sync(client=client, body=DigitsPredictRequest(
+        instances=[DigitsInstance(pixels=seven.astype(float).tolist())]))
+    assert as_json.predictions[0].label == "7"
+    raw = digits_predict.sync(client=client, body=File(payload=io.BytesIO(png(seven)), file_name="7.png"))
+    assert raw.predictions[0].digit == 7
+
+    clip = io.BytesIO()
+    waveform, rate = sf.read(SHARED_DATA / "emodb" / "wav" / "03a01Wa.wav", dtype="float32")
+    sf.write(clip, waveform, rate, format="WAV")
+    emotion = emotion_predict.sync(client=client, body=EmotionPredictFilesBody(audio=[
+        File(payload=io.BytesIO(clip.getvalue()), file_name="anger.wav", mime_type="audio/wav")]))
+    assert emotion.predictions[0].label == "anger" and emotion.predictions[0].segments
+
+    membrane = np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png"))[:256, :256]
+    masks = segmentation_predict.sync(client=client, format_=MaskFormat.JSON, body=SegmentationPredictFilesBody(
+        image=[File(payload=io.BytesIO(png(membrane)), file_name="m.png", mime_type="image/png")]))
+    assert (masks.predictions[0].width, masks.predictions[0].height) == (256, 256)
+
+    segments = clustering_predict.sync(client=client, body=ClusteringPredictRequest(instances=[
+        ClusteringPredictRequestInstancesItem.from_dict({"annual_income": 15, "spending_score": 39})]))
+    assert segments.predictions[0].segment == "low income, low spending"
+    fit = clustering_fit.sync(client=client, body=ClusteringFitRequest(
+        data=[[1.0, 1.0], [1.1, 0.9], [9.0, 9.0], [9.1, 8.8], [5.0, 0.0], [5.1, 0.2]], k=3))
+    assert fit.predictions[0].k == 3 and fit.model == "clustering-fit"
+    flag = np.zeros((20, 30, 3), np.uint8)
+    flag[:10] = (230, 40, 40)
+    palette = clustering_palette.sync(client=client, body=ClusteringPaletteFilesBody(
+        image=[File(payload=io.BytesIO(png(flag)), file_name="f.png", mime_type="image/png")], colors=2))
+    assert [c.hex_ for c in palette.predictions[0].colors] == ["#000000", "#e62828"]
+
+    feedback = feedback_create.sync(client=client, body=FeedbackIn(request_id=digits.request_id, label="7"))
+    assert feedback.correct is True and feedback.replaced is False
