@@ -28,8 +28,12 @@ serve: .venv/.installed
 	mkdir -p var
 	PORT=$(PORT) .venv/bin/gunicorn -c gunicorn.conf.py app.main:app
 
+tests/typescript/node_modules/.installed: tests/typescript/package.json tests/typescript/package-lock.json
+	cd tests/typescript && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 ## test: create the test environment and run the whole suite (unit + contract, SQLite + PostgreSQL)
-test: .venv-dev/.installed
+test: .venv-dev/.installed tests/typescript/node_modules/.installed
 	.venv-dev/bin/python -m pytest
 
 ## bench: start the server and print boot time, RSS and per-task figures (bench/results/*.json)

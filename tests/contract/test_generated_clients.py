@@ -130,3 +130,21 @@ def test_the_generated_python_client_calls_every_prediction_endpoint(generated, 
 
     feedback = feedback_create.sync(client=client, body=FeedbackIn(request_id=digits.request_id, label="7"))
     assert feedback.correct is True and feedback.replaced is False
+
+
+TYPESCRIPT = Path(__file__).resolve().parents[1] / "typescript"
+
+
+def test_typescript_types_generated_from_the_spec_compile_against_a_typed_call_of_every_endpoint(spec, tmp_path):
+    """openapi-typescript on the live spec, then tsc --noEmit on tests/typescript/calls.ts."""
+    bin_dir = TYPESCRIPT / "node_modules" / ".bin"
+    assert (bin_dir / "tsc").exists(), "run `npm ci` in tests/typescript (make test does)"
+    (TYPESCRIPT / "spec.json").write_text(json.dumps(spec))
+    generate = subprocess.run([str(bin_dir / "openapi-typescript"), "spec.json", "-o", "schema.d.ts",
+                               "--default-non-nullable", "false"], cwd=TYPESCRIPT, capture_output=True,
+                              text=True, timeout=120)
+    assert generate.returncode == 0, generate.stdout + generate.stderr
+    assert "warn" not in (generate.stdout + generate.stderr).lower(), generate.stdout + generate.stderr
+    compile_ = subprocess.run([str(bin_dir / "tsc"), "--noEmit", "-p", "."], cwd=TYPESCRIPT,
+                              capture_output=True, text=True, timeout=300)
+    assert compile_.returncode == 0, compile_.stdout + compile_.stderr
