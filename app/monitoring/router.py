@@ -171,6 +171,8 @@ class FeedbackOut(BaseModel):
 
 @router.post("/v1/feedback", status_code=201, operation_id="feedback_create", response_model=FeedbackOut,
              responses={200: {"description": "an earlier label was replaced", "model": FeedbackOut},
+                        400: {"description": "a body that is not JSON"},
+                        413: {"description": "a body over MAX_UPLOAD_MB"},
                         404: {"description": "no prediction with that request id, or no such instance"},
                         422: {"description": "a label the model does not have, or a malformed body"},
                         503: {"description": "the prediction-log database is unavailable, or too many "
