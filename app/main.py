@@ -11,10 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from app.core.config import Settings, get_settings
 from app.core.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response

@@ -16,7 +16,14 @@ import numpy as np
 from PIL import Image
 
 from bench.common import SHARED_DATA, serving_python, write_results
-from bench.hostile_inputs import big_digit_png, flac_dc, flat_png, jpeg_scans, tiff_pages, wav_noise
+from bench.hostile_inputs import (
+    big_digit_png,
+    flac_dc,
+    flat_png,
+    jpeg_scans,
+    tiff_pages,
+    wav_noise,
+)
 from bench.liveserver import MemorySampler, running_server
 
 

@@ -318,6 +318,16 @@ def request_body_doc(endpoint: Endpoint) -> dict[str, Any]:
         kinds = " or ".join(f"{prefix}*" for prefix in endpoint.raw_media)
         content[RAW_MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary", "description": (
             f"one file as the whole body; Content-Type {kinds} is accepted too")}}
+    if endpoint.file_field:  # what a client sends, the files shown by name (curl -F image=@7.png)
+        example_files = [f"{endpoint.file_field}-{i}.bin" for i in range(min(2, endpoint.max_instances))]
+        content["multipart/form-data"]["example"] = {
+            endpoint.file_field: example_files if endpoint.max_instances > 1 else example_files[0]}
+    if endpoint.raw_media:
+        content[RAW_MEDIA_TYPE]["example"] = "(the file's bytes)"
+    if endpoint.json_schema is not None:
+        examples = endpoint.json_schema.model_json_schema().get("examples")
+        if examples:
+            content["application/json"]["example"] = examples[0]
     for media, example in endpoint.request_examples.items():
         content.setdefault(media, {})["example"] = example
     return {"required": True, "content": content}

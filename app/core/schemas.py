@@ -38,11 +38,18 @@ class Problem(BaseModel):
 
 
 class Liveness(BaseModel):
-    status: str = Field(examples=["ok"])
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str
 
 
 class Readiness(BaseModel):
-    status: str = Field(examples=["ready"])
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ready",
+        "models": {"digits": {"ready": True, "version": "1.0.1", "error": None, "load_seconds": 0.01}},
+        "gates": {"heavy": {"running": 0, "waiting": 0, "concurrency": 1, "queue": 2, "saturated": False}}}]})
+
+    status: str
     models: dict[str, dict[str, Any]] = Field(description="per task: ready, version, error, load_seconds")
     gates: dict[str, dict[str, Any]] = Field(description="per kind of work: running, waiting, saturated")
 
@@ -68,4 +75,10 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [{
+        "name": "digits", "task": "digits", "version": "1.0.1", "ready": True,
+        "labels": [str(d) for d in range(10)],
+        "limits": [{"applies_to": "digits", "what": "images or instances per request", "value": "1-256",
+                    "refusal": "422 `too-many-instances`", "setting": ""}]}]}]})
+
     models: list[ModelInfo]

@@ -12,8 +12,8 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import HTMLResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -61,6 +61,12 @@ def require_admin(request: Request, monitoring: Annotated[Monitoring, Depends(mo
 
 
 Admin = Depends(require_admin)
+
+
+def admin_responses(example: Any, media_type: str = "application/json") -> dict[int | str, Any]:
+    return {200: {"content": {media_type: {"example": example}}}, **ADMIN_RESPONSES}
+
+
 ADMIN_RESPONSES: dict[int | str, Any] = {
     401: {"description": "no bearer token (ADMIN_TOKEN is set)"},
     403: {"description": "a bearer token that is not ADMIN_TOKEN"},
@@ -101,6 +107,9 @@ def _database_down(exc: Exception) -> ProblemError:
 
 
 class FeedbackIn(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [
+        {"request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f", "index": 0, "label": "7"}]}}
+
     request_id: str = Field(min_length=1, max_length=128,
                             description="the request_id returned with the prediction (X-Request-ID)")
     label: str = Field(min_length=1, max_length=256, description="the true label")
@@ -159,6 +168,10 @@ async def _find_prediction(monitoring: Monitoring, request_id: str) -> list[Any]
 
 
 class FeedbackOut(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [
+        {"request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f", "index": 0, "label": "7", "model": "digits",
+         "version": "1.0.1", "prediction": "7", "correct": True, "replaced": False}]}}
+
     request_id: str
     index: int
     label: str
@@ -215,7 +228,11 @@ def _labels_of(request: Request, model: str, version: str) -> list[str]:
     return [str(label) for label in slot.model.metadata.get("labels") or []]
 
 
-@router.get("/v1/feedback", dependencies=[Admin], operation_id="feedback_list", responses=ADMIN_RESPONSES)
+@router.get("/v1/feedback", dependencies=[Admin], operation_id="feedback_list",
+            responses=admin_responses({"feedback": [{
+                "created_at": "2026-11-25T12:00:00+00:00", "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+                "index": 0, "label": "7", "model": "digits", "version": "1.0.1", "prediction": "7",
+                "confidence": 0.99, "correct": True}]}))
 def get_feedback(monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                  model: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -228,7 +245,10 @@ def get_feedback(monitoring: Annotated[Monitoring, Depends(monitoring_state)],
 
 
 @router.get("/v1/monitoring/accuracy", dependencies=[Admin], operation_id="monitoring_accuracy",
-            responses=ADMIN_RESPONSES)
+            responses=admin_responses({"generated_at": "2026-11-25T12:00:00+00:00",
+                                       "window": {"kind": "count", "count": 500},
+                                       "models": [{"model": "digits", "labelled": 40, "correct": 39,
+                                                   "accuracy": 0.975, "versions": ["1.0.1"], "per_class": {}}]}))
 def get_accuracy(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                  model: str | None = None, window: str | None = None) -> dict[str, Any]:
     """Live accuracy per model over the window's predictions that have feedback."""
@@ -249,7 +269,10 @@ def get_accuracy(request: Request, monitoring: Annotated[Monitoring, Depends(mon
 
 
 @router.get("/v1/monitoring/drift", dependencies=[Admin], operation_id="monitoring_drift",
-            responses=ADMIN_RESPONSES)
+            responses=admin_responses({"generated_at": "2026-11-25T12:00:00+00:00",
+                                       "window": {"kind": "count", "count": 500}, "min_samples": 30,
+                                       "models": [{"model": "digits", "version": "1.0.1", "n": 500,
+                                                   "status": "ok", "drift_score": 0.03}]}))
 def get_drift(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
               model: str | None = None, window: str | None = None) -> dict[str, Any]:
     """Drift report per model (all loaded models when ``model`` is omitted) over ``window``:
@@ -265,7 +288,8 @@ def get_drift(request: Request, monitoring: Annotated[Monitoring, Depends(monito
 
 
 @router.get("/v1/monitoring/dashboard", dependencies=[Admin], response_class=HTMLResponse,
-            operation_id="monitoring_dashboard", responses=ADMIN_RESPONSES)
+            operation_id="monitoring_dashboard",
+            responses=admin_responses("<!doctype html><title>Monitoring</title>...", "text/html"))
 def get_dashboard(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
                   model: str | None = None, window: str | None = None,
                   history: str = "24h") -> HTMLResponse:

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tests.support import MODELS, SHARED_DATA
+from tests.support import SHARED_DATA
 
 BIN = Path(sys.executable).parent
 
@@ -70,7 +70,11 @@ def test_every_operation_has_a_meaningful_unique_id_and_documented_problems(spec
 
 def test_the_generated_python_client_calls_every_prediction_endpoint(generated, live_server):
     from inference_client import Client
-    from inference_client.api.clustering import clustering_fit, clustering_palette, clustering_predict
+    from inference_client.api.clustering import (
+        clustering_fit,
+        clustering_palette,
+        clustering_predict,
+    )
     from inference_client.api.digits import digits_predict
     from inference_client.api.emotion import emotion_predict
     from inference_client.api.monitoring import feedback_create
@@ -148,3 +152,20 @@ def test_typescript_types_generated_from_the_spec_compile_against_a_typed_call_o
     compile_ = subprocess.run([str(bin_dir / "tsc"), "--noEmit", "-p", "."], cwd=TYPESCRIPT,
                               capture_output=True, text=True, timeout=300)
     assert compile_.returncode == 0, compile_.stdout + compile_.stderr
+
+
+def test_every_operation_has_a_request_and_a_response_example(spec):
+    schemas = spec["components"]["schemas"]
+
+    def has_example(media: dict) -> bool:
+        if "example" in media or "examples" in media:
+            return True
+        ref = media.get("schema", {}).get("$ref", "")
+        return bool(ref) and "examples" in schemas[ref.rsplit("/", 1)[1]]
+
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            for media_type, media in op.get("requestBody", {}).get("content", {}).items():
+                assert has_example(media), (method, path, "request", media_type)
+            success = op["responses"].get("200") or op["responses"].get("201")
+            assert any(has_example(m) for m in success.get("content", {}).values()), (method, path, "response")

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.liveserver import LiveServer, MemorySampler, running_server
 from bench.hostile_inputs import (
     big_digit_png,
     flac_dc,
@@ -30,6 +29,7 @@ from bench.hostile_inputs import (
     tiff_pages,
     wav_noise,
 )
+from bench.liveserver import LiveServer, MemorySampler, running_server
 from tests.support import MODELS, SHARED_DATA
 
 MAX_SECONDS = 10.0

@@ -138,7 +138,7 @@ def test_feedback_is_recorded_even_while_the_prediction_is_still_buffered(client
 def test_feedback_for_an_unknown_request_is_a_404_problem_at_once(admin_client, request_id):
     started = time.perf_counter()
     response = admin_client.post("/v1/feedback", json={"request_id": request_id, "label": "pos"})
-    assert time.perf_counter() - started < 0.25  # no waiting, no thread held
+    assert time.perf_counter() - started < 0.5  # no waiting (a wait lasts 1.1 s here), no thread held
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
     assert (response.json()["code"], response.json()["field"]) == ("unknown-request", "request_id")

@@ -211,6 +211,15 @@ register(router, Endpoint(
                 "k on every row, so up to 10 000 x 50 answers within a few seconds.",
     run=fit_run, response_schema=ClusteringFitResponse, gate="heavy",
     json_schema=ClusteringFitRequest, json_instances=lambda body: [Instance("data", value=body)],
+    response_example={"model": "clustering-fit", "version": ALGORITHM_VERSION,
+                      "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+                      "predictions": [{"k": 2, "selection": "silhouette", "elbow_k": None, "scaled": True,
+                                       "n_rows": 6, "n_columns": 2,
+                                       "centroids": [[15.3, 78.0], [16.0, 28.3]], "labels": [1, 0, 1, 0, 1, 0],
+                                       "cluster_sizes": [3, 3], "inertia": 0.41, "silhouette": 0.81,
+                                       "elbow": [{"k": 2, "inertia": 0.41}, {"k": 3, "inertia": 0.2}],
+                                       "silhouettes": [{"k": 2, "silhouette": 0.81}, {"k": 3, "silhouette": 0.5}],
+                                       "silhouette_sample_size": 6, "duration_ms": 21.5}]},
 ))
 
 
@@ -272,4 +281,10 @@ register(router, Endpoint(
     run=palette_run, response_schema=ClusteringPaletteResponse, gate="heavy",
     file_field="image", file_description="PNG, JPEG, WebP, BMP, GIF or TIFF", raw_media=("image/",),
     params_schema=PaletteParams, max_instances=PALETTE_MAX_INSTANCES,
+    response_example={"model": "clustering-palette", "version": ALGORITHM_VERSION,
+                      "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+                      "predictions": [{"colors": [{"hex": "#1f3c78", "rgb": [31, 60, 120], "fraction": 0.41},
+                                                  {"hex": "#f0a050", "rgb": [240, 160, 80], "fraction": 0.33}],
+                                       "requested": 2, "pixels_sampled": 64000, "width": 320,
+                                       "height": 200}]},
 ))

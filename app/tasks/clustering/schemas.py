@@ -10,12 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.schemas import Envelope
-
 from app.core.limits import CLUSTERING_MAX_ROWS as MAX_ROWS
 from app.core.limits import FIT_MAX_COLUMNS as MAX_COLUMNS
 from app.core.limits import FIT_MAX_K as MAX_K
 from app.core.limits import FIT_MAX_ROWS, PALETTE_COLOURS
+from app.core.schemas import Envelope
 
 MIN_COLOURS, MAX_COLOURS = PALETTE_COLOURS
 DEFAULT_COLOURS = 5

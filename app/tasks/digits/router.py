@@ -22,7 +22,12 @@ from app.core.errors import ProblemError
 from app.core.execution import checkpoint
 from app.core.limits import MAX_REQUEST_PIXELS
 from app.core.pipeline import Endpoint, Instance, Job, Outcome, register
-from app.tasks.digits.preprocess import DigitInputError, prepare_image, prepare_pixels, summary_features
+from app.tasks.digits.preprocess import (
+    DigitInputError,
+    prepare_image,
+    prepare_pixels,
+    summary_features,
+)
 from app.tasks.digits.schemas import (
     LABELS,
     MAX_INSTANCES,

@@ -7,9 +7,10 @@ from fastapi import APIRouter
 
 from app.core.codecs.audio import SUPPORTED_FORMATS, decode_audio
 from app.core.execution import checkpoint
+from app.core.limits import EMOTION_MAX_INSTANCES as MAX_INSTANCES
 from app.core.pipeline import Endpoint, Job, Outcome, register
 from app.tasks.emotion.preprocess import summary_features
-from app.tasks.emotion.schemas import MAX_INSTANCES, EmotionPredictResponse
+from app.tasks.emotion.schemas import EmotionPredictResponse
 
 router = APIRouter()
 

@@ -6,8 +6,6 @@ from pydantic import BaseModel, Field
 
 from app.core.schemas import Envelope
 
-from app.core.limits import EMOTION_MAX_INSTANCES as MAX_INSTANCES
-
 
 class EmotionSegment(BaseModel):
     start_s: float = Field(description="window start in the uploaded clip, seconds")

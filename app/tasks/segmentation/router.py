@@ -17,11 +17,11 @@ from PIL import Image
 from app.core.codecs.image import load_image, open_image
 from app.core.errors import ProblemError
 from app.core.execution import checkpoint
+from app.core.limits import SEGMENTATION_MAX_INSTANCES as MAX_INSTANCES
 from app.core.limits import SEGMENTATION_MAX_SIDE as MAX_SIDE
 from app.core.pipeline import Endpoint, Job, Outcome, register
 from app.tasks.segmentation.preprocess import overlay, to_gray_u8, to_grayscale
 from app.tasks.segmentation.schemas import (
-    MAX_INSTANCES,
     MaskFormat,
     SegmentationParams,
     SegmentationPredictResponse,

@@ -8,8 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.schemas import Envelope
 
-from app.core.limits import SEGMENTATION_MAX_INSTANCES as MAX_INSTANCES
-
 
 class MaskFormat(StrEnum):
     png = "png"
