@@ -85,3 +85,19 @@ def test_two_instances_come_back_in_one_envelope_with_headers_a_browser_can_read
     if "digits" in path:
         assert [p["label"] for p in body["predictions"]] == ["7", "7"]
     assert np.isfinite([p.get("confidence", 0.0) for p in body["predictions"]]).all()
+
+
+def test_an_image_over_the_pixel_limit_is_refused_alike_by_every_task(client):
+    """5000 x 5000 (25 M pixels) is over MAX_IMAGE_PIXELS everywhere: the same 413 and limit."""
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000), 255).save(buffer, "PNG")
+    problems = []
+    for path in ("/v1/digits/predict", "/v1/segmentation/predict", "/v1/clustering/palette"):
+        response = client.post(path, files={"image": ("big.png", buffer.getvalue(), "image/png")})
+        assert response.status_code == 413, response.text
+        problems.append((response.json()["code"], response.json()["max_pixels"]))
+    assert problems == [("image-too-large", 16_777_216)] * 3
+    models = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
+    shown = {t: [r["value"] for r in models[t]["limits"] if r["what"] == "pixels per image"]
+             for t in ("digits", "segmentation", "clustering")}
+    assert shown == {t: ["16,777,216"] for t in shown}
