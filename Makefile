@@ -6,7 +6,7 @@ endif
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test test-fast bench train lock clean
+.PHONY: serve test test-fast bench train lock clean chromium
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -32,8 +32,12 @@ tests/typescript/node_modules/.installed: tests/typescript/package.json tests/ty
 	cd tests/typescript && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The browser tests drive Debian's Chromium (Playwright cannot download a browser here).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
 ## test: create the test environment and run the whole suite (unit + contract, SQLite + PostgreSQL)
-test: .venv-dev/.installed tests/typescript/node_modules/.installed
+test: .venv-dev/.installed tests/typescript/node_modules/.installed chromium
 	.venv-dev/bin/python -m pytest
 
 ## bench: start the server and print boot time, RSS and per-task figures (bench/results/*.json)

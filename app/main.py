@@ -29,6 +29,8 @@ from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.metrics import render_metrics
 from app.monitoring.router import router as monitoring_router
 from app.tasks import load_slices
+from app.web.router import router as web_router
+from app.web.router import static_files as web_static
 
 API_DESCRIPTION = """Inference for four models trained offline: customer segments and ad-hoc K-means
 (clustering), handwritten digits (CNN), EM membrane masks (U-Net) and speech emotion (MFCC + CNN).
@@ -123,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if s.router is not None:
             app.include_router(s.router)
     app.include_router(monitoring_router)
+    app.include_router(web_router)
+    app.mount("/static", web_static, name="static")
     app.openapi = lambda: contract(app)  # type: ignore[method-assign]
     return app
 

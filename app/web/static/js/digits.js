@@ -1,0 +1,62 @@
+import { bars, predict, showProblem } from "./api.js";
+
+export function setup() {
+  const canvas = document.getElementById("digits-canvas");
+  const result = document.getElementById("digits-result");
+  const problem = document.getElementById("digits-problem");
+  const context = canvas.getContext("2d");
+  let drawing = false;
+  let drawn = false;
+
+  function clear() {
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    drawn = false;
+  }
+  function point(event) {
+    const box = canvas.getBoundingClientRect();
+    return [(event.clientX - box.left) * canvas.width / box.width, (event.clientY - box.top) * canvas.height / box.height];
+  }
+  canvas.addEventListener("pointerdown", (event) => {
+    drawing = true;
+    try {
+      canvas.setPointerCapture(event.pointerId);  // keep the stroke when it leaves the canvas
+    } catch {
+      // synthetic pointers (and some pens) cannot be captured; drawing works without it
+    }
+    context.beginPath();
+    context.moveTo(...point(event));
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    context.lineWidth = 18 * (event.pressure && event.pointerType === "pen" ? 0.5 + event.pressure : 1);
+    context.lineCap = context.lineJoin = "round";
+    context.strokeStyle = "#111";
+    context.lineTo(...point(event));
+    context.stroke();
+    drawn = true;
+  });
+  const stop = () => { drawing = false; };
+  canvas.addEventListener("pointerup", stop);
+  canvas.addEventListener("pointercancel", stop);
+
+  async function show(files) {
+    showProblem(problem, null);
+    try {
+      const answer = await predict("/v1/digits/predict", { files });
+      const [first] = answer.predictions;
+      result.replaceChildren(`Digit ${first.label} (${(first.confidence * 100).toFixed(1)} %)`, bars(first.probabilities));
+    } catch (error) {
+      showProblem(problem, error);
+    }
+  }
+  document.getElementById("digits-predict").addEventListener("click", () => {
+    if (!drawn) { showProblem(problem, new Error("Draw a digit first.")); return; }
+    canvas.toBlob((blob) => show([new File([blob], "drawing.png", { type: "image/png" })]), "image/png");
+  });
+  document.getElementById("digits-clear").addEventListener("click", () => { clear(); result.replaceChildren(); showProblem(problem, null); });
+  document.getElementById("digits-file").addEventListener("change", (event) => {
+    if (event.target.files.length) show([...event.target.files]);
+  });
+  clear();
+}
