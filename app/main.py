@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
+from app.core.access import Access
 from app.core.config import Settings, get_settings
 from app.core.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
 from app.core.execution import build_execution
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     s.name, error=f"task code failed to import: {s.import_error}")
         app.state.registry = registry
         app.state.execution = build_execution(settings)
+        app.state.access = Access.from_settings(settings)
         setup_monitoring(app, settings)
         try:
             yield
@@ -70,7 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "X-Correlation-ID", "X-Model-Version",
-                                           "Server-Timing", "Retry-After"])
+                                           "Server-Timing", "Retry-After", "RateLimit-Limit",
+                                           "RateLimit-Remaining", "RateLimit-Reset"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
                        request_timeout_s=settings.request_timeout_s, max_in_flight=MAX_IN_FLIGHT)
 

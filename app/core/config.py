@@ -33,12 +33,22 @@ class Settings(BaseSettings):
     heavy_queue: int = Field(2, ge=0, le=256, description="heavy requests waiting per worker")
     cors_origins: Annotated[list[str], NoDecode] = []
     admin_token: SecretStr | None = None
+    api_keys: Annotated[list[str], NoDecode] = Field([], description="SHA-256 digests of API keys")
+    rate_limit: str | None = Field(None, description="e.g. 60/minute, per API key or client IP")
+    redis_url: str | None = Field(None, description="shared rate-limit counters (Heroku Key-Value Store)")
     store_inputs: bool = False
     log_buffer_size: int = Field(10_000, ge=1)
     log_flush_interval_s: float = Field(0.5, gt=0)
     drift_window: int = Field(500, ge=1, description="default window: most recent N predictions")
     drift_min_samples: int = Field(30, ge=1)
     drift_refresh_s: float = Field(60.0, gt=0, description="how often each worker refreshes drift gauges")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -66,6 +66,8 @@ def limits(settings: Settings) -> list[Limit]:
               "`MAX_UPLOAD_MB`"),
         Limit("every request", "time to answer, queueing included; work stops at the deadline",
               f"{settings.request_timeout_s:g} s", "503 `deadline-exceeded`", "`REQUEST_TIMEOUT_S`"),
+        Limit("every prediction", "requests per API key (or per client address without keys)",
+              settings.rate_limit or "off", "429 `rate-limited`", "`RATE_LIMIT`"),
         Limit("images", "pixels per image", f"{settings.max_image_pixels:,}",
               "413 `image-too-large`", "`MAX_IMAGE_PIXELS`"),
         Limit("images", "pixels of all images in one request", f"{MAX_REQUEST_PIXELS:,}",

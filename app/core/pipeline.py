@@ -41,6 +41,8 @@ from app.monitoring.log import log_predictions
 RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted format
 PROBLEM_STATUSES = {
     400: "malformed JSON or multipart body",
+    401: "API_KEYS is set and no valid key was sent (Authorization: Bearer <key> or X-API-Key)",
+    429: "over RATE_LIMIT for this key or client; see Retry-After and the RateLimit headers",
     413: "a body, file, image or request over its limit (see the limits table)",
     415: "a media type this endpoint does not take, or a file in an unsupported format",
     422: "well-formed but invalid input; the problem's `field` names it",
@@ -253,6 +255,7 @@ def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
             request.state.model_version = endpoint.version
         name = endpoint.model or endpoint.name or endpoint.tag
         version = model.version if model is not None else str(endpoint.version)
+        access_headers = request.app.state.access.check(request)  # 401 / 429 before any work
         media_type = _media_type(request)
         query = dict(request.query_params)
         async with execution_of(request).ticket(request, endpoint.gate) as ticket:
@@ -274,7 +277,7 @@ def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
         log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
                         raw_inputs=outcome.raw_inputs)
         headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
-                   **outcome.headers}
+                   **access_headers, **outcome.headers}
         if outcome.binary is not None:
             content, binary_type = outcome.binary
             return Response(content, media_type=binary_type, headers=headers)

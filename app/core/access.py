@@ -1,0 +1,82 @@
+"""API keys and rate limits for the prediction routes, both off by default.
+
+* ``API_KEYS``: comma-separated SHA-256 hex digests of the accepted keys (the server never stores a
+  key itself: ``printf %s "$KEY" | sha256sum``). When set, a prediction needs
+  ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; otherwise a 401 problem.
+* ``RATE_LIMIT`` (e.g. ``60/minute``, the ``limits`` library's notation): per key, or per client IP
+  when keys are off (the address uvicorn resolved, i.e. Heroku's ``X-Forwarded-For`` when the router
+  is trusted through ``FORWARDED_ALLOW_IPS``). Beyond it a 429 problem with ``Retry-After`` and the
+  ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers. The counters live in Redis when ``REDIS_URL``
+  is set, shared by every worker and dyno; in this process's memory otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse, storage, strategies
+from starlette.requests import Request
+
+from app.core.errors import ProblemError
+
+log = logging.getLogger("app.access_control")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class Access:
+    digests: tuple[str, ...]
+    limit: RateLimitItem | None
+    limiter: strategies.RateLimiter | None
+
+    @classmethod
+    def from_settings(cls, settings) -> Access:
+        digests = tuple(d.strip().lower().removeprefix("sha256:") for d in settings.api_keys if d.strip())
+        if not settings.rate_limit:
+            return cls(digests, None, None)
+        backend = storage.storage_from_string(settings.redis_url) if settings.redis_url \
+            else storage.MemoryStorage()
+        return cls(digests, parse(settings.rate_limit), strategies.MovingWindowRateLimiter(backend))
+
+    def _key(self, request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return request.headers.get("x-api-key") or None
+
+    def check(self, request: Request) -> dict[str, str]:
+        """Raise the 401/429 problem a request deserves; else the RateLimit headers to send."""
+        identity = f"ip:{request.client.host if request.client else 'unknown'}"
+        if self.digests:
+            key = self._key(request)
+            digest = key_digest(key) if key else ""
+            if not key or not any(hmac.compare_digest(digest, d) for d in self.digests):
+                raise ProblemError(401, "api-key-required" if not key else "api-key-invalid",
+                                   "This endpoint needs a valid API key: 'Authorization: Bearer <key>' or "
+                                   "'X-API-Key: <key>'.", field="Authorization",
+                                   headers={"WWW-Authenticate": 'Bearer realm="predictions"'})
+            identity = f"key:{digest[:16]}"
+        if self.limit is None or self.limiter is None:
+            return {}
+        try:
+            allowed = self.limiter.hit(self.limit, identity)
+            stats = self.limiter.get_window_stats(self.limit, identity)
+        except Exception as exc:  # Redis down: serve rather than fail every prediction
+            log.warning("rate limit not checked", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+            return {}
+        reset = max(1, math.ceil(stats.reset_time - time.time()))
+        headers = {"RateLimit-Limit": str(self.limit.amount), "RateLimit-Remaining": str(stats.remaining),
+                   "RateLimit-Reset": str(reset)}
+        if not allowed:
+            raise ProblemError(429, "rate-limited", f"Over the limit of {self.limit} for this "
+                               f"{'key' if self.digests else 'client'}; retry in {reset} s.",
+                               headers={**headers, "Retry-After": str(reset)}, limit=str(self.limit))
+        return headers
