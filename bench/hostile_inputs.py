@@ -33,9 +33,7 @@ def tiff_pages(pages: int, side: int = 1) -> bytes:
     entries = [(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
                (273, 4, 1, 8), (277, 3, 1, 1), (278, 3, 1, side), (279, 4, 1, side * side)]
     strip = bytes([128]) * (side * side)
-    header = b"II*\x00" + struct.pack("<I", 8 + len(strip))
-    out = bytearray(header[:4] + struct.pack("<I", 8) + strip)  # placeholder, fixed below
-    out = bytearray(b"II*\x00" + struct.pack("<I", 8 + len(strip)) + strip)
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8 + len(strip)) + strip)  # header, then the strip
     ifd_size = 2 + 12 * len(entries) + 4
     offset = len(out)
     for page in range(pages):

@@ -1,6 +1,6 @@
 """Where request work runs: a deadline per request, admission gates per kind of work, thread pools.
 
-Every prediction runs through :meth:`Execution.run`:
+Every prediction runs through an :meth:`Execution.ticket` (see app.core.pipeline):
 
 * **Admission.** Work belongs to a :class:`Gate` (``light``: digits and clustering rows; ``audio``:
   emotion; ``heavy``: segmentation, fits and palettes). A gate runs at most ``concurrency`` jobs at
@@ -185,10 +185,6 @@ class Gate:
             self.waiting -= 1
         self.running += 1
 
-    async def acquire(self, deadline: Deadline) -> None:
-        self.enter(deadline)
-        await self.start(deadline)
-
     def release(self) -> None:
         self.running -= 1
         self._sem().release()
@@ -230,11 +226,6 @@ class Execution:
         """A place in the gate's queue, taken (or refused with a 503) before the request's body is
         read, so a full worker refuses without reading uploads it would never process."""
         return Ticket(self, request, self.gates[gate_name])
-
-    async def run(self, request: Request, gate_name: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the gate's pool within the request's deadline (see module doc)."""
-        async with self.ticket(request, gate_name) as ticket:
-            return await ticket.run(fn, *args)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: gate.status() for name, gate in self.gates.items()}

@@ -36,6 +36,7 @@ from starlette.formparsers import MultiPartException
 from app.core.errors import ProblemError, problem_from_validation
 from app.core.execution import execution_of
 from app.core.registry import ServedModel
+from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
 
 RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted format
@@ -195,13 +196,7 @@ async def read_multipart(request: Request, endpoint: Endpoint,
         if not isinstance(upload, UploadFile):
             raise ProblemError(422, "not-a-file", f"{name} must be a file upload, not a text value.",
                                field=name)
-        data = await upload.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ProblemError(413, "file-too-large", f"{name} is larger than the "
-                               f"{max_bytes / 1048576:g} MiB limit.", field=name)
-        if not data:
-            raise ProblemError(422, "empty-file", f"{name} is empty.", field=name)
-        instances.append(Instance(name, data=data))
+        instances.append(Instance(name, data=await read_upload(upload, name, max_bytes)))
     text = {k: v for k, v in form.multi_items() if k in params and isinstance(v, str)}
     return instances, text
 
