@@ -3,9 +3,12 @@
 Uvicorn workers (``uvicorn-worker``), the app's libraries imported once in the master and shared
 copy-on-write (preload), one LiteRT interpreter set per worker (each worker loads its own models in
 the lifespan, after the fork), a request timeout under Heroku's 30 s router limit,
-graceful shutdown on SIGTERM (Heroku gives 30 s). Workers are not recycled by default
-(``GUNICORN_MAX_REQUESTS=0``): a recycle drops the old worker's in-flight requests and, with heavy
-work in flight, stalls past the heartbeat timeout; memory is kept flat instead (see below).
+graceful shutdown on SIGTERM (Heroku gives 30 s before SIGKILL: every request ends within
+``REQUEST_TIMEOUT_S``, 25 s, of its start, and workers get 28 s to finish theirs). Workers are not
+recycled by default (``GUNICORN_MAX_REQUESTS=0``): a 10-minute soak (``bench/load.py --soak``) keeps
+memory flat without it, and a recycle with one worker leaves no one accepting while the new worker
+loads its models and resets the keep-alive connections of busy clients. With recycling asked for
+and one worker, it is refused with a warning; with two or more it is staggered by a jitter.
 Prometheus multiprocess mode: the master points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 before forking and marks workers dead as they exit, so /metrics sums every worker.
 """
@@ -20,12 +23,18 @@ import tempfile
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "app.core.worker.Worker"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "25"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "28"))
 keepalive = 5
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0"))
+if max_requests and workers < 2:
+    print('{"level": "WARNING", "logger": "gunicorn.conf", "message": "GUNICORN_MAX_REQUESTS ignored: '
+          'recycling the only worker would leave no one to answer while its replacement loads"}',
+          file=sys.stderr)
+    max_requests = 0
+# Staggered: two workers never recycle at the same moment (default: a quarter of max_requests).
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", str(max_requests // 4)))
 # Import the app (its libraries: numpy, scipy, scikit-learn, PyAV...) once in the master and fork:
 # the workers share those pages copy-on-write. Models load per worker in the lifespan, after the fork.
 preload_app = os.environ.get("GUNICORN_PRELOAD", "true").lower() == "true"

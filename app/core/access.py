@@ -8,6 +8,10 @@
   is trusted through ``FORWARDED_ALLOW_IPS``). Beyond it a 429 problem with ``Retry-After`` and the
   ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers. The counters live in Redis when ``REDIS_URL``
   is set, shared by every worker and dyno; in this process's memory otherwise.
+
+If Redis cannot be reached (``REDIS_TIMEOUT_S`` per call), predictions are served unmetered rather
+than refused, a warning is logged, and Redis is tried again after ``REDIS_RETRY_S``: one outage costs
+each worker one short wait per retry period, not one per request.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from app.core.errors import ProblemError
 
 log = logging.getLogger("app.access_control")
 
+REDIS_TIMEOUT_S = 0.25  # connect and read timeout of one rate-limit call to Redis
+REDIS_RETRY_S = 10.0  # after a failed call, serve unmetered this long before trying Redis again
+
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -36,14 +43,16 @@ class Access:
     digests: tuple[str, ...]
     limit: RateLimitItem | None
     limiter: strategies.RateLimiter | None
+    unmetered_until: float = 0.0  # monotonic time until which the counters are not asked (Redis down)
 
     @classmethod
     def from_settings(cls, settings) -> Access:
         digests = tuple(d.strip().lower().removeprefix("sha256:") for d in settings.api_keys if d.strip())
         if not settings.rate_limit:
             return cls(digests, None, None)
-        backend = storage.storage_from_string(settings.redis_url) if settings.redis_url \
-            else storage.MemoryStorage()
+        backend = storage.storage_from_string(
+            settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+        ) if settings.redis_url else storage.MemoryStorage()
         return cls(digests, parse(settings.rate_limit), strategies.MovingWindowRateLimiter(backend))
 
     def _key(self, request: Request) -> str | None:
@@ -64,13 +73,15 @@ class Access:
                                    "'X-API-Key: <key>'.", field="Authorization",
                                    headers={"WWW-Authenticate": 'Bearer realm="predictions"'})
             identity = f"key:{digest[:16]}"
-        if self.limit is None or self.limiter is None:
+        if self.limit is None or self.limiter is None or time.monotonic() < self.unmetered_until:
             return {}
         try:
             allowed = self.limiter.hit(self.limit, identity)
             stats = self.limiter.get_window_stats(self.limit, identity)
         except Exception as exc:  # Redis down: serve rather than fail every prediction
-            log.warning("rate limit not checked", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+            self.unmetered_until = time.monotonic() + REDIS_RETRY_S
+            log.warning("rate limit not checked; serving unmetered for %g s", REDIS_RETRY_S,
+                        extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
             return {}
         reset = max(1, math.ceil(stats.reset_time - time.time()))
         headers = {"RateLimit-Limit": str(self.limit.amount), "RateLimit-Remaining": str(stats.remaining),

@@ -15,6 +15,7 @@ its traceback, and answered with a 500 problem; it never reaches the server's ow
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -51,6 +52,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class UploadTimeout(Exception):
+    """The client did not finish sending its body before the request's deadline (a trickled upload)."""
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int, request_timeout_s: float,
                  max_in_flight: int) -> None:
@@ -77,7 +82,7 @@ class RequestContextMiddleware:
         if correlation_id:
             id_headers.append((b"x-correlation-id", correlation_id.encode()))
 
-        counters = {"in": 0, "out": 0, "status": 500, "started": False, "too_large": False}
+        counters: dict[str, Any] = {"in": 0, "out": 0, "status": 500, "started": False, "refused": None}
 
         async def send_problem(status: int, code: str, detail: str,
                                extra_headers: dict[str, str] | None = None) -> None:
@@ -96,19 +101,43 @@ class RequestContextMiddleware:
         limit_detail = (f"The request body is larger than the {self.max_body_bytes / 1048576:g} MiB "
                         "limit (MAX_UPLOAD_MB).")
 
+        deadline: Deadline = state["deadline"]
+        body_done = False
+
         async def receive_counted() -> Message:
-            message = await receive()
+            nonlocal body_done
+            if body_done:  # afterwards the app only waits for a disconnect: no timeout there
+                return await receive()
+            try:  # a body trickled in byte by byte must not hold the request past its deadline
+                async with asyncio.timeout(deadline.remaining()):
+                    message = await receive()
+            except TimeoutError:
+                counters["refused"] = "timeout"
+                raise UploadTimeout() from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 counters["in"] += len(message.get("body", b""))
                 if counters["in"] > self.max_body_bytes:
-                    counters["too_large"] = True
+                    counters["refused"] = "too_large"
                     raise BodyTooLarge()
+            else:
+                body_done = True
             return message
 
+        timeout_detail = (f"The request body did not arrive within {self.request_timeout_s:g} s "
+                          "(REQUEST_TIMEOUT_S); send it at once, or retry on a better connection.")
+
+        async def refuse_body() -> None:
+            if counters["started"]:
+                return
+            if counters["refused"] == "timeout":
+                await send_problem(408, "upload-timeout", timeout_detail)
+            else:
+                await send_problem(413, "payload-too-large", limit_detail)
+
         async def send_with_id(message: Message) -> None:
-            if counters["too_large"]:  # the app reacted to the read error; answer 413 instead
-                if not counters["started"]:
-                    await send_problem(413, "payload-too-large", limit_detail)
+            if counters["refused"]:  # the app reacted to the read error; answer 413/408 instead
+                await refuse_body()
                 return
             if message["type"] == "http.response.start":
                 counters["status"] = message["status"]
@@ -132,14 +161,15 @@ class RequestContextMiddleware:
             self.in_flight += limited
             try:
                 await self.app(scope, receive_counted, send_with_id)
-            except BodyTooLarge:
-                if not counters["started"]:
-                    await send_problem(413, "payload-too-large", limit_detail)
+            except (BodyTooLarge, UploadTimeout):
+                await refuse_body()
             except Exception:
+                if counters["refused"]:  # the app turned the read error into another one
+                    await refuse_body()
+                    return
                 error_log.exception("unhandled error", extra={
                     "request_id": request_id, "method": scope.get("method"), "path": scope.get("path")})
                 if not counters["started"]:
-                    counters["too_large"] = False
                     await send_problem(500, "internal-error", "The server failed to handle this "
                                        "request; quote the request id.")
             finally:

@@ -1,0 +1,53 @@
+"""The gunicorn worker: uvicorn's, with a shutdown that drains keep-alive connections.
+
+uvicorn's graceful shutdown (SIGTERM on a deploy or a dyno restart, or a recycle after
+``GUNICORN_MAX_REQUESTS``) lets in-flight requests finish but cuts every idle keep-alive connection at
+once. A busy client has its next request on the wire at that moment on most of them, and those
+requests fail with "connection reset" although no one refused them (measured: 39 of 6 000 digit
+requests at concurrency 8 lost to five recycles with two workers).
+
+Here shutdown stops keeping connections alive instead of cutting them: a request already in flight,
+or arriving on an open connection while the worker drains, is answered with ``Connection: close``,
+and an idle connection is closed by its usual keep-alive timeout (gunicorn's ``keepalive``, 5 s).
+The client learns from the response that the connection ends, and its next request opens a new one
+(to another worker, or to the replacement). The listening socket is closed at once as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn_worker import UvicornWorker
+
+CLOSE_HEADER = (b"connection", b"close")
+
+
+def _close_after(cycle: RequestResponseCycle) -> None:
+    """End the connection once this response is sent, and say so in the response."""
+    cycle.keep_alive = False
+    if not cycle.response_started and CLOSE_HEADER not in cycle.scope["headers"]:
+        # uvicorn adds "Connection: close" to a response whose request carried it
+        cycle.scope["headers"].append(CLOSE_HEADER)
+
+
+class DrainingH11Protocol(H11Protocol):
+    draining = False
+
+    def shutdown(self) -> None:
+        self.draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            _close_after(self.cycle)
+        elif self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Connected but nothing sent yet: give it the keep-alive timeout, as after a response.
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.draining and self.cycle is not None and not self.cycle.response_complete:
+            _close_after(self.cycle)
+
+
+class Worker(UvicornWorker):
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": DrainingH11Protocol}
