@@ -6,7 +6,7 @@ endif
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test test-fast bench train lock clean chromium
+.PHONY: serve test test-fast bench train lock clean chromium hey
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -32,16 +32,20 @@ tests/typescript/node_modules/.installed: tests/typescript/package.json tests/ty
 	cd tests/typescript && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The browser tests drive Debian's Chromium (Playwright cannot download a browser here).
+# The browser tests drive Debian's Chromium (Playwright cannot download a browser here); the load
+# and fault tests drive Debian's hey.
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
+hey:
+	@command -v hey >/dev/null || (apt-get update -qq && apt-get install -y -qq hey)
+
 ## test: create the test environment and run the whole suite (unit + contract, SQLite + PostgreSQL)
-test: .venv-dev/.installed tests/typescript/node_modules/.installed chromium
+test: .venv-dev/.installed tests/typescript/node_modules/.installed chromium hey
 	.venv-dev/bin/python -m pytest
 
 ## bench: start the server and print boot time, RSS and per-task figures (bench/results/*.json)
-bench: .venv-dev/.installed .venv/.installed
+bench: .venv-dev/.installed .venv/.installed hey
 	.venv-dev/bin/python -m bench.startup
 	for task in clustering digits segmentation emotion; do .venv-dev/bin/python -m bench.$$task || exit 1; done
 

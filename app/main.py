@@ -18,7 +18,12 @@ from fastapi_offline import FastAPIOffline
 
 from app.core.access import Access
 from app.core.config import Settings, get_settings
-from app.core.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
+from app.core.errors import (
+    PROBLEM_MEDIA_TYPE,
+    install_error_handlers,
+    is_v2,
+    problem_response,
+)
 from app.core.execution import build_execution
 from app.core.limits import MAX_IN_FLIGHT, limits_for
 from app.core.logging import configure_logging, native_stderr_as_log
@@ -29,6 +34,8 @@ from app.core.schemas import Liveness, ModelList, Problem, Readiness
 from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.metrics import render_metrics
 from app.monitoring.router import router as monitoring_router
+from app.openinference.protocol import ErrorBody
+from app.openinference.router import router as v2_router
 from app.tasks import load_slices
 from app.web.router import router as web_router
 from app.web.router import static_files as web_static
@@ -127,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for s in slices:
         if s.router is not None:
             app.include_router(s.router)
+    app.include_router(v2_router)
     app.include_router(monitoring_router)
     app.include_router(web_router)
     app.mount("/static", web_static, name="static")
@@ -150,13 +158,18 @@ def contract(app: FastAPI) -> dict[str, Any]:
     components.update(EXTRA_SCHEMAS)
     problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     components["Problem"] = problem
+    components["ErrorBody"] = ErrorBody.model_json_schema()
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
+        error = ({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}} if is_v2(path)
+                 else {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}})
         for operation in operations.values():
+            if is_v2(path):  # string path parameters: FastAPI's 422 cannot happen there
+                operation.get("responses", {}).pop("422", None)
             for status, response in operation.get("responses", {}).items():
                 if status.isdigit() and int(status) >= 400:
-                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+                    response["content"] = error
     app.openapi_schema = schema
     return schema
 

@@ -177,7 +177,9 @@ def summarise(samples: list[Sample], elapsed: float) -> dict[str, Any]:
     }
     for task in MIX:
         mine = [s.seconds * 1000 for s in ok if s.task == task]
-        out["per_task"][task] = percentiles(mine) if mine else None
+        out["per_task"][task] = {**(percentiles(mine) if mine else {"n": 0}),
+                                 "throughput_rps": round(len(mine) / elapsed, 2),
+                                 "refused": sum(s.task == task for s in refused)}
     if errors:
         kinds: dict[str, int] = {}
         for s in errors:
@@ -198,10 +200,12 @@ def run_levels(inputs: Inputs, workers: int, levels: tuple[int, ...], seconds: f
                        "pss_mib_now": round(live.pss_mib(), 1)}
                 rows.append(row)
                 lat = row["latency"] or {}
+                tasks = "  ".join(f"{t} {v['throughput_rps']:.1f}/s p99 {v.get('p99_ms', 0):.0f} ms"
+                                  f" ({v['refused']} refused)" for t, v in row["per_task"].items())
                 print(f"{workers} worker(s), c={level:>2}: {row['throughput_rps']:7.1f} req/s  "
                       f"p50 {lat.get('p50_ms', 0):7.1f} ms  p95 {lat.get('p95_ms', 0):7.1f}  "
                       f"p99 {lat.get('p99_ms', 0):7.1f}  refused {row['refused']}  errors {row['errors']}  "
-                      f"PSS {row['pss_mib_now']} MiB", flush=True)
+                      f"PSS {row['pss_mib_now']} MiB\n    {tasks}", flush=True)
         saturation = next((rows[i - 1]["concurrency"] for i in range(1, len(rows))
                            if rows[i]["throughput_rps"] < rows[i - 1]["throughput_rps"] * 1.05), levels[-1])
         return {"workers": workers, "seconds_per_level": seconds, "levels": rows,
@@ -302,7 +306,7 @@ def plot(load: dict[str, Any], soak: dict[str, Any] | None, path: Path) -> None:
         axes[0].plot(levels, [r["throughput_rps"] for r in run["levels"]], marker="o",
                      label=f"{run['workers']} worker(s)")
         for task, style in (("digits", "-"), ("segmentation", "--")):
-            axes[1].plot(levels, [(r["per_task"][task] or {}).get("p95_ms") for r in run["levels"]],
+            axes[1].plot(levels, [r["per_task"][task].get("p95_ms") for r in run["levels"]],
                          style, marker="o", label=f"{task} p95, {run['workers']} worker(s)")
     axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="answered requests/s",
                 title="Mixed traffic: throughput")

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.limits import GATES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,9 +30,9 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(60.0, gt=0)
     request_timeout_s: float = Field(25.0, gt=0, description="deadline of one request, queueing "
                                      "included; under gunicorn's timeout and Heroku's 30 s")
-    heavy_concurrency: int = Field(1, ge=1, le=16, description="segmentations, fits and palettes "
+    heavy_concurrency: int = Field(GATES["heavy"][0], ge=1, le=16, description="segmentations, fits and palettes "
                                    "running at once per worker")
-    heavy_queue: int = Field(2, ge=0, le=256, description="heavy requests waiting per worker")
+    heavy_queue: int = Field(GATES["heavy"][1], ge=0, le=256, description="heavy requests waiting per worker")
     cors_origins: Annotated[list[str], NoDecode] = []
     admin_token: SecretStr | None = None
     api_keys: Annotated[list[str], NoDecode] = Field([], description="SHA-256 digests of API keys")

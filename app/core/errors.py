@@ -61,6 +61,16 @@ def problem_body(status: int, code: str, detail: str, *, title: str | None = Non
     return body
 
 
+def is_v2(path: str) -> bool:
+    """The Open Inference Protocol's paths, whose errors are ``{"error": "..."}``."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def v2_error(status: int, code: str, detail: str) -> tuple[int, dict[str, str]]:
+    """A problem as the V2 protocol's error: invalid input is its 400, the rest keep their status."""
+    return (400 if status == 422 else status), {"error": f"{code}: {detail}"}
+
+
 def problem_response(request: Request | None, status: int, code: str, detail: str, *,
                      title: str | None = None, field: str | None = None,
                      headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -68,6 +78,9 @@ def problem_response(request: Request | None, status: int, code: str, detail: st
     instance = request.url.path if request is not None else None
     if request is not None:
         request.state.error_code = code
+    if instance is not None and is_v2(instance):
+        status, body = v2_error(status, code, detail)
+        return JSONResponse(body, status_code=status, headers=headers)
     body = problem_body(status, code, detail, title=title, field=field, request_id=request_id,
                         instance=instance, **extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)

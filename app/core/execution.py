@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from app.core.errors import ProblemError
+from app.core.limits import QUEUE_MAX_WAIT_S
 
 log = logging.getLogger("app.execution")
 T = TypeVar("T")
@@ -110,8 +111,9 @@ def _lower_priority(nice: int) -> None:
 class Gate:
     """At most ``concurrency`` jobs running and ``queue`` waiting; anything more is a 503 now."""
 
-    def __init__(self, spec: GateSpec) -> None:
+    def __init__(self, spec: GateSpec, deadline_s: float) -> None:
         self.spec = spec
+        self.deadline_s = deadline_s  # a request's whole deadline (REQUEST_TIMEOUT_S)
         self.executor = ThreadPoolExecutor(max_workers=spec.concurrency,
                                            thread_name_prefix=f"gate-{spec.name}",
                                            initializer=_lower_priority, initargs=(spec.nice,))
@@ -135,11 +137,25 @@ class Gate:
         """Rough seconds before a new job would start: the queue ahead of it, then itself."""
         if self.running < self.spec.concurrency:
             return 0.0
-        return (self.waiting + 1) * self.job_seconds / self.spec.concurrency
+        return (self.waiting + 1) * self.pace() / self.spec.concurrency
+
+    def refusal(self, remaining: float) -> str | None:
+        """Why a new job with ``remaining`` seconds of deadline would be refused now, if it would."""
+        if self.running < self.spec.concurrency and not self.waiting:
+            return None
+        if self.waiting >= self.spec.queue:
+            return "the most this worker queues"
+        wait = self.expected_wait()
+        if wait > QUEUE_MAX_WAIT_S:
+            return f"about {wait:.0f} s of work ahead, more than it keeps a client waiting"
+        if wait + self.pace() > remaining:
+            return f"about {wait:.0f} s of work ahead, more than the request's deadline"
+        return None
 
     @property
     def saturated(self) -> bool:
-        return self.running >= self.spec.concurrency and self.waiting >= self.spec.queue
+        """A new job with a whole deadline ahead would be refused."""
+        return self.refusal(self.deadline_s) is not None
 
     def _sem(self) -> asyncio.Semaphore:
         if self._semaphore is None:  # created on the worker's event loop, after the fork
@@ -148,19 +164,16 @@ class Gate:
 
     def enter(self, deadline: Deadline) -> None:
         """Take a place in the queue, or refuse at once (503) when there is none worth having."""
-        if self.running >= self.spec.concurrency or self.waiting:
-            full = self.waiting >= self.spec.queue
+        why = self.refusal(deadline.remaining())
+        if why is not None:
             wait = self.expected_wait()
-            if full or wait + self.job_seconds > deadline.remaining():
-                self.refused += 1
-                why = ("the most this worker queues" if full else
-                       f"about {wait:.0f} s of work ahead, more than the request's deadline")
-                raise ProblemError(
-                    503, "overloaded",
-                    f"The server is busy with {self.spec.description} ({self.running} running, "
-                    f"{self.waiting} waiting: {why}); retry shortly.",
-                    headers={"Retry-After": str(max(1, min(30, round(wait or 2))))},
-                    gate=self.spec.name)
+            self.refused += 1
+            raise ProblemError(
+                503, "overloaded",
+                f"The server is busy with {self.spec.description} ({self.running} running, "
+                f"{self.waiting} waiting: {why}); retry shortly.",
+                headers={"Retry-After": str(max(1, min(30, round(wait or 2))))},
+                gate=self.spec.name)
         self.waiting += 1
 
     def leave(self) -> None:
@@ -211,7 +224,7 @@ class Execution:
     """The gates of one worker process (built in the lifespan, after the fork)."""
 
     def __init__(self, specs: list[GateSpec], timeout_s: float) -> None:
-        self.gates = {spec.name: Gate(spec) for spec in specs}
+        self.gates = {spec.name: Gate(spec, timeout_s) for spec in specs}
         self.timeout_s = timeout_s
 
     def deadline(self, request: Request) -> Deadline:

@@ -42,8 +42,14 @@ GATES = {
     # name: (concurrency, queue, nice, what runs there)
     "light": (2, 32, 0, "digit and customer-segment predictions"),
     "audio": (1, 8, 2, "emotion predictions"),
-    "heavy": (1, 2, 0, "segmentations, clustering fits and palettes"),
+    # Up to 8 waiting (they hold only their request bytes) as long as the wait stays under
+    # QUEUE_MAX_WAIT_S: 512 x 512 segmentations (~0.5 s) queue, a 2048 x 2048 one (~11 s) does not.
+    "heavy": (1, 8, 0, "segmentations, clustering fits and palettes"),
 }
+# A request is queued only while the work ahead of it (the queue times the recent job time) is
+# expected to take at most this long; beyond, a fast 503 `overloaded` with Retry-After. Holding
+# clients longer ties them up (a closed loop of mixed traffic saw 14 s segmentation waits at 8).
+QUEUE_MAX_WAIT_S = 5.0
 MAX_IN_FLIGHT = 64  # requests in progress per worker (health and metrics not counted)
 FEEDBACK_MAX_WAITERS = 16  # feedback requests waiting for a just-made prediction to be logged
 
@@ -64,8 +70,10 @@ def limits(settings: Settings) -> list[Limit]:
     return [
         Limit("every request", "request body", f"{mib:g} MiB", "413 `payload-too-large`",
               "`MAX_UPLOAD_MB`"),
-        Limit("every request", "time to answer, queueing included; work stops at the deadline",
-              f"{settings.request_timeout_s:g} s", "503 `deadline-exceeded`", "`REQUEST_TIMEOUT_S`"),
+        Limit("every request", "time to answer, upload and queueing included; work stops at the deadline",
+              f"{settings.request_timeout_s:g} s",
+              "503 `deadline-exceeded` (408 `upload-timeout` while the body is still arriving)",
+              "`REQUEST_TIMEOUT_S`"),
         Limit("every prediction", "requests per API key (or per client address without keys)",
               settings.rate_limit or "off", "429 `rate-limited`", "`RATE_LIMIT`"),
         Limit("images", "pixels per image", f"{settings.max_image_pixels:,}",
@@ -103,6 +111,8 @@ def limits(settings: Settings) -> list[Limit]:
         Limit("per worker", f"concurrent {heavy[3]} (running + waiting)",
               f"{settings.heavy_concurrency} + {settings.heavy_queue}", "503 `overloaded`",
               "`HEAVY_CONCURRENCY`, `HEAVY_QUEUE`"),
+        Limit("per worker", "expected wait in a queue (waiting requests x recent time per request)",
+              f"{QUEUE_MAX_WAIT_S:g} s", "503 `overloaded`"),
         Limit("per worker", "requests in progress (health checks and metrics not counted)",
               f"{MAX_IN_FLIGHT}", "503 `overloaded`"),
         Limit("per worker", "feedback requests waiting for a prediction still being logged",

@@ -25,7 +25,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import PROBLEM_MEDIA_TYPE, problem_body
+from app.core.errors import PROBLEM_MEDIA_TYPE, is_v2, problem_body, v2_error
 from app.core.execution import Deadline
 from app.monitoring.metrics import observe_request
 
@@ -87,13 +87,18 @@ class RequestContextMiddleware:
         async def send_problem(status: int, code: str, detail: str,
                                extra_headers: dict[str, str] | None = None) -> None:
             extra_headers = extra_headers or {}
-            body = json.dumps(problem_body(status, code, detail, request_id=request_id,
-                                           instance=scope.get("path")),
-                              separators=(",", ":")).encode()
+            media_type = PROBLEM_MEDIA_TYPE
+            if is_v2(str(scope.get("path", ""))):
+                status, document = v2_error(status, code, detail)
+                media_type = "application/json"
+            else:
+                document = problem_body(status, code, detail, request_id=request_id,
+                                        instance=scope.get("path"))
+            body = json.dumps(document, separators=(",", ":")).encode()
             state["error_code"] = code
             counters.update(status=status, started=True, out=len(body))
             await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                (b"content-type", media_type.encode()),
                 (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
                 *id_headers, *[(k.lower().encode(), v.encode()) for k, v in extra_headers.items()]]})
             await send({"type": "http.response.body", "body": body})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted form
 PROBLEM_STATUSES = {
     400: "malformed JSON or multipart body",
     401: "API_KEYS is set and no valid key was sent (Authorization: Bearer <key> or X-API-Key)",
+    408: "the request body was still arriving at the request's deadline (`upload-timeout`)",
     429: "over RATE_LIMIT for this key or client; see Retry-After and the RateLimit headers",
     413: "a body, file, image or request over its limit (see the limits table)",
     415: "a media type this endpoint does not take, or a file in an unsupported format",
@@ -87,6 +88,9 @@ class Job:
     params: Any
     timing: Timing
     settings: Any
+    # Tensors the caller wants as arrays (the V2 protocol: "mask", "probability"); a run that has
+    # them puts them in ``Outcome.arrays`` and may skip encoding files nobody will read.
+    tensors: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Outcome:
     raw_inputs: list[bytes] | None = None
     binary: tuple[bytes, str] | None = None  # (content, media type)
     headers: dict[str, str] = field(default_factory=dict)
+    arrays: list[dict[str, Any]] | None = None  # per instance, the ``Job.tensors`` it could give
 
 
 @dataclass(frozen=True)
@@ -236,49 +241,84 @@ def _json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
+@dataclass
+class Served:
+    """A request run through the pipeline: what the protocol layer turns into a response."""
+
+    job: Job
+    outcome: Outcome
+    name: str  # the model's name in answers and in the prediction log
+    version: str
+    headers: dict[str, str]  # X-Model-Version, Server-Timing, RateLimit-*, the run's own
+
+
+@dataclass
+class Read:
+    """What a protocol read from a request: the instances, the parameters, the tensors wanted."""
+
+    instances: list[Instance]
+    params: Any
+    tensors: frozenset[str] = frozenset()
+
+
+Reader = Callable[[Request, Endpoint, Any], Awaitable[Read]]
+
+
+async def read_v1(request: Request, endpoint: Endpoint, settings: Any) -> Read:
+    """The instances and parameters of a v1 request, by its media type."""
+    media_type = _media_type(request)
+    query = dict(request.query_params)
+    if media_type == "multipart/form-data" and endpoint.file_field:
+        instances, text = await read_multipart(request, endpoint, settings.max_upload_bytes)
+        return Read(instances, parse_params(endpoint, {**query, **text}))
+    if media_type == "application/json" and endpoint.json_schema is not None:
+        params = parse_params(endpoint, query)
+        return Read(await read_json(request, endpoint), params)
+    if endpoint.raw_media and (media_type.startswith(endpoint.raw_media) or media_type == RAW_MEDIA_TYPE):
+        params = parse_params(endpoint, query)
+        return Read(await read_raw(request, endpoint, settings.max_upload_bytes), params)
+    raise unsupported_media_type(endpoint, media_type)
+
+
+async def execute(request: Request, endpoint: Endpoint, read: Reader) -> Served:
+    """The one request path of every protocol: the model, the access check (401/429), a place in
+    the endpoint's gate (503), ``read`` (the protocol's decoding), ``endpoint.run`` within the
+    deadline, and the prediction log."""
+    started = time.perf_counter()
+    settings = request.app.state.settings
+    model = None
+    if endpoint.model is not None:
+        model = request.app.state.registry.get(endpoint.model)
+        request.state.model_name = endpoint.model
+        request.state.model_version = model.version
+    else:
+        request.state.model_name = endpoint.tag
+        request.state.model_version = endpoint.version
+    name = endpoint.model or endpoint.name or endpoint.tag
+    version = model.version if model is not None else str(endpoint.version)
+    access_headers = request.app.state.access.check(request)  # 401 / 429 before any work
+    async with execution_of(request).ticket(request, endpoint.gate) as ticket:
+        got = await read(request, endpoint, settings)
+        job = Job(model, got.instances, got.params, Timing(), settings, got.tensors)
+        outcome = await ticket.run(endpoint.run, job)
+    total_ms = (time.perf_counter() - started) * 1000.0
+    log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
+                    raw_inputs=outcome.raw_inputs)
+    headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
+               **access_headers, **outcome.headers}
+    return Served(job, outcome, name, version, headers)
+
+
 def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
     async def predict(request: Request) -> Response:
-        started = time.perf_counter()
-        settings = request.app.state.settings
-        model = None
-        if endpoint.model is not None:
-            model = request.app.state.registry.get(endpoint.model)
-            request.state.model_name = endpoint.model
-            request.state.model_version = model.version
-        else:
-            request.state.model_name = endpoint.tag
-            request.state.model_version = endpoint.version
-        name = endpoint.model or endpoint.name or endpoint.tag
-        version = model.version if model is not None else str(endpoint.version)
-        access_headers = request.app.state.access.check(request)  # 401 / 429 before any work
-        media_type = _media_type(request)
-        query = dict(request.query_params)
-        async with execution_of(request).ticket(request, endpoint.gate) as ticket:
-            if media_type == "multipart/form-data" and endpoint.file_field:
-                instances, text = await read_multipart(request, endpoint, settings.max_upload_bytes)
-                params = parse_params(endpoint, {**query, **text})
-            elif media_type == "application/json" and endpoint.json_schema is not None:
-                params = parse_params(endpoint, query)
-                instances = await read_json(request, endpoint)
-            elif endpoint.raw_media and (media_type.startswith(endpoint.raw_media)
-                                         or media_type == RAW_MEDIA_TYPE):
-                params = parse_params(endpoint, query)
-                instances = await read_raw(request, endpoint, settings.max_upload_bytes)
-            else:
-                raise unsupported_media_type(endpoint, media_type)
-            job = Job(model, instances, params, Timing(), settings)
-            outcome = await ticket.run(endpoint.run, job)
-        total_ms = (time.perf_counter() - started) * 1000.0
-        log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
-                        raw_inputs=outcome.raw_inputs)
-        headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
-                   **access_headers, **outcome.headers}
+        served = await execute(request, endpoint, read_v1)
+        outcome = served.outcome
         if outcome.binary is not None:
             content, binary_type = outcome.binary
-            return Response(content, media_type=binary_type, headers=headers)
-        body = {"model": name, "version": version, "request_id": request.state.request_id,
+            return Response(content, media_type=binary_type, headers=served.headers)
+        body = {"model": served.name, "version": served.version, "request_id": request.state.request_id,
                 "predictions": outcome.predictions}
-        return Response(_json(body), media_type="application/json", headers=headers)
+        return Response(_json(body), media_type="application/json", headers=served.headers)
 
     predict.__name__ = endpoint.operation_id
     predict.__doc__ = endpoint.description

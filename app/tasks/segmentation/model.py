@@ -51,10 +51,11 @@ class SegmentationModel(ServedModel):
         return predict_probability(gray, self.predict, tile=self.tile, margin=self.margin,
                                    batch_size=TILES_PER_CALL)
 
-    def segment(self, gray: np.ndarray, threshold: float) -> TiledSegmentation:
+    def segment(self, gray: np.ndarray, threshold: float,
+                keep_probability: bool = False) -> TiledSegmentation:
         """Mask and summary features of a uint8 or float image, tile by tile (the serving path)."""
         return segment_image(gray, self.predict, threshold=threshold, tile=self.tile,
-                             margin=self.margin)
+                             margin=self.margin, keep_probability=keep_probability)
 
 
 MODEL_CLASS = SegmentationModel

@@ -222,10 +222,11 @@ class TiledSegmentation:
 
     mask: np.ndarray
     features: dict[str, float]
+    probability: np.ndarray | None = None  # float32, only when asked for (16 MB at 2048 x 2048)
 
 
 def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
-                  margin: int = MARGIN) -> TiledSegmentation:
+                  margin: int = MARGIN, keep_probability: bool = False) -> TiledSegmentation:
     """:func:`binary_mask` of :func:`predict_probability` plus :func:`summary_features`, in bounded
     memory: tile by tile, the mask is written and the statistics accumulated as each tile comes
     back, so no full-size probability map (16 MB for 2048 x 2048) or temporary is ever made.
@@ -238,6 +239,7 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
     padded = layout.pad(np.asarray(gray))
     s = layout.stride
     mask = np.empty((height, width), dtype=np.uint8)
+    probability = np.empty((height, width), dtype=np.float32) if keep_probability else None
     n = float(height * width)
     foreground = probability_sum = certainty_sum = 0.0
     for y, x in layout.origins():
@@ -250,6 +252,8 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
         kept = prediction[margin:margin + rows, margin:margin + cols]
         above = kept >= threshold
         mask[y:y + rows, x:x + cols] = np.where(above, 255, 0)
+        if probability is not None:
+            probability[y:y + rows, x:x + cols] = kept
         foreground += float(np.count_nonzero(above))
         probability_sum += float(kept.sum(dtype=np.float64))
         certainty_sum += float((np.abs(kept - 0.5) * 2.0).sum(dtype=np.float64))
@@ -259,7 +263,7 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
         "foreground_fraction": foreground / n, "mean_probability": probability_sum / n,
         "mean_certainty": certainty_sum / n,
     }
-    return TiledSegmentation(mask, features)
+    return TiledSegmentation(mask, features, probability)
 
 
 def _mean_std(gray: np.ndarray, rows: int = 256) -> tuple[float, float]:

@@ -54,6 +54,7 @@ def run(job: Job) -> Outcome:
                                    field=instance.field, max_side=MAX_SIDE)
     predictions, rows = [], []
     picture = None
+    arrays: list[dict[str, np.ndarray]] = []
     for instance, image in zip(job.instances, images, strict=True):
         checkpoint()
         with job.timing.measure("decode"):
@@ -63,19 +64,24 @@ def run(job: Job) -> Outcome:
                 gray = to_grayscale(image)
             del image
         with job.timing.measure("inference"):
-            result = model.segment(gray, threshold)
-        if params.format is MaskFormat.overlay:
+            result = model.segment(gray, threshold, keep_probability="probability" in job.tensors)
+        if job.tensors:  # the V2 protocol: the arrays themselves, no PNG
+            arrays.append({"mask": result.mask, "probability": result.probability})
+        elif params.format is MaskFormat.overlay:
             scaled = gray.astype(np.float32) / 255.0 if gray.dtype == np.uint8 else gray
             picture = png_bytes(overlay(scaled, result.mask))
         else:
             picture = png_bytes(Image.fromarray(result.mask, mode="L"))
         features = result.features
         rows.append({"prediction": "mask", "confidence": features["mean_certainty"], "features": features})
-        predictions.append({"width": int(result.mask.shape[1]), "height": int(result.mask.shape[0]),
-                            "membrane_fraction": round(features["foreground_fraction"], 6),
-                            "threshold": threshold,
-                            "mask_png_b64": base64.b64encode(picture).decode("ascii")})
+        prediction = {"width": int(result.mask.shape[1]), "height": int(result.mask.shape[0]),
+                      "membrane_fraction": round(features["foreground_fraction"], 6), "threshold": threshold}
+        if picture is not None:
+            prediction["mask_png_b64"] = base64.b64encode(picture).decode("ascii")
+        predictions.append(prediction)
     raw = [i.data for i in job.instances]
+    if job.tensors:
+        return Outcome(predictions, rows, raw_inputs=raw, arrays=arrays)
     if params.format is MaskFormat.json:
         return Outcome(predictions, rows, raw_inputs=raw)
     headers = {"X-Foreground-Fraction": f"{predictions[0]['membrane_fraction']:.6f}"}

@@ -1,0 +1,204 @@
+"""The REST side of the Open Inference Protocol (KServe V2), beside v1, on the same request path.
+
+``POST /v2/models/{name}[/versions/{version}]/infer`` goes through :func:`app.core.pipeline.execute`
+with the v1 endpoint of the model: the same access check, admission gate, deadline, decoding,
+preprocessing, limits, prediction log, drift features and metrics. Only the reading of tensors and
+the writing of outputs differ. Errors are the protocol's ``{"error": "..."}``: 400 for a bad request
+(v1's 422s included), 404 for an unknown model or version, 503 when the model is not loaded or the
+worker is busy, and v1's other statuses (401, 408, 413, 415, 429) as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.core.errors import ProblemError
+from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED, Endpoint, Read, execute
+from app.core.registry import ServedModel
+from app.openinference.models import V2_MODELS, V2Model
+from app.openinference.protocol import (
+    HEADER_LENGTH,
+    ErrorBody,
+    InferenceRequest,
+    InferenceRequestBody,
+    InferenceResponse,
+    ModelMetadata,
+    ServerMetadata,
+    V2Error,
+    encode_response,
+    parse_request,
+)
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+EXTENSIONS = ["binary_tensor_data"]
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
+    400: "a malformed request or an invalid input", 404: "no such model or version",
+    503: "the model is not loaded, or the worker is busy (Retry-After)"}.items()}
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def from_problem(exc: ProblemError) -> JSONResponse:
+    status = 400 if exc.status == 422 else exc.status
+    return error(status, f"{exc.code}: {exc.detail}", exc.headers)
+
+
+def _spec(name: str) -> V2Model:
+    spec = V2_MODELS.get(name)
+    if spec is None:
+        raise V2Error(404, f"unknown model '{name}'; models: {', '.join(V2_MODELS)}")
+    return spec
+
+
+def _model(request: Request, spec: V2Model, version: str | None) -> ServedModel:
+    slot = request.app.state.registry.slots.get(spec.name)
+    if version is not None and (slot is None or version not in slot.available_versions):
+        raise V2Error(404, f"model '{spec.name}' has no version '{version}'")
+    if slot is None or slot.model is None:
+        reason = slot.error if slot is not None else "not loaded"
+        raise V2Error(503, f"model '{spec.name}' is not ready ({reason})", {"Retry-After": "30"})
+    if version is not None and version != slot.model.version:
+        raise V2Error(404, f"model '{spec.name}' version '{version}' is not served; it serves "
+                           f"'{slot.model.version}'")
+    return slot.model
+
+
+def _endpoint(spec: V2Model) -> Endpoint:
+    return next(e for e in REGISTERED if e.operation_id == spec.operation_id)
+
+
+@router.get("", response_model=ServerMetadata, operation_id="v2_server_metadata",
+            summary="Server metadata")
+def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name="ml-inference-service", version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", operation_id="v2_server_live", summary="Server liveness")
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", operation_id="v2_server_ready", summary="Server readiness: every model loaded",
+            responses={503: ERRORS[503]})
+def ready(request: Request) -> Any:
+    registry = request.app.state.registry
+    if not registry.ready:
+        missing = [task for task, slot in registry.slots.items() if not slot.ready]
+        return error(503, f"not ready: {', '.join(missing)} not loaded")
+    return {"ready": True}
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Any:
+    try:
+        spec = _spec(name)
+        model = _model(request, spec, version)
+    except V2Error as exc:
+        return error(exc.status, exc.message, exc.headers)
+    return ModelMetadata(name=spec.name, versions=[model.version], platform="litert" if spec.name != "clustering"
+                         else "scikit-learn-kmeans", inputs=list(spec.inputs), outputs=list(spec.outputs),
+                         parameters=spec.parameters(model))
+
+
+def _ready(request: Request, name: str, version: str | None) -> Any:
+    try:
+        _model(request, _spec(name), version)
+    except V2Error as exc:
+        return error(exc.status, exc.message, exc.headers)
+    return {"name": name, "ready": True}
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    try:
+        spec = _spec(name)
+        model = _model(request, spec, version)
+        endpoint = _endpoint(spec)
+        parsed: dict[str, Any] = {}
+
+        async def read(request: Request, endpoint: Endpoint, settings: Any) -> Read:
+            body = await request.body()
+            parsed["request"] = inference = parse_request(body, request.headers.get(HEADER_LENGTH))
+            parsed["wanted"] = wanted = _wanted(spec, inference)
+            instances, params = spec.to_job(inference, model)
+            return Read(instances, params, tensors=frozenset(wanted))
+
+        served = await execute(request, endpoint, read)
+        inference, wanted = parsed["request"], parsed["wanted"]
+        outputs = [o for o in spec.to_outputs(served.outcome, model, set(wanted)) if o.name in wanted]
+        binary = {o.name: bool(wanted[o.name] if wanted[o.name] is not None else inference.binary_output)
+                  for o in outputs}
+        response = InferenceResponse(model_name=spec.name, model_version=served.version,
+                                     id=inference.id or request.state.request_id, outputs=[])
+        body, headers = encode_response(response, outputs, binary)
+        return Response(body, headers={**served.headers, **headers})
+    except V2Error as exc:
+        return error(exc.status, exc.message, exc.headers)
+    except ProblemError as exc:
+        return from_problem(exc)
+
+
+def _wanted(spec: V2Model, inference: InferenceRequest) -> dict[str, bool | None]:
+    """Output name -> its ``binary_data`` parameter (None: the request's default)."""
+    known = {o.name for o in spec.outputs}
+    if inference.outputs is None:
+        return dict.fromkeys(spec.default_outputs)
+    wanted: dict[str, bool | None] = {}
+    for output in inference.outputs:
+        if output.name not in known:
+            raise V2Error(400, f"unknown output '{output.name}'; this model has {', '.join(sorted(known))}")
+        flag = output.parameters.get("binary_data")
+        wanted[output.name] = None if flag is None else bool(flag)
+    return wanted
+
+
+_request_schema = InferenceRequestBody.model_json_schema(ref_template="#/components/schemas/{model}")
+EXTRA_SCHEMAS.update(_request_schema.pop("$defs", {}))
+EXTRA_SCHEMAS["InferenceRequestBody"] = _request_schema
+INFER_DOC: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequestBody"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+            "binary tensor extension: Inference-Header-Content-Length bytes of the JSON request, then "
+            "each binary input's bytes")}}}},
+}
+
+
+def _routes(suffix: str, operation: str, versioned: bool) -> None:
+    if versioned:
+        async def infer(request: Request, name: str, version: str) -> Response:
+            return await _infer(request, name, version)
+
+        def metadata(request: Request, name: str, version: str) -> Any:
+            return _metadata(request, name, version)
+
+        def model_ready(request: Request, name: str, version: str) -> Any:
+            return _ready(request, name, version)
+    else:
+        async def infer(request: Request, name: str) -> Response:  # type: ignore[misc]
+            return await _infer(request, name, None)
+
+        def metadata(request: Request, name: str) -> Any:  # type: ignore[misc]
+            return _metadata(request, name, None)
+
+        def model_ready(request: Request, name: str) -> Any:  # type: ignore[misc]
+            return _ready(request, name, None)
+
+    router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"],
+                         response_model=ModelMetadata, responses={404: ERRORS[404], 503: ERRORS[503]},
+                         operation_id=f"v2_model_metadata{operation}",
+                         summary="Model metadata: tensors, version, labels")
+    router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"],
+                         responses={404: ERRORS[404], 503: ERRORS[503]},
+                         operation_id=f"v2_model_ready{operation}", summary="Model readiness")
+    router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"],
+                         response_model=InferenceResponse, responses=ERRORS,
+                         operation_id=f"v2_infer{operation}", summary="Inference (JSON or binary tensors)",
+                         openapi_extra=INFER_DOC)
+
+
+_routes("", "", versioned=False)
+_routes("/versions/{version}", "_version", versioned=True)
