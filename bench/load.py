@@ -303,13 +303,15 @@ def plot(load: dict[str, Any], soak: dict[str, Any] | None, path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     for run in load["runs"]:
         levels = [r["concurrency"] for r in run["levels"]]
-        axes[0].plot(levels, [r["throughput_rps"] for r in run["levels"]], marker="o",
-                     label=f"{run['workers']} worker(s)")
+        line, = axes[0].plot(levels, [r["throughput_rps"] for r in run["levels"]], marker="o",
+                             label=f"answered, {run['workers']} worker(s)")
+        axes[0].plot(levels, [r["refused"] / run["seconds_per_level"] for r in run["levels"]], ":",
+                     marker="x", color=line.get_color(), label=f"refused (503), {run['workers']} worker(s)")
         for task, style in (("digits", "-"), ("segmentation", "--")):
             axes[1].plot(levels, [r["per_task"][task].get("p95_ms") for r in run["levels"]],
                          style, marker="o", label=f"{task} p95, {run['workers']} worker(s)")
-    axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="answered requests/s",
-                title="Mixed traffic: throughput")
+    axes[0].set(xscale="log", xlabel="concurrent clients (closed loop)", ylabel="requests/s",
+                title="Mixed traffic: answered and refused")
     axes[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms",
                 title="Latency (p95) by task")
     for ax in axes[:2]:
