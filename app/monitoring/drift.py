@@ -7,8 +7,9 @@ distribution with the reference prior. Thresholds (documented in the README):
 =====================  ===========================  ==========================
 test                   warning                      drift
 =====================  ===========================  ==========================
-PSI (feature)          0.1 <= PSI < 0.2             PSI >= 0.2
-KS two-sample          --                           p < 0.01 and D >= 0.1
+PSI (feature)          PSI >= 0.1 and beyond        PSI >= 0.2 and beyond
+                       chance at p 0.01             chance at p 0.001
+KS two-sample          --                           p < 0.001 and D >= 0.1
 chi-squared (classes)  p < 0.05                     p < 0.01
 =====================  ===========================  ==========================
 
@@ -16,6 +17,13 @@ A feature's status is the worse of its PSI and KS verdicts; a model's status is 
 features' and its class distribution's, or ``insufficient_data`` when the window holds fewer than
 ``DRIFT_MIN_SAMPLES`` predictions. The KS test alone never warns: with thousands of reference values
 it finds tiny, harmless differences "significant", so it also needs an effect of D >= 0.1.
+
+Small windows must not raise false alarms (a window of 30 from the very distribution of the
+reference gave PSI 0.3-1.9 before; tests/unit/test_drift_false_alarms.py): bin counts are smoothed
+(Jeffreys, half a count per bin) instead of floored, a PSI threshold is raised to what chance alone
+reaches at these sample sizes (PSI ~ chi2(bins - 1) x (1/n_ref + 1/n_current) under no drift), every
+p-value is divided among the features tested together (Bonferroni), and the class distribution is
+compared with the reference's counts (a test of homogeneity: the reference is a sample too).
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ from scipy import stats
 
 PSI_WARNING = 0.1
 PSI_DRIFT = 0.2
-KS_PVALUE = 0.01
+KS_PVALUE = 0.001
+# Significance of a feature's shift beyond chance, shared among the model's features: drift is an
+# alert (a rolling window is judged again every minute), so at most ~0.1 % of windows of unchanged
+# data may raise it.
+FEATURE_PVALUE_DRIFT = 0.001
+FEATURE_PVALUE_WARNING = 0.01
 KS_MIN_STATISTIC = 0.1
 CHI2_PVALUE_DRIFT = 0.01
 CHI2_PVALUE_WARNING = 0.05
@@ -45,6 +58,8 @@ _SEVERITY = {OK: 0, WARNING: 1, DRIFT: 2}
 THRESHOLDS: dict[str, Any] = {
     "psi": {"warning": PSI_WARNING, "drift": PSI_DRIFT},
     "ks": {"pvalue_below": KS_PVALUE, "min_statistic": KS_MIN_STATISTIC},
+    "feature_pvalue": {"warning": FEATURE_PVALUE_WARNING, "drift": FEATURE_PVALUE_DRIFT,
+                       "shared_among_features": True},
     "chi2": {"warning_pvalue_below": CHI2_PVALUE_WARNING, "drift_pvalue_below": CHI2_PVALUE_DRIFT},
 }
 
@@ -99,8 +114,8 @@ def psi_status(value: float) -> str:
     return DRIFT if value >= PSI_DRIFT else WARNING if value >= PSI_WARNING else OK
 
 
-def ks_status(statistic: float, pvalue: float) -> str:
-    return DRIFT if pvalue < KS_PVALUE and statistic >= KS_MIN_STATISTIC else OK
+def ks_status(statistic: float, pvalue: float, tests: int = 1) -> str:
+    return DRIFT if pvalue < KS_PVALUE / tests and statistic >= KS_MIN_STATISTIC else OK
 
 
 def chi2_status(pvalue: float | None) -> str:
@@ -109,8 +124,26 @@ def chi2_status(pvalue: float | None) -> str:
     return DRIFT if pvalue < CHI2_PVALUE_DRIFT else WARNING if pvalue < CHI2_PVALUE_WARNING else OK
 
 
-def feature_drift(reference: Mapping[str, Any], current: np.ndarray | Sequence[float]) -> dict[str, Any]:
-    """PSI and KS of one numeric feature against its ``reference.json`` entry."""
+def psi_thresholds(n_reference: float, n_current: float, bins: int, tests: int = 1) -> tuple[float, float]:
+    """(warning, drift) PSI thresholds for these sample sizes: the fixed ones, raised to the PSI that
+    chance alone exceeds with probability 1 % / 0.1 % (over ``tests`` features) when nothing drifted."""
+    scale = 1.0 / max(n_reference, 1.0) + 1.0 / max(n_current, 1.0)
+    dof = max(bins - 1, 1)
+    chance = [float(stats.chi2.ppf(1.0 - p / tests, dof)) * scale
+              for p in (FEATURE_PVALUE_WARNING, FEATURE_PVALUE_DRIFT)]
+    return max(PSI_WARNING, chance[0]), max(PSI_DRIFT, chance[1])
+
+
+def _smoothed(proportions: np.ndarray, n: float) -> np.ndarray:
+    """Bin shares with half a count added per bin (Jeffreys): an empty bin in a small window is
+    evidence of little, not a near-zero share with a huge log-ratio."""
+    return (proportions * n + 0.5) / (n + 0.5 * proportions.size)
+
+
+def feature_drift(reference: Mapping[str, Any], current: np.ndarray | Sequence[float], *,
+                  tests: int = 1) -> dict[str, Any]:
+    """PSI and KS of one numeric feature against its ``reference.json`` entry; ``tests`` is how many
+    features are judged together (their p-values share the significance level)."""
     values = _finite(current)
     sample = np.asarray(reference.get("sample") or [], dtype=np.float64)
     edges = reference.get("bin_edges") or [reference.get("min", 0.0), reference.get("max", 0.0)]
@@ -118,13 +151,18 @@ def feature_drift(reference: Mapping[str, Any], current: np.ndarray | Sequence[f
                            "current_mean": float(values.mean()) if values.size else None}
     if values.size == 0:
         return {**out, "psi": None, "ks_statistic": None, "ks_pvalue": None, "status": INSUFFICIENT}
-    value = psi_from_proportions(_reference_proportions(sample, edges), bin_proportions(values, edges))
+    n_reference = float(sample.size or reference.get("n") or 1000)
+    expected = _smoothed(_reference_proportions(sample, edges), n_reference)
+    actual = _smoothed(bin_proportions(values, edges), float(values.size))
+    value = psi_from_proportions(expected, actual)
+    warning_at, drift_at = psi_thresholds(n_reference, values.size, expected.size, tests)
     out["psi"] = round(value, 6)
-    status = psi_status(value)
+    out["psi_drift_threshold"] = round(drift_at, 6)
+    status = DRIFT if value >= drift_at else WARNING if value >= warning_at else OK
     if sample.size:
         statistic, pvalue = ks(sample, values)
         out["ks_statistic"], out["ks_pvalue"] = round(statistic, 6), pvalue
-        status = worst([status, ks_status(statistic, pvalue)])
+        status = worst([status, ks_status(statistic, pvalue, tests)])
     else:
         out["ks_statistic"] = out["ks_pvalue"] = None
     out["status"] = status
@@ -132,7 +170,8 @@ def feature_drift(reference: Mapping[str, Any], current: np.ndarray | Sequence[f
 
 
 def class_drift(reference: Mapping[str, Any], predictions: Sequence[str]) -> dict[str, Any]:
-    """Chi-squared goodness of fit of predicted-class counts to the reference prior, plus PSI.
+    """Chi-squared test that the window's predicted classes come from the reference's distribution
+    (homogeneity of the two samples' counts: the reference is a sample too), plus PSI.
 
     Labels the reference never predicted (prior 0) and labels it does not know get a small prior
     by additive smoothing (half a count over the reference's ``n``), so one unexpected class raises
@@ -159,11 +198,17 @@ def class_drift(reference: Mapping[str, Any], predictions: Sequence[str]) -> dic
     }
     if n == 0:
         return {**out, "status": INSUFFICIENT}
+    # The reference's counts and this window's, pooled where this window expects fewer than 5.
+    reference_counts = np.array([float(prior.get(label, 0.0)) for label in labels]) * ref_n
     observed, expected = _pool_small(counts, smoothed * n)
+    pooled_reference, _ = _pool_small(reference_counts, smoothed * n)
     if observed.size >= 2:
-        result = stats.chisquare(observed, expected)
-        out.update(chi2=round(float(result.statistic), 6), pvalue=float(result.pvalue),
-                   dof=int(observed.size - 1))
+        table = np.vstack([pooled_reference, observed])
+        table = table[:, table.sum(axis=0) > 0]
+        if table.shape[1] >= 2:
+            result = stats.chi2_contingency(table, correction=False)
+            out.update(chi2=round(float(result.statistic), 6), pvalue=float(result.pvalue),
+                       dof=int(result.dof))
     out["status"] = chi2_status(out["pvalue"])
     return out
 
@@ -177,8 +222,9 @@ def model_drift(reference: Mapping[str, Any] | None, features: Mapping[str, Sequ
     n = len(predictions)
     if reference is None:
         return {"n": n, "status": NO_REFERENCE, "drift_score": None, "features": {}, "prediction": None}
-    feature_reports = {name: feature_drift(ref, features.get(name, []))
-                       for name, ref in (reference.get("features") or {}).items()}
+    references = reference.get("features") or {}
+    feature_reports = {name: feature_drift(ref, features.get(name, []), tests=len(references))
+                       for name, ref in references.items()}
     prediction_report = class_drift(reference["prediction"], predictions) \
         if reference.get("prediction") else None
     scores = [f["psi"] for f in feature_reports.values() if f.get("psi") is not None]

@@ -54,6 +54,14 @@ class TensorMetadata(BaseModel):
 
 
 class ModelMetadata(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "digits", "versions": ["1.0.1"], "platform": "litert",
+        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 28, 28]},
+                   {"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "confidence", "datatype": "FP32", "shape": [-1]}],
+        "parameters": {"labels": [str(d) for d in range(10)], "max_batch_size": 256}}]})
     name: str
     versions: list[str]
     platform: str
@@ -63,6 +71,8 @@ class ModelMetadata(BaseModel):
 
 
 class ServerMetadata(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "ml-inference-service", "version": "1.0.0", "extensions": ["binary_tensor_data"]}]})
     name: str
     version: str
     extensions: list[str]
@@ -84,7 +94,10 @@ class RequestOutput(BaseModel):
 
 
 class InferenceRequestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "my-request-1",
+        "inputs": [{"name": "features", "shape": [2, 2], "datatype": "FP32", "data": [15, 39, 137, 83]}],
+        "outputs": [{"name": "segment"}]}]})
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     inputs: list[RequestInput] = Field(min_length=1)
@@ -100,6 +113,10 @@ class ResponseOutput(BaseModel):
 
 
 class InferenceResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model_name": "clustering", "model_version": "1.0.0", "id": "my-request-1",
+        "outputs": [{"name": "segment", "datatype": "BYTES", "shape": [2],
+                     "data": ["low income, low spending", "high income, high spending"]}]}]})
     model_name: str
     model_version: str
     id: str
@@ -108,7 +125,24 @@ class InferenceResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "unknown model 'nope'"}]})
     error: str
+
+
+class Live(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"live": True}]})
+    live: bool
+
+
+class Ready(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "digits", "ready": True}]})
+    name: str
+    ready: bool
 
 
 # ---- decoding a request ----------------------------------------------------------------------

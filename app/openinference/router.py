@@ -25,7 +25,10 @@ from app.openinference.protocol import (
     InferenceRequest,
     InferenceRequestBody,
     InferenceResponse,
+    Live,
     ModelMetadata,
+    ModelReady,
+    Ready,
     ServerMetadata,
     V2Error,
     encode_response,
@@ -78,19 +81,19 @@ def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name="ml-inference-service", version=request.app.version, extensions=EXTENSIONS)
 
 
-@router.get("/health/live", operation_id="v2_server_live", summary="Server liveness")
-def live() -> dict[str, bool]:
-    return {"live": True}
+@router.get("/health/live", response_model=Live, operation_id="v2_server_live", summary="Server liveness")
+def live() -> Live:
+    return Live(live=True)
 
 
-@router.get("/health/ready", operation_id="v2_server_ready", summary="Server readiness: every model loaded",
-            responses={503: ERRORS[503]})
+@router.get("/health/ready", response_model=Ready, operation_id="v2_server_ready",
+            summary="Server readiness: every model loaded", responses={503: ERRORS[503]})
 def ready(request: Request) -> Any:
     registry = request.app.state.registry
     if not registry.ready:
         missing = [task for task, slot in registry.slots.items() if not slot.ready]
         return error(503, f"not ready: {', '.join(missing)} not loaded")
-    return {"ready": True}
+    return Ready(ready=True)
 
 
 def _metadata(request: Request, name: str, version: str | None) -> Any:
@@ -109,7 +112,7 @@ def _ready(request: Request, name: str, version: str | None) -> Any:
         _model(request, _spec(name), version)
     except V2Error as exc:
         return error(exc.status, exc.message, exc.headers)
-    return {"name": name, "ready": True}
+    return ModelReady(name=name, ready=True)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
@@ -163,7 +166,7 @@ INFER_DOC: dict[str, Any] = {
         "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequestBody"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
             "binary tensor extension: Inference-Header-Content-Length bytes of the JSON request, then "
-            "each binary input's bytes")}}}},
+            "each binary input's bytes")}, "example": "(the JSON request's bytes, then the tensors' bytes)"}}},
 }
 
 
@@ -191,7 +194,7 @@ def _routes(suffix: str, operation: str, versioned: bool) -> None:
                          response_model=ModelMetadata, responses={404: ERRORS[404], 503: ERRORS[503]},
                          operation_id=f"v2_model_metadata{operation}",
                          summary="Model metadata: tensors, version, labels")
-    router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"],
+    router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], response_model=ModelReady,
                          responses={404: ERRORS[404], 503: ERRORS[503]},
                          operation_id=f"v2_model_ready{operation}", summary="Model readiness")
     router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"],

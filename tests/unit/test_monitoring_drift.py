@@ -55,9 +55,9 @@ def test_psi_thresholds(value, status):
 
 
 @pytest.mark.parametrize(("statistic", "pvalue", "status"), [
-    (0.3, 0.001, "drift"),
+    (0.3, 0.0009, "drift"),
     (0.05, 1e-9, "ok"),  # significant but tiny: a large sample finds everything significant
-    (0.3, 0.02, "ok"),
+    (0.3, 0.002, "ok"),
 ])
 def test_ks_needs_both_significance_and_effect(statistic, pvalue, status):
     assert drift.ks_status(statistic, pvalue) == status
@@ -90,7 +90,7 @@ def test_a_class_the_reference_never_predicted_is_drift_not_a_division_by_zero()
     assert reference["prior"]["z"] == 0.0
     report = drift.class_drift(reference, ["a"] * 30 + ["b"] * 20 + ["z"] * 50)
     assert report["status"] == "drift"
-    assert math.isfinite(report["chi2"]) and report["pvalue"] < 1e-6
+    assert math.isfinite(report["chi2"]) and report["pvalue"] < 1e-4
 
 
 def test_a_label_unknown_to_the_reference_is_counted():
