@@ -28,6 +28,12 @@ PG_URL = Settings(database_url=os.environ.get(
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
+def pg_address(url: str = PG_URL) -> tuple[str, int]:
+    """Host and port of the PostgreSQL server ``url`` names (what an outage proxy relays to)."""
+    parsed = make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
 def pg_unreachable_reason() -> str | None:
     url = make_url(PG_URL)
     try:

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from app.monitoring.store import make_engine, predictions
 from bench.liveserver import LiveServer, running_server
 from tests import monitoring_db
-from tests.monitoring_db import TcpProxy, sqlite_locked
+from tests.monitoring_db import TcpProxy, pg_address, sqlite_locked
 from tests.support import SHARED_DATA
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
@@ -55,7 +55,7 @@ def backend(request, tmp_path_factory):
             while locks:
                 restore()
         else:
-            proxy = TcpProxy(("127.0.0.1", 5432))
+            proxy = TcpProxy(pg_address(url))
             proxy.start()
             try:
                 yield proxy.url_for(url), url, proxy.stop, proxy.start

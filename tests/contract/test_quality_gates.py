@@ -55,8 +55,9 @@ def emotion_gate(client: httpx.Client) -> None:
     truth = [label for _, label in sample]
     correct = Counter(t for t, p in zip(truth, predicted, strict=True) if t == p)
     accuracy = sum(correct.values()) / len(truth)
-    # Committed 1.3.0 on this sample: 0.738 (31/42); on all 120 held-out clips 0.767.
-    assert accuracy >= 0.70, f"emotion accuracy {accuracy:.3f} on {len(truth)} held-out clips"
+    # Committed 1.3.0 on this sample: 0.762 (32/42, every class at least 3 of 6); on all 120
+    # held-out clips 0.767. The floor allows two more mistakes.
+    assert accuracy >= 0.71, f"emotion accuracy {accuracy:.3f} on {len(truth)} held-out clips"
     missed = sorted(set(EMODB_LETTERS.values()) - set(correct))
     assert not missed, f"never recognised: {missed} ({Counter(predicted)})"
     assert max(Counter(predicted).values()) <= 2 * PER_CLASS, f"one answer dominates: {Counter(predicted)}"
@@ -74,8 +75,8 @@ def digits_gate(client: httpx.Client) -> None:
     predicted = np.array(predicted)
     accuracy = float((predicted == labels).mean())
     recall = {d: float((predicted[labels == d] == d).mean()) for d in range(10)}
-    # Committed 1.0.1: 0.998 on these 500 (99.53 % on all 10 000); every digit's recall >= 0.98.
-    assert accuracy >= 0.99, f"digits accuracy {accuracy:.3f}"
+    # Committed 1.0.1: 0.990 on these 500 (99.53 % on all 10 000), the lowest digit recall 0.976.
+    assert accuracy >= 0.985, f"digits accuracy {accuracy:.3f}"
     assert min(recall.values()) >= 0.95, f"digit recall {recall}"
 
 
@@ -96,7 +97,8 @@ def segmentation_gate(client: httpx.Client) -> None:
     png, membrane = _slice(27)  # held out (25-29)
     default = _mask(client, png)
     accuracy = float((default == membrane).mean())
-    # Committed 1.0.0 on slice 27: 0.9215 (0.922 on 25-29).
+    # Committed 1.0.0 on slice 27: 0.9211 (0.922 on 25-29); membrane pixels at thresholds
+    # 0.2/0.45/0.7/0.9: 68 382 / 54 047 / 39 475 / 24 104.
     assert accuracy >= 0.91, f"pixel accuracy {accuracy:.4f} on held-out slice 27"
     # The default threshold is the tuned 0.45: the same mask as asking for 0.45, not as 0.4 or 0.5.
     assert np.array_equal(default, _mask(client, png, threshold=0.45))

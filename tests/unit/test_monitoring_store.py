@@ -22,7 +22,7 @@ from app.monitoring.store import (
     schema_ready,
 )
 from tests import monitoring_db
-from tests.monitoring_db import TcpProxy, database_url, sqlite_locked
+from tests.monitoring_db import TcpProxy, database_url, pg_address, sqlite_locked
 
 ROW = {"prediction": "7", "confidence": 0.93, "features": {"raw_mean": 0.13, "ink_ratio": 0.19}}
 
@@ -153,7 +153,7 @@ def outage_harness(db_url):
         while lock:
             lock.pop().close()
     else:
-        proxy = TcpProxy(("127.0.0.1", 5432))
+        proxy = TcpProxy(pg_address(db_url))
         proxy.start()
         try:
             yield proxy.url_for(db_url), proxy.stop, proxy.start
