@@ -185,6 +185,9 @@ def _elements(shape: list[int], name: str) -> int:
 
 
 def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
+    if count * 4 > len(raw):  # each element has a 4-byte length: never allocate for a lying shape
+        raise V2Error(400, f"input '{name}': shape claims {count} BYTES elements; {len(raw)} bytes "
+                           "cannot hold them")
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):

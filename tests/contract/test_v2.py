@@ -188,6 +188,11 @@ def test_malformed_binary_bodies_are_400(client):
     lying = client.post("/v2/models/digits/infer", content=header,
                         headers={"Inference-Header-Content-Length": str(len(header) + 10)})
     assert lying.status_code == 400
+    huge = json.dumps({"inputs": [{"name": "image", "shape": [10**12], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    lying_shape = client.post("/v2/models/digits/infer", content=huge + b"\0" * 8,
+                              headers={"Inference-Header-Content-Length": str(len(huge))})
+    assert lying_shape.status_code == 400 and "cannot hold" in lying_shape.json()["error"]
     nan = np.full((1, 28, 28), np.nan, np.float32).tobytes()
     bad = client.post("/v2/models/digits/infer", content=header + nan,
                       headers={"Inference-Header-Content-Length": str(len(header))})
