@@ -135,9 +135,9 @@ class Gate:
 
     def expected_wait(self) -> float:
         """Rough seconds before a new job would start: the queue ahead of it, then itself."""
-        if self.running < self.spec.concurrency:
-            return 0.0
-        return (self.waiting + 1) * self.pace() / self.spec.concurrency
+        # ``waiting`` also counts requests still reading their bodies while a slot is free.
+        ahead = self.running + self.waiting - self.spec.concurrency + 1
+        return max(0, ahead) * self.pace() / self.spec.concurrency
 
     def refusal(self, remaining: float) -> str | None:
         """Why a new job with ``remaining`` seconds of deadline would be refused now, if it would."""

@@ -48,6 +48,21 @@ class DrainingH11Protocol(H11Protocol):
         if self.draining and self.cycle is not None and not self.cycle.response_complete:
             _close_after(self.cycle)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # cancels the keep-alive timer
+        idle = self.cycle is None or self.cycle.response_complete
+        if self.draining and idle and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Bytes of a request that is not complete yet (slow headers): keep the timer running.
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
 
 class Worker(UvicornWorker):
     CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": DrainingH11Protocol}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Connections that never finish (a trickling client) must not hold the shutdown until
+        # gunicorn's SIGKILL: stop waiting for them 3 s before it, so the lifespan shutdown
+        # (the prediction log's last flush) still runs.
+        self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 3)

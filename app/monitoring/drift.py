@@ -202,7 +202,7 @@ def class_drift(reference: Mapping[str, Any], predictions: Sequence[str]) -> dic
     reference_counts = np.array([float(prior.get(label, 0.0)) for label in labels]) * ref_n
     observed, expected = _pool_small(counts, smoothed * n)
     pooled_reference, _ = _pool_small(reference_counts, smoothed * n)
-    if observed.size >= 2:
+    if observed.size >= 2 and pooled_reference.sum() > 0:
         table = np.vstack([pooled_reference, observed])
         table = table[:, table.sum(axis=0) > 0]
         if table.shape[1] >= 2:

@@ -7,6 +7,7 @@ predictions become output tensors. Tensor names are part of the contract.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ class V2Model:
     max_batch: int
     to_job: Callable[[InferenceRequest, ServedModel], tuple[list[Instance], Any]]
     to_outputs: Callable[[Outcome, ServedModel, set[str]], list[Output]]
+
+    def max_elements(self) -> dict[str, int]:
+        """Each input's largest element count: the batch limit times one instance's elements."""
+        return {t.name: self.max_batch * math.prod(d for d in t.shape[1:] if d > 0) for t in self.inputs}
 
     def parameters(self, model: ServedModel) -> dict[str, Any]:
         labels = model.metadata.get("labels")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,10 +177,23 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     return body[:n], memoryview(body)[n:]
 
 
-def _elements(shape: list[int], name: str) -> int:
-    if any(d < 0 for d in shape):
-        raise V2Error(400, f"input '{name}': shape {shape} has a negative dimension")
-    return math.prod(shape)
+MAX_DIMS = 8
+JSON_MAX_OUTPUT_ELEMENTS = 1 << 20  # larger outputs (a 2048 x 2048 mask) must be asked for in binary
+
+
+def _elements(shape: list[int], name: str, limit: int) -> int:
+    """The element count of ``shape``, refused (400) past ``limit`` before it is ever multiplied out."""
+    if len(shape) > MAX_DIMS:
+        raise V2Error(400, f"input '{name}': {len(shape)} dimensions; at most {MAX_DIMS}")
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise V2Error(400, f"input '{name}': a shape cannot have a negative dimension")
+        count *= d
+        if count > limit:
+            raise V2Error(400, f"input '{name}': its shape has more elements than this model takes "
+                               f"({limit:,} at most)")
+    return count
 
 
 def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
@@ -226,7 +238,10 @@ def _json_data(item: RequestInput, count: int) -> np.ndarray:
     return array
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferenceRequest:
+def parse_request(body: bytes, header_length: str | None,
+                  max_elements: dict[str, int]) -> InferenceRequest:
+    """The request's tensors. ``max_elements`` names the inputs the model takes and the most
+    elements each may have: anything else is refused before its data is decoded."""
     header, binary = _split(body, header_length)
     try:
         document = InferenceRequestBody.model_validate_json(header)
@@ -243,7 +258,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferenceRequest:
             raise V2Error(400, f"input '{item.name}': unknown datatype {item.datatype!r}")
         if item.name in inputs:
             raise V2Error(400, f"input '{item.name}' is given twice")
-        count = _elements(item.shape, item.name)
+        if item.name not in max_elements:
+            raise V2Error(400, f"unexpected input '{item.name}'; this model takes "
+                               f"{' or '.join(max_elements)}")
+        count = _elements(item.shape, item.name, max_elements[item.name])
         size = item.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -316,6 +334,10 @@ def encode_response(response: InferenceResponse, outputs: list[Output],
     chunks = []
     for output in outputs:
         item = ResponseOutput(name=output.name, datatype=output.datatype, shape=list(output.array.shape))
+        if not binary.get(output.name) and output.array.size > JSON_MAX_OUTPUT_ELEMENTS:
+            raise V2Error(400, f"output '{output.name}' has {output.array.size:,} elements, more than "
+                               f"{JSON_MAX_OUTPUT_ELEMENTS:,} in JSON: ask for it with "
+                               "parameters.binary_data = true")
         if binary.get(output.name):
             raw = _binary(output)
             item.parameters = {"binary_data_size": len(raw)}

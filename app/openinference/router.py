@@ -10,6 +10,7 @@ worker is busy, and v1's other statuses (401, 408, 413, 415, 429) as they are.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -124,7 +125,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
         async def read(request: Request, endpoint: Endpoint, settings: Any) -> Read:
             body = await request.body()
-            parsed["request"] = inference = parse_request(body, request.headers.get(HEADER_LENGTH))
+            parsed["request"] = inference = parse_request(body, request.headers.get(HEADER_LENGTH),
+                                                          spec.max_elements())
             parsed["wanted"] = wanted = _wanted(spec, inference)
             instances, params = spec.to_job(inference, model)
             return Read(instances, params, tensors=frozenset(wanted))
@@ -136,7 +138,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                   for o in outputs}
         response = InferenceResponse(model_name=spec.name, model_version=served.version,
                                      id=inference.id or request.state.request_id, outputs=[])
-        body, headers = encode_response(response, outputs, binary)
+        # Off the event loop: a large output takes a while to serialise.
+        body, headers = await asyncio.to_thread(encode_response, response, outputs, binary)
         return Response(body, headers={**served.headers, **headers})
     except V2Error as exc:
         return error(exc.status, exc.message, exc.headers)
@@ -147,7 +150,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 def _wanted(spec: V2Model, inference: InferenceRequest) -> dict[str, bool | None]:
     """Output name -> its ``binary_data`` parameter (None: the request's default)."""
     known = {o.name for o in spec.outputs}
-    if inference.outputs is None:
+    if not inference.outputs:  # none named (or an empty list): the model's default outputs
         return dict.fromkeys(spec.default_outputs)
     wanted: dict[str, bool | None] = {}
     for output in inference.outputs:

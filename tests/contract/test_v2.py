@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -171,12 +172,38 @@ def test_v2_predictions_go_to_the_same_log_and_access_log(client, server):
      {}, 400, "unknown output"),
     ("/v2/models/segmentation/infer", {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                                    "data": ["not base64!"]}]}, {}, 400, "base64"),
+    ("/v2/models/digits/infer", {"inputs": [{"name": "pixels", "shape": [10**2200, 10**2200],
+                                             "datatype": "FP32", "data": [0]}]}, {}, 400, "more elements"),
+    ("/v2/models/digits/infer", {"inputs": [{"name": "pixels", "shape": [1] * 9, "datatype": "FP32",
+                                             "data": [0]}]}, {}, 400, "dimensions"),
+    ("/v2/models/emotion/infer", {"inputs": [{"name": "audio", "shape": [9], "datatype": "BYTES",
+                                              "data": [""] * 9}]}, {}, 400, "more elements"),
+    ("/v2/models/digits/infer", {"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32",
+                                             "data": [0]}]}, {}, 400, "unexpected input"),
 ])
 def test_bad_requests_are_v2_errors(client, path, body, headers, status, words):
     response = client.post(path, json=body, headers=headers)
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     assert words in response.json()["error"]
+
+
+def test_an_empty_outputs_list_means_the_default_outputs(client):
+    png = examples("membrane-slice3-crop.png")
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(png).decode()]}], "outputs": []}
+    response = client.post("/v2/models/segmentation/infer", json=body)
+    assert response.status_code == 200, response.text
+    assert [o["name"] for o in response.json()["outputs"]] == ["mask"]
+
+
+def test_a_large_output_must_be_asked_for_in_binary(client):
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((1100, 1000), np.uint8)).save(big, "PNG")
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(big.getvalue()).decode()]}]}
+    response = client.post("/v2/models/segmentation/infer", json=body)
+    assert response.status_code == 400 and "binary_data" in response.json()["error"]
 
 
 def test_malformed_binary_bodies_are_400(client):
@@ -188,7 +215,7 @@ def test_malformed_binary_bodies_are_400(client):
     lying = client.post("/v2/models/digits/infer", content=header,
                         headers={"Inference-Header-Content-Length": str(len(header) + 10)})
     assert lying.status_code == 400
-    huge = json.dumps({"inputs": [{"name": "image", "shape": [10**12], "datatype": "BYTES",
+    huge = json.dumps({"inputs": [{"name": "image", "shape": [200], "datatype": "BYTES",
                                    "parameters": {"binary_data_size": 8}}]}).encode()
     lying_shape = client.post("/v2/models/digits/infer", content=huge + b"\0" * 8,
                               headers={"Inference-Header-Content-Length": str(len(huge))})
