@@ -140,9 +140,12 @@ def test_kill_9_of_a_worker_under_load_fails_only_its_in_flight_requests(png):
     # Only requests the killed worker held can fail: at most one per client connection, all at the kill.
     assert len(failed) <= 8, failed
     assert all(o.status == 0 and o.started <= killed_at + 0.05 for o in failed), failed
-    served_meanwhile = [o for o in load.outcomes if killed_at + 0.1 < o.started and o.finished < replaced_at]
+    # In the first 1.5 s after the kill, while the master forks a replacement and it loads its
+    # models, requests must still be answered (by the surviving worker).
+    served_meanwhile = [o for o in load.outcomes if killed_at + 0.1 < o.started < killed_at + 1.5]
     assert served_meanwhile and all(o.status == 200 for o in served_meanwhile), \
         "the surviving worker did not keep serving while the master replaced the killed one"
+    assert replaced_at > killed_at
     assert replacement != victim and sum(o.status == 200 for o in load.outcomes) > 100
 
 
