@@ -48,6 +48,25 @@ def png_bytes(array: Any) -> bytes:
     return buffer.getvalue()
 
 
+def mnist_digit_png(index: int = 0) -> bytes:
+    """An MNIST test digit (the first is a 7) as a PNG: the light request the benches and tests time."""
+    import numpy as np
+
+    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
+        return png_bytes(data["x_test"][index])
+
+
+def timed_post(base_url: str, path: str, **kwargs: Any) -> tuple[Any, float]:
+    """``httpx.post`` and its wall time in seconds."""
+    import time
+
+    import httpx
+
+    started = time.perf_counter()
+    response = httpx.post(base_url + path, timeout=60.0, **kwargs)
+    return response, time.perf_counter() - started
+
+
 def wait_for_model(client: Any, task: str, timeout: float = 90.0) -> str:
     """The served version of ``task`` once it is loaded (the server may still be loading others)."""
     import time

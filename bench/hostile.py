@@ -8,14 +8,16 @@ workers (digits p99, peak PSS). Writes bench/results/hostile.json.
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import time
 
-import httpx
 import numpy as np
-from PIL import Image
 
-from bench.common import SHARED_DATA, serving_python, write_results
+from bench.common import (
+    mnist_digit_png,
+    serving_python,
+    timed_post,
+    write_results,
+)
 from bench.hostile_inputs import (
     big_digit_png,
     flac_dc,
@@ -27,22 +29,8 @@ from bench.hostile_inputs import (
 from bench.liveserver import MemorySampler, running_server
 
 
-def digit_png() -> bytes:
-    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
-        image = data["x_test"][0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def post(base: str, path: str, **kwargs) -> tuple[httpx.Response, float]:
-    started = time.perf_counter()
-    response = httpx.post(base + path, timeout=60.0, **kwargs)
-    return response, time.perf_counter() - started
-
-
 def main() -> None:
-    light = digit_png()
+    light = mnist_digit_png()
     cases = {
         "flac 384 kHz, 60 s of DC (80 KB)": ("/v1/emotion/predict", {"files": {"audio": ("a.flac", flac_dc(384_000, 60), "audio/flac")}}),
         "flac 192 kHz, 59 s of DC (33 KB)": ("/v1/emotion/predict", {"files": {"audio": ("a.flac", flac_dc(192_000, 59), "audio/flac")}}),
@@ -58,9 +46,9 @@ def main() -> None:
     with running_server(workers=1, python=serving_python()) as live:
         for name, (path, kwargs) in cases.items():
             with MemorySampler(live) as memory, concurrent.futures.ThreadPoolExecutor(1) as pool:
-                pending = pool.submit(post, live.base_url, path, **kwargs)
+                pending = pool.submit(timed_post, live.base_url, path, **kwargs)
                 time.sleep(0.3)
-                _, light_s = post(live.base_url, "/v1/digits/predict", files={"image": ("7.png", light, "image/png")})
+                _, light_s = timed_post(live.base_url, "/v1/digits/predict", files={"image": ("7.png", light, "image/png")})
                 response, seconds = pending.result()
             code = response.json().get("code") if response.headers.get("content-type", "").endswith("json") and response.status_code >= 400 else ""
             results[name] = {"status": response.status_code, "code": code, "seconds": round(seconds, 3),
@@ -73,10 +61,10 @@ def main() -> None:
         baseline = two.pss_mib()
         light_times: list[float] = []
         with MemorySampler(two, interval=0.5, pss=True) as memory, concurrent.futures.ThreadPoolExecutor(20) as pool:
-            pending = [pool.submit(post, two.base_url, "/v1/segmentation/predict",
+            pending = [pool.submit(timed_post, two.base_url, "/v1/segmentation/predict",
                                    files={"image": ("b.png", segmentation, "image/png")}) for _ in range(20)]
             while not all(p.done() for p in pending):
-                _, seconds = post(two.base_url, "/v1/digits/predict", files={"image": ("7.png", light, "image/png")})
+                _, seconds = timed_post(two.base_url, "/v1/digits/predict", files={"image": ("7.png", light, "image/png")})
                 light_times.append(seconds)
             answers = [p.result() for p in pending]
         codes = [r.json()["code"] if r.status_code != 200 else "ok" for r, _ in answers]

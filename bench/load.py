@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import random
 import threading
@@ -36,12 +35,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
 from bench.common import (
     RESULTS_DIR,
     SHARED_DATA,
+    mnist_digit_png,
     percentiles,
+    png_bytes,
     serving_python,
     write_results,
 )
@@ -61,12 +61,8 @@ class Inputs:
     def load(cls, digits: int = 64) -> Inputs:
         with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
             images = data["x_test"][:digits]
-        digit_requests = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, "PNG")
-            digit_requests.append(("/v1/digits/predict",
-                                   {"files": {"image": ("d.png", buffer.getvalue(), "image/png")}}))
+        digit_requests = [("/v1/digits/predict", {"files": {"image": ("d.png", png_bytes(image), "image/png")}})
+                          for image in images]
         rows = _mall_rows()
         clustering = [("/v1/clustering/predict", {"json": {"instances": rows[i:i + 4]}})
                       for i in range(0, len(rows) - 4, 7)]
@@ -273,19 +269,11 @@ def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: in
             **(percentiles([x * 1000 for x in seconds]) if seconds else {})}
 
 
-def digit_png() -> bytes:
-    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
-        image = data["x_test"][0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def run_burst(requests: int = 6000, concurrency: int = 8) -> dict[str, Any]:
     """The issue's acceptance run: digit PNGs with hey on one worker, default settings."""
     with running_server(workers=1, python=serving_python()) as live:
         pids = live.worker_pids()
-        result = hey(live.base_url + "/v1/digits/predict", digit_png(), "image/png", requests, concurrency)
+        result = hey(live.base_url + "/v1/digits/predict", mnist_digit_png(), "image/png", requests, concurrency)
         result["worker_replaced"] = live.worker_pids() != pids
     print(f"hey {requests} digits at c={concurrency}, 1 worker: {result['ok']} ok, {result['failed']} "
           f"failed, {result['throughput_rps']} req/s, p99 {result.get('p99_ms')} ms, slowest "

@@ -11,7 +11,6 @@ to V2 binary. Writes bench/results/v2.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import time
@@ -19,9 +18,8 @@ from collections.abc import Callable
 
 import httpx
 import numpy as np
-from PIL import Image
 
-from bench.common import SHARED_DATA, serving_python, write_results
+from bench.common import SHARED_DATA, png_bytes, serving_python, write_results
 from bench.liveserver import running_server
 
 
@@ -39,11 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
         images, labels = data["x_test"][:256], data["y_test"][:256]
-    pngs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        pngs.append(buffer.getvalue())
+    pngs = [png_bytes(image) for image in images]
 
     with running_server(workers=1, python=serving_python()) as live, \
             httpx.Client(base_url=live.base_url, timeout=60) as client:

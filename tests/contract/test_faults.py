@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.common import mnist_digit_png
 from bench.liveserver import running_server
-from bench.load import digit_png, hey
+from bench.load import hey
 from tests.monitoring_db import TcpProxy
 from tests.support import SHARED_DATA
 
@@ -31,7 +32,7 @@ DIGITS = "/v1/digits/predict"
 
 @pytest.fixture(scope="module")
 def png() -> bytes:
-    return digit_png()
+    return mnist_digit_png()
 
 
 @dataclass

@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 
 from app.core.limits import GATES
+from bench.common import mnist_digit_png as digit_png
+from bench.common import timed_post
 from bench.hostile_inputs import (
     big_digit_png,
     flac_dc,
@@ -31,7 +33,7 @@ from bench.hostile_inputs import (
     wav_noise,
 )
 from bench.liveserver import LiveServer, MemorySampler, running_server
-from tests.support import MODELS, SHARED_DATA
+from tests.support import MODELS
 
 MAX_SECONDS = 10.0
 MAX_GROWTH_MIB = 200.0
@@ -46,17 +48,7 @@ def one_worker() -> LiveServer:
 
 @pytest.fixture(scope="module")
 def mnist_digit_png() -> bytes:
-    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
-        image = data["x_test"][0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def timed_post(base_url: str, path: str, **kwargs) -> tuple[httpx.Response, float]:
-    started = time.perf_counter()
-    response = httpx.post(base_url + path, timeout=60.0, **kwargs)
-    return response, time.perf_counter() - started
+    return digit_png()
 
 
 def hostile(server: LiveServer, path: str, light_png: bytes, **kwargs) -> tuple[httpx.Response, float, float]:

@@ -14,18 +14,17 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
 from bench.common import REPO_ROOT
 from bench.liveserver import free_port, running_server, stop
-from tests.monitoring_db import PG_URL, require_pg, with_search_path
+from tests.monitoring_db import database_url
 from tests.support import SHARED_DATA
 
 
@@ -74,21 +73,15 @@ def test_the_release_phase_creates_the_schema_on_sqlite(tmp_path: Path):
 
 
 @pytest.mark.postgres
-def test_the_release_phase_creates_the_schema_on_postgresql():
-    require_pg()
-    schema = f"release_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = with_search_path(PG_URL, schema)
+def test_the_release_phase_creates_the_schema_on_postgresql(tmp_path: Path):
+    with database_url("postgresql", tmp_path) as url:  # a fresh schema, dropped afterwards
         result = run_release(url)
         assert result.returncode == 0, result.stderr
-        assert "predictions" in inspect(create_engine(url)).get_table_names(schema=schema)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+        engine = create_engine(url)
+        inspector = inspect(engine)
+        assert inspector.default_schema_name != "public"  # the fresh schema, not a shared one
+        assert {"predictions", "feedback"} <= set(inspector.get_table_names())
+        engine.dispose()
 
 
 def test_the_release_phase_fails_when_the_database_is_unreachable():
