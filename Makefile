@@ -6,7 +6,7 @@ endif
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test test-fast bench train lock clean chromium hey
+.PHONY: serve test test-fast bench mutation train lifecycle lock clean chromium hey
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -48,6 +48,15 @@ test: .venv-dev/.installed tests/typescript/node_modules/.installed chromium hey
 bench: .venv-dev/.installed .venv/.installed hey
 	.venv-dev/bin/python -m bench.startup
 	for task in clustering digits segmentation emotion; do .venv-dev/bin/python -m bench.$$task || exit 1; done
+
+## lifecycle: the model life cycle on digits, measured (serve, consent, feedback, drift, export,
+## retrain, compare, shadow, promote; bench/results/lifecycle.json; needs the training environment)
+lifecycle: .venv-dev/.installed .venv-train/.installed
+	.venv-dev/bin/python -m bench.lifecycle
+
+## mutation: mutation-test the pure core with mutmut (slow, not part of make test): bench/results/mutation.json
+mutation: .venv-dev/.installed
+	.venv-dev/bin/python -m bench.mutation
 
 ## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU)
 train: .venv-train/.installed

@@ -31,7 +31,9 @@ from app.core.middleware import RequestContextMiddleware
 from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED
 from app.core.registry import ModelRegistry, ModelSlot
 from app.core.schemas import Liveness, ModelList, Problem, Readiness
+from app.core.shadow import ShadowRunner
 from app.monitoring import setup_monitoring, shutdown_monitoring
+from app.monitoring.lifecycle import router as lifecycle_router
 from app.monitoring.metrics import render_metrics
 from app.monitoring.router import router as monitoring_router
 from app.openinference.protocol import ErrorBody
@@ -62,10 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.execution = build_execution(settings)
         app.state.access = Access.from_settings(settings)
-        setup_monitoring(app, settings)
+        monitoring = setup_monitoring(app, settings)
+        app.state.shadows = ShadowRunner(registry, monitoring.prediction_log)
+        app.state.shadows.start()
         try:
             yield
         finally:
+            app.state.shadows.stop()
             shutdown_monitoring(app)
             app.state.execution.shutdown()
 
@@ -78,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "X-Correlation-ID", "X-Model-Version",
+                           expose_headers=["X-Request-ID", "X-Correlation-ID", "X-Model-Version", "X-Inputs-Stored",
                                            "Server-Timing", "Retry-After", "RateLimit-Limit",
                                            "RateLimit-Remaining", "RateLimit-Reset"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
@@ -113,17 +118,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models", tags=["models"], operation_id="models_list", response_model=ModelList)
     async def list_models(request: Request) -> dict[str, Any]:
-        """Every task: version, input/output spec, labels, training metrics, created and the limits
-        its endpoints enforce; or why it is not loaded."""
+        """Every task: the version serving it, input/output spec, labels, training metrics, created
+        and the limits its endpoints enforce, or why it is not loaded; and its versions: which is
+        primary (answers), which shadow (predicts after the answer, logged apart) and which are
+        available to pin with MODEL_VERSIONS / SHADOW_VERSIONS."""
         registry: ModelRegistry = request.app.state.registry
         models = []
         for task, slot in registry.slots.items():
-            limits = limits_for(task, settings)
+            extra = {"limits": limits_for(task, settings), "versions": registry.versions(task)}
             if slot.model is not None:
-                models.append({**slot.model.describe(), "ready": True, "limits": limits})
+                models.append({**slot.model.describe(), "ready": True, **extra})
             else:
                 models.append({"name": task, "task": task, "version": slot.version, "ready": False,
-                               "error": slot.error, "limits": limits})
+                               "error": slot.error, **extra})
         return {"models": models}
 
     @app.get("/metrics", tags=["monitoring"], include_in_schema=False)
@@ -136,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.include_router(s.router)
     app.include_router(v2_router)
     app.include_router(monitoring_router)
+    app.include_router(lifecycle_router)
     app.include_router(web_router)
     app.mount("/static", web_static, name="static")
     app.openapi = lambda: contract(app)  # type: ignore[method-assign]

@@ -240,8 +240,10 @@ def run_soak(inputs: Inputs, workers: int, concurrency: int, seconds: float,
         return result
 
 
-def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: int) -> dict[str, Any]:
-    """``hey`` (Debian's package) posting ``body`` ``requests`` times at ``concurrency``, keep-alive.
+def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: int,
+        qps: float | None = None) -> dict[str, Any]:
+    """``hey`` (Debian's package) posting ``body`` ``requests`` times at ``concurrency``, keep-alive
+    (each client at most ``qps`` requests per second when given: an open rather than closed loop).
 
     hey's CSV lists one row per answered request (transport errors are not rows), so failures are
     the requests asked for minus the 200 rows."""
@@ -252,7 +254,8 @@ def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: in
         f.write(body)
         f.flush()
         started = time.perf_counter()
-        out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST",
+        rate = ["-q", f"{qps:g}"] if qps else []
+        out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), *rate, "-m", "POST",
                               "-T", content_type, "-D", f.name, "-o", "csv", url],
                              capture_output=True, text=True, timeout=600, check=True).stdout
         elapsed = time.perf_counter() - started

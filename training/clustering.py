@@ -19,7 +19,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_samples  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_samples,
+)
 
 from app.monitoring.reference import build_reference  # noqa: E402
 from app.tasks.clustering.preprocess import (  # noqa: E402
@@ -38,11 +42,13 @@ from training.common import (  # noqa: E402
     SHARED_DATA,
     Stopwatch,
     model_dir,
+    output_version,
     seed_everything,
     sha256_file,
     write_json,
     write_metadata,
 )
+from training.production import production_rows
 
 DEFAULT_DATA = SHARED_DATA / "mall_customers" / "Mall_Customers.csv"
 DEFAULT_FEATURES = ["Annual Income (k$)", "Spending Score (1-100)"]
@@ -56,13 +62,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k-max", type=int, default=10)
     p.add_argument("--n-init", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--version", default=None, help="default: the next free version; an existing one is refused")
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--production-data", type=Path, default=None,
+                   help="a /v1/monitoring/dataset export: its customer rows (labelled or not: K-means "
+                        "needs no labels) join the fit")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    args.version = output_version("clustering", args.version, args.models_dir)
     watch = Stopwatch()
     seed_everything(args.seed)
 
@@ -78,6 +88,11 @@ def main() -> None:
     if count_distinct_rows(x) <= args.k_max:
         raise SystemExit(f"need more than k_max={args.k_max} distinct rows")
     print(f"data: {args.data} ({len(x)} rows); features {dict(zip(features, args.features, strict=True))}")
+    production = None
+    if args.production_data is not None:
+        x_prod, production = production_rows(args.production_data, features)
+        x = np.concatenate([x, x_prod])
+        print(f"production data: {production['used']} rows added ({production['skipped']} skipped)")
 
     # --- scale, scan k, fit ---------------------------------------------------------------------------
     scaler = Scaler.fit(x)
@@ -135,7 +150,7 @@ def main() -> None:
         artifact={"file": "model.json", "format": model["format"], "sha256": sha256_file(out / "model.json"),
                   "bytes": (out / "model.json").stat().st_size},
         data={"path": "../shared/data/mall_customers/Mall_Customers.csv", "sha256": sha256_file(args.data),
-              "rows": len(x)},
+              "rows": len(x), "production": production},
         input={"type": "object", "features": features, "columns": list(args.features),
                "units": "original (unscaled) values, as in the CSV columns"},
         output={"cluster": "int index into labels", "segment": "segment name", "distance":

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -26,9 +27,46 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 MODELS_DIR = REPO_ROOT / "models"
 
 
-def default_version() -> str:
-    """A sortable version for a fresh training run: UTC date and time, e.g. ``2026.11.25.0912``."""
-    return datetime.now(UTC).strftime("%Y.%m.%d.%H%M")
+def existing_versions(task: str, models_dir: Path = MODELS_DIR) -> list[str]:
+    """The versions under ``models/<task>/``, oldest first (the order the server picks the latest by)."""
+    from app.core.registry import version_key
+
+    task_dir = Path(models_dir) / task
+    return sorted((p.name for p in task_dir.iterdir() if p.is_dir()), key=version_key) if task_dir.is_dir() else []
+
+
+def next_version(task: str, models_dir: Path = MODELS_DIR) -> str:
+    """The next free version: the latest one's last number plus one (``1.0.1`` -> ``1.0.2``), or
+    ``1.0.0`` for a task with none. It sorts after every existing version, so the server would pick
+    it as the latest unless ``MODEL_VERSIONS`` pins another."""
+    from app.core.registry import version_key
+
+    versions = existing_versions(task, models_dir)
+    if not versions:
+        return "1.0.0"
+    parts = versions[-1].split(".")
+    numeric = [int(p) for p in parts if p.isdigit()] if all(p.isdigit() for p in parts) else None
+    candidate = ".".join(map(str, [*numeric[:-1], numeric[-1] + 1])) if numeric else f"{versions[-1]}.1"
+    while candidate in versions or version_key(candidate) <= version_key(versions[-1]):
+        candidate += ".1"
+    return candidate
+
+
+class VersionExists(SystemExit):
+    pass
+
+
+def output_version(task: str, requested: str | None, models_dir: Path = MODELS_DIR) -> str:
+    """The version a training run writes: ``requested``, or the next free one. Never an existing
+    one: committed models are what the server serves and rolls back to, so overwriting is refused
+    (before any training, so nothing is lost)."""
+    version = requested or next_version(task, models_dir)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", version):
+        raise SystemExit(f"--version {version!r}: use letters, digits and . _ + - (e.g. 1.0.2)")
+    if (Path(models_dir) / task / version).exists():
+        raise VersionExists(f"models/{task}/{version} already exists; refusing to overwrite it. "
+                            f"Omit --version for the next free one ({next_version(task, models_dir)}).")
+    return version
 
 
 def seed_everything(seed: int) -> None:
@@ -60,8 +98,14 @@ def sha256_files(paths: Iterable[Path]) -> str:
 
 
 def model_dir(task: str, version: str, models_dir: Path = MODELS_DIR) -> Path:
-    out = models_dir / task / version
-    (out / "report").mkdir(parents=True, exist_ok=True)
+    """Create ``models/<task>/<version>/report``; an existing version is never written into."""
+    out = Path(models_dir) / task / version
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir()
+    except FileExistsError:
+        raise VersionExists(f"models/{task}/{version} already exists; refusing to overwrite it.") from None
+    (out / "report").mkdir()
     return out
 
 

@@ -1,6 +1,7 @@
 """Train the digits CNN on MNIST and export ``models/digits/<version>/``.
 
     .venv-train/bin/python -m training.digits [--data ../shared/data/mnist/mnist.npz] [--epochs 8]
+        [--production-data export.zip [--production-repeat 4]] [--version 1.0.2] [--models-dir models]
 
 Reads top to bottom: arguments, data, model, fit, evaluate, export. Every image, training and test,
 first goes through ``app.tasks.digits.preprocess`` (the function serving uses), so the model sees at
@@ -30,23 +31,56 @@ from app.tasks.digits.preprocess import (
     summary_features,
 )
 from training.common import (
+    MODELS_DIR,
     SHARED_DATA,
     Stopwatch,
     export_tflite,
     model_dir,
+    output_version,
     seed_everything,
     sha256_file,
     write_json,
     write_metadata,
 )
+from training.production import read_export, summary
 
 LABELS = [str(d) for d in range(10)]
+
+
+def production_digits(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The export's labelled digits through the serving decode and preprocessing (what the model
+    saw when it answered), as training arrays; unreadable or blank images are skipped and counted."""
+    from app.core.codecs.image import load_image, open_image
+    from app.core.errors import ProblemError
+    from app.tasks.digits.preprocess import DigitInputError, prepare_image
+
+    examples = read_export(path, "digits")
+    arrays, labels, skipped = [], [], 0
+    for example in examples:
+        if example.label not in LABELS:
+            skipped += 1
+            continue
+        try:
+            image = load_image(open_image(example.data, example.file, max_pixels=64 * 1024 * 1024), example.file)
+            arrays.append(prepare_image(image, example.file).array)
+        except (ProblemError, DigitInputError):
+            skipped += 1
+            continue
+        labels.append(LABELS.index(example.label))
+    x = np.stack(arrays)[..., None].astype(np.float32) if arrays else np.zeros((0, SIZE, SIZE, 1), np.float32)
+    return x, np.asarray(labels, dtype=np.int64), {**summary(examples, len(arrays), path), "skipped": skipped}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "mnist" / "mnist.npz")
-    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--version", default=None, help="default: the next free version; an existing "
+                        "one is refused")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument("--production-data", type=Path, default=None,
+                        help="a /v1/monitoring/dataset export: its labelled digits join the training split")
+    parser.add_argument("--production-repeat", type=int, default=1,
+                        help="times each production digit is repeated in the training split")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -158,6 +192,7 @@ def plot_errors(images: np.ndarray, true: np.ndarray, pred: np.ndarray, path: Pa
 
 def main() -> None:
     args = parse_args()
+    args.version = output_version("digits", args.version, args.models_dir)
     clock = Stopwatch()
 
     import keras
@@ -177,6 +212,14 @@ def main() -> None:
     n_val = min(args.validation, len(x_all) // 10)
     x_train, y_train_split = x_all[:-n_val], y_train[:-n_val]
     x_val, y_val = x_all[-n_val:], y_train[-n_val:]
+    production = None
+    if args.production_data is not None:  # the training split only: validation and test stay MNIST
+        x_prod, y_prod, production = production_digits(args.production_data)
+        production["repeat"] = args.production_repeat
+        x_train = np.concatenate([x_train, *([x_prod] * args.production_repeat)])
+        y_train_split = np.concatenate([y_train_split, *([y_prod] * args.production_repeat)])
+        print(f"production data: {production['used']} labelled digits x {args.production_repeat} added to "
+              f"training ({production['skipped']} skipped)", flush=True)
     print(f"train {len(x_train)}, validation {len(x_val)} (last {n_val} of the training set)", flush=True)
 
     augment = augmenter(keras, args.seed)
@@ -231,7 +274,7 @@ def main() -> None:
     print(f"test accuracy {test_accuracy:.4%} (loss {test_loss:.4f}); validation {val_accuracy:.4%}", flush=True)
 
     # ---- export ---------------------------------------------------------------------------------
-    out = model_dir("digits", args.version)
+    out = model_dir("digits", args.version, args.models_dir)
     artifact = export_tflite(model, out / "model.tflite", x_test[:64])
     if artifact["bytes"] >= 2 * 1024 * 1024:
         raise RuntimeError(f"model.tflite is {artifact['bytes']} bytes; the budget is 2 MiB")
@@ -264,7 +307,8 @@ def main() -> None:
                     "(polarity, ink box to 20x20, centre of mass at the centre of 28x28) first.",
         artifact={"file": "model.tflite", "format": "tflite-fp32", **artifact},
         data={"path": "../shared/data/mnist/mnist.npz", "sha256": sha256_file(args.data),
-              "train": len(x_train), "validation": len(x_val), "test": len(y_test)},
+              "train": len(x_train), "validation": len(x_val), "test": len(y_test),
+              "production": production},
         input={"name": "digit", "shape": [None, SIZE, SIZE, 1], "dtype": "float32",
                "description": "white digit on black in [0, 1], normalised by app.tasks.digits.preprocess"},
         output={"name": "probabilities", "shape": [None, 10], "dtype": "float32",

@@ -61,15 +61,18 @@ from app.tasks.emotion.preprocess import (
     summary_features,
 )
 from training.common import (
+    MODELS_DIR,
     SHARED_DATA,
     Stopwatch,
     export_tflite,
     model_dir,
+    output_version,
     seed_everything,
     sha256_files,
     write_json,
     write_metadata,
 )
+from training.production import read_export, summary
 
 LETTER_TO_LABEL = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happiness",
                    "T": "sadness", "N": "neutral"}
@@ -89,7 +92,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "emodb" / "wav")
     parser.add_argument("--ravdess", type=Path, default=SHARED_DATA / "ravdess_speech_subset")
-    parser.add_argument("--version", default="1.3.0")
+    parser.add_argument("--version", default=None, help="default: the next free version; an existing "
+                        "one is refused")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument("--production-data", type=Path, default=None,
+                        help="a /v1/monitoring/dataset export: its labelled clips join the development "
+                             "set as one more speaker that is never a validation fold")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--final-models", type=int, default=3, help="CNN ensemble size (seeds)")
     parser.add_argument("--stats-c", type=float, default=STATS_C,
@@ -108,6 +116,28 @@ def parse_args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- data
+def load_production(path: Path) -> tuple[list[dict], dict]:
+    """The export's labelled clips, decoded as serving decodes them, as development clips of a
+    speaker "production" (trained on in every fold, never validated on, never a test speaker)."""
+    from app.core.codecs.audio import decode_audio
+    from app.core.errors import ProblemError
+
+    examples = read_export(path, "emotion")
+    clips, skipped = [], 0
+    for example in examples:
+        if example.label not in LABELS:
+            skipped += 1
+            continue
+        try:
+            wav = decode_audio(example.data, example.file, max_seconds=600.0, target_rate=FEATURES.sample_rate)
+        except ProblemError:
+            skipped += 1
+            continue
+        clips.append({"path": Path(example.file), "speaker": "production",
+                      "label": LABELS.index(example.label), "wav": wav})
+    return clips, {**summary(examples, len(clips), path), "skipped": skipped}
+
+
 def load_emodb(root: Path) -> list[dict]:
     clips = []
     for path in sorted(root.glob("*.wav")):
@@ -342,7 +372,12 @@ def clip_probabilities(predict, clips: list[dict]) -> np.ndarray:
 
 
 def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        recall_score,
+    )
 
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(LABELS)))
@@ -410,6 +445,7 @@ def load_ravdess(root: Path) -> list[dict]:
 # ---------------------------------------------------------------- main
 def main() -> None:
     args = parse_args()
+    args.version = output_version("emotion", args.version, args.models_dir)
     clock = Stopwatch()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -425,6 +461,12 @@ def main() -> None:
     test = [c for c in clips if c["speaker"] in TEST_SPEAKERS]
     print(f"{len(clips)} clips: {len(dev)} development (8 speakers), {len(test)} test "
           f"(speakers {'+'.join(TEST_SPEAKERS)}) [{clock.seconds}s]", flush=True)
+    production = None
+    if args.production_data is not None:
+        production_clips, production = load_production(args.production_data)
+        dev += production_clips
+        print(f"production data: {production['used']} labelled clips added to development "
+              f"({production['skipped']} skipped)", flush=True)
 
     # Features once for all development clips (clean + augmented copies); folds slice by speaker.
     x_dev, y_dev, owner = windows_of(dev, args.copies, rng)
@@ -510,7 +552,7 @@ def main() -> None:
         output = keras.layers.Add()([keras.layers.Rescaling(args.cnn_weight)(output), stats_output])
     ensemble = keras.Model(inputs, output)
 
-    out_dir = model_dir("emotion", args.version)
+    out_dir = model_dir("emotion", args.version, args.models_dir)
     sample, _ = clip_windows(test[0]["wav"])
     export = export_tflite(ensemble, out_dir / "model.tflite", np.concatenate([sample, sample]))
 
@@ -575,7 +617,7 @@ def main() -> None:
         artifact={"file": "model.tflite", "format": "tflite fp32", **export},
         data={"path": "../shared/data/emodb/wav", "files": len(clips),
               "sha256": sha256_files(c["path"] for c in clips),
-              "test_speakers": list(TEST_SPEAKERS)},
+              "test_speakers": list(TEST_SPEAKERS), "production": production},
         input={"name": "mfcc", "shape": [-1, FEATURES.n_frames, FEATURES.n_mfcc], "dtype": "float32",
                "description": "per-window normalised MFCC map (frames x coefficients), "
                               "app/tasks/emotion/preprocess.py"},

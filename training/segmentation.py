@@ -41,15 +41,18 @@ from app.tasks.segmentation.preprocess import (
     to_grayscale,
 )
 from training.common import (
+    MODELS_DIR,
     SHARED_DATA,
     Stopwatch,
     export_tflite,
     model_dir,
+    output_version,
     seed_everything,
     sha256_files,
     write_json,
     write_metadata,
 )
+from training.production import read_export
 
 TRAIN_SLICES = list(range(0, 22))
 VAL_SLICES = [22, 23, 24]
@@ -59,7 +62,10 @@ TEST_SLICES = [25, 26, 27, 28, 29]
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=SHARED_DATA / "membrane")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--version", default=None, help="default: the next free version; an existing one is refused")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--production-data", type=Path, default=None,
+                   help="refused for segmentation: /v1/feedback labels are strings, a U-Net needs masks")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
@@ -238,6 +244,14 @@ def plot_overlays(images: np.ndarray, targets: np.ndarray, probs: list[np.ndarra
 # --------------------------------------------------------------------------------------------- main
 def main() -> None:
     args = parse_args()
+    if args.production_data is not None:
+        examples = read_export(args.production_data, "segmentation", labelled_only=False)
+        raise SystemExit(
+            f"--production-data: the export has {len(examples)} segmentation input(s), but a U-Net trains "
+            "on per-pixel masks and /v1/feedback records one string label per instance, so there is "
+            "nothing to train on. Annotate the exported images (e.g. in CVAT) and add them to the "
+            "membrane data instead.")
+    args.version = output_version("segmentation", args.version, args.models_dir)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     import keras
@@ -288,7 +302,7 @@ def main() -> None:
     print(f"best validation BCE {best['val_bce']:.4f} at epoch {best['epoch']}", flush=True)
 
     # Export for the fixed tile size the server uses (the weights do not depend on the input size).
-    out = model_dir("segmentation", args.version)
+    out = model_dir("segmentation", args.version, args.models_dir)
     tiled = build_unet((TILE, TILE, 1), args.base_filters, args.depth)
     tiled.set_weights(model.get_weights())
     export = export_tflite(tiled, out / "model.tflite", val_x[:2, :TILE, :TILE, None])

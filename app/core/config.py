@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,8 +20,10 @@ class Settings(BaseSettings):
     port: int = 8000
     web_concurrency: int = Field(2, ge=1, le=64)
     models_dir: Path = REPO_ROOT / "models"
-    # Pin versions per task, e.g. MODEL_VERSIONS='{"digits": "2026.11.25.0912"}'; else the latest.
+    # Pin versions per task, e.g. MODEL_VERSIONS='{"digits": "1.0.1"}'; else the latest.
     model_versions: dict[str, str] = {}
+    # A second version per task predicting every request after its response, logged as shadow.
+    shadow_versions: dict[str, str] = {}
     inference_threads: int = Field(1, ge=1, le=64, description="LiteRT threads per interpreter")
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
     log_level: str = "INFO"
@@ -38,7 +40,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field([], description="SHA-256 digests of API keys")
     rate_limit: str | None = Field(None, description="e.g. 60/minute, per API key or client IP")
     redis_url: str | None = Field(None, description="shared rate-limit counters (Heroku Key-Value Store)")
-    store_inputs: bool = False
+    store_inputs: Literal["never", "consented"] = Field(
+        "consented", description="keep the raw inputs of requests sent with X-Data-Consent: granted")
+    input_retention_days: float = Field(30.0, gt=0, description="stored inputs are deleted after this")
     log_buffer_size: int = Field(10_000, ge=1)
     log_flush_interval_s: float = Field(0.5, gt=0)
     drift_window: int = Field(500, ge=1, description="default window: most recent N predictions")
@@ -51,6 +55,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("store_inputs", mode="before")
+    @classmethod
+    def _store_inputs_words(cls, value: object) -> object:
+        # The switch was a boolean: "false" keeps nothing; "true" now means "only with consent".
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return "never"
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return "consented"
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

@@ -53,6 +53,12 @@ QUEUE_MAX_WAIT_S = 5.0
 MAX_IN_FLIGHT = 64  # requests in progress per worker (health and metrics not counted)
 FEEDBACK_MAX_WAITERS = 16  # feedback requests waiting for a just-made prediction to be logged
 
+# ---- the model life cycle ------------------------------------------------------------------------
+STORED_INPUT_MAX_BYTES = 2 * 1024 * 1024  # a consented input larger than this is not kept
+SHADOW_QUEUE = 64  # requests waiting for the shadow version, per worker; beyond, dropped and counted
+INPUT_PURGE_INTERVAL_S = 3600.0  # how often each worker deletes stored inputs past retention
+EXPORT_BATCH_ROWS = 200  # rows read per query while streaming a dataset export
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -117,6 +123,12 @@ def limits(settings: Settings) -> list[Limit]:
               f"{MAX_IN_FLIGHT}", "503 `overloaded`"),
         Limit("per worker", "feedback requests waiting for a prediction still being logged",
               f"{FEEDBACK_MAX_WAITERS}", "503 `overloaded`"),
+        Limit("per worker", "requests waiting for the shadow version", f"{SHADOW_QUEUE}",
+              "(not shadowed; counted in `shadow_dropped_total`)"),
+        Limit("stored inputs", "size of one consented input kept", f"{STORED_INPUT_MAX_BYTES // 1024 // 1024} MiB",
+              "(not kept; the summary row is)"),
+        Limit("stored inputs", "kept for", f"{settings.input_retention_days:g} days", "(deleted)",
+              "`INPUT_RETENTION_DAYS`"),
     ]
 
 

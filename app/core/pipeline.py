@@ -14,7 +14,8 @@ that decodes, predicts and encodes each instance. The core owns everything aroun
    the format from the bytes); anything else is the same 415 everywhere;
    more instances than the endpoint takes is a 422, never a silently dropped file;
 4. ``run(job)`` on the gate's thread within the request's deadline (:mod:`app.core.execution`);
-5. the prediction log, then the envelope ``{"model", "version", "request_id", "predictions"}`` (or
+5. the prediction log (the raw inputs too when the client sent ``X-Data-Consent: granted`` and
+   ``STORE_INPUTS`` is ``consented``), then the envelope ``{"model", "version", "request_id", "predictions"}`` (or
    one binary image) with ``X-Request-ID``, ``X-Model-Version`` and ``Server-Timing`` headers.
 """
 
@@ -30,16 +31,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from app.core.errors import ProblemError, problem_from_validation
 from app.core.execution import execution_of
+from app.core.limits import STORED_INPUT_MAX_BYTES
 from app.core.registry import ServedModel
 from app.core.uploads import read_upload
 from app.monitoring.log import log_predictions
 
 RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted format
+CONSENT_HEADER = "X-Data-Consent"  # "granted": the service may keep this request's raw inputs
+CONSENT_VALUES = ("granted", "denied")
 PROBLEM_STATUSES = {
     400: "malformed JSON or multipart body",
     401: "API_KEYS is set and no valid key was sent (Authorization: Bearer <key> or X-API-Key)",
@@ -47,7 +53,8 @@ PROBLEM_STATUSES = {
     429: "over RATE_LIMIT for this key or client; see Retry-After and the RateLimit headers",
     413: "a body, file, image or request over its limit (see the limits table)",
     415: "a media type this endpoint does not take, or a file in an unsupported format",
-    422: "well-formed but invalid input; the problem's `field` names it",
+    422: "well-formed but invalid input (or an X-Data-Consent other than granted/denied); the "
+         "problem's `field` names it",
     503: "the model is not loaded, the worker is busy (`overloaded`, with Retry-After) or the request "
          "ran out of time (`deadline-exceeded`)",
 }
@@ -91,6 +98,9 @@ class Job:
     # Tensors the caller wants as arrays (the V2 protocol: "mask", "probability"); a run that has
     # them puts them in ``Outcome.arrays`` and may skip encoding files nobody will read.
     tensors: frozenset[str] = frozenset()
+    # The client consented to its inputs being kept (and the server keeps them): a run whose
+    # instances are not files (JSON pixels) builds ``Outcome.raw_inputs`` only then.
+    store_inputs: bool = False
 
 
 @dataclass
@@ -181,9 +191,11 @@ async def read_multipart(request: Request, endpoint: Endpoint,
     try:
         form = await request.form(max_files=endpoint.max_instances + 1,
                                   max_fields=len(params) + endpoint.max_instances + 8)
-    except MultiPartException as exc:
+    except (MultiPartException, HTTPException) as exc:
+        # Inside an app Starlette re-raises the parser's MultiPartException as a 400 HTTPException.
+        reason = exc.detail if isinstance(exc, HTTPException) else exc.message
         raise ProblemError(400, "malformed-multipart", f"The multipart body could not be parsed: "
-                           f"{exc}.", field="body") from exc
+                           f"{reason}", field="body") from exc
     unexpected = sorted(set(form.keys()) - {endpoint.file_field} - params)
     uploads = form.getlist(endpoint.file_field)
     if not uploads:
@@ -250,6 +262,10 @@ class Served:
     name: str  # the model's name in answers and in the prediction log
     version: str
     headers: dict[str, str]  # X-Model-Version, Server-Timing, RateLimit-*, the run's own
+    after: Callable[[], None] | None = None  # to run once the response has gone (the shadow)
+
+    def background(self) -> BackgroundTask | None:
+        return BackgroundTask(self.after) if self.after is not None else None
 
 
 @dataclass
@@ -280,12 +296,37 @@ async def read_v1(request: Request, endpoint: Endpoint, settings: Any) -> Read:
     raise unsupported_media_type(endpoint, media_type)
 
 
+def consent(request: Request) -> bool:
+    """Whether the client allowed this request's raw inputs to be kept: ``X-Data-Consent: granted``.
+    No header (or ``denied``) is no; any other value is a 422, never a guess either way."""
+    value = request.headers.get(CONSENT_HEADER)
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word not in CONSENT_VALUES:
+        raise ProblemError(422, "invalid-consent", f"{CONSENT_HEADER} must be 'granted' or 'denied'; "
+                           f"got {value[:64]!r}.", field=CONSENT_HEADER)
+    return word == "granted"
+
+
 async def execute(request: Request, endpoint: Endpoint, read: Reader) -> Served:
     """The one request path of every protocol: the model, the access check (401/429), a place in
     the endpoint's gate (503), ``read`` (the protocol's decoding), ``endpoint.run`` within the
-    deadline, and the prediction log."""
+    deadline, and the prediction log; the shadow version, if any, runs after the response."""
+    shadows = getattr(request.app.state, "shadows", None)
+    if shadows is None or not shadows.active:
+        return await _execute(request, endpoint, read, None)
+    shadows.request_started()  # the shadow waits while predictions are in progress
+    try:
+        return await _execute(request, endpoint, read, shadows)
+    finally:
+        shadows.request_finished()
+
+
+async def _execute(request: Request, endpoint: Endpoint, read: Reader, shadows: Any) -> Served:
     started = time.perf_counter()
     settings = request.app.state.settings
+    keep_inputs = consent(request) and settings.store_inputs == "consented"
     model = None
     if endpoint.model is not None:
         model = request.app.state.registry.get(endpoint.model)
@@ -299,14 +340,20 @@ async def execute(request: Request, endpoint: Endpoint, read: Reader) -> Served:
     access_headers = request.app.state.access.check(request)  # 401 / 429 before any work
     async with execution_of(request).ticket(request, endpoint.gate) as ticket:
         got = await read(request, endpoint, settings)
-        job = Job(model, got.instances, got.params, Timing(), settings, got.tensors)
+        job = Job(model, got.instances, got.params, Timing(), settings, got.tensors, keep_inputs)
         outcome = await ticket.run(endpoint.run, job)
     total_ms = (time.perf_counter() - started) * 1000.0
     log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
-                    raw_inputs=outcome.raw_inputs)
+                    raw_inputs=outcome.raw_inputs if keep_inputs else None)
+    kept = keep_inputs and any(raw is not None and len(raw) <= STORED_INPUT_MAX_BYTES
+                               for raw in outcome.raw_inputs or [])
     headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
-               **access_headers, **outcome.headers}
-    return Served(job, outcome, name, version, headers)
+               "X-Inputs-Stored": "true" if kept else "false", **access_headers, **outcome.headers}
+    after = None
+    if shadows is not None and model is not None:
+        request_id = request.state.request_id
+        after = lambda: shadows.submit(endpoint, job, request_id)  # noqa: E731
+    return Served(job, outcome, name, version, headers, after)
 
 
 def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
@@ -315,10 +362,12 @@ def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
         outcome = served.outcome
         if outcome.binary is not None:
             content, binary_type = outcome.binary
-            return Response(content, media_type=binary_type, headers=served.headers)
+            return Response(content, media_type=binary_type, headers=served.headers,
+                            background=served.background())
         body = {"model": served.name, "version": served.version, "request_id": request.state.request_id,
                 "predictions": outcome.predictions}
-        return Response(_json(body), media_type="application/json", headers=served.headers)
+        return Response(_json(body), media_type="application/json", headers=served.headers,
+                        background=served.background())
 
     predict.__name__ = endpoint.operation_id
     predict.__doc__ = endpoint.description
@@ -391,7 +440,7 @@ def register(router: APIRouter, endpoint: Endpoint) -> None:
         success.setdefault("content", {})["application/json"] = {"example": endpoint.response_example}
     responses[200] = success
     openapi_extra: dict[str, Any] = {"requestBody": request_body_doc(endpoint),
-                                     "parameters": [CORRELATION_HEADER]}
+                                     "parameters": [CORRELATION_HEADER, CONSENT_PARAMETER]}
     if endpoint.params_schema is not None:
         openapi_extra["parameters"] += [
             {"name": name, "in": "query", "required": False, "schema": schema,
@@ -410,5 +459,12 @@ CORRELATION_HEADER = {
     "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:\-]{1,128}$"},
     "description": "your own correlation id: logged with the request and echoed as X-Correlation-ID. "
                    "The request id of the answer (request_id, X-Request-ID) is issued by the server."}
+CONSENT_PARAMETER = {
+    "name": CONSENT_HEADER, "in": "header", "required": False,
+    "schema": {"type": "string", "enum": list(CONSENT_VALUES)},
+    "description": "'granted' lets the service keep this request's raw inputs (files, pixels, rows) "
+                   "for retraining, up to INPUT_RETENTION_DAYS, unless the operator set "
+                   "STORE_INPUTS=never; without it only a summary row (prediction, confidence, "
+                   "numeric features) is logged. DELETE /v1/predictions/{request_id} erases both."}
 REGISTERED: list[Endpoint] = []  # every endpoint declared, for the OpenAPI components
 EXTRA_SCHEMAS: dict[str, Any] = {}  # schemas the parameters refer to (enums)

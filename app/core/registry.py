@@ -116,18 +116,24 @@ class ModelRegistry:
         self.settings = settings
         self.model_classes = dict(model_classes)
         self.slots: dict[str, ModelSlot] = {task: ModelSlot(task) for task in self.model_classes}
+        self.shadows: dict[str, ModelSlot] = {}  # SHADOW_VERSIONS: task -> the shadow version's slot
 
     def load_all(self) -> None:
         for task in self.model_classes:
             self.slots[task] = self._load(task)
+        for task, version in self.settings.shadow_versions.items():
+            if task not in self.model_classes:
+                log.error("shadow version of an unknown task ignored", extra={"model": task, "version": version})
+                continue
+            self.shadows[task] = self._load(task, version, role="shadow")
 
-    def _load(self, task: str) -> ModelSlot:
+    def _load(self, task: str, wanted: str | None = None, *, role: str = "primary") -> ModelSlot:
         slot = ModelSlot(task)
         task_dir = Path(self.settings.models_dir) / task
         versions = sorted((p.name for p in task_dir.iterdir() if p.is_dir()), key=version_key) \
             if task_dir.is_dir() else []
         slot.available_versions = versions
-        pinned = self.settings.model_versions.get(task)
+        pinned = wanted if role == "shadow" else self.settings.model_versions.get(task)
         if pinned is not None and pinned not in versions:
             slot.error = f"pinned version {pinned!r} not found in {task_dir}"
         elif not versions:
@@ -142,13 +148,28 @@ class ModelRegistry:
                 slot.error = f"{type(exc).__name__}: {exc}"
             slot.load_seconds = round(time.perf_counter() - started, 3)
         if slot.error:
-            log.error("model not ready", extra={"model": task, "version": slot.version,
+            log.error("model not ready", extra={"model": task, "version": slot.version, "role": role,
                                                 "error": slot.error})
             slot.error = redact_paths(slot.error, Path(self.settings.models_dir))
         else:
-            log.info("model loaded", extra={"model": task, "version": slot.version,
+            log.info("model loaded", extra={"model": task, "version": slot.version, "role": role,
                                             "load_s": slot.load_seconds})
         return slot
+
+    def shadow(self, task: str) -> ServedModel | None:
+        """The loaded shadow version of ``task``, if ``SHADOW_VERSIONS`` names one."""
+        slot = self.shadows.get(task)
+        return slot.model if slot is not None else None
+
+    def versions(self, task: str) -> dict[str, Any]:
+        """Which version of ``task`` is primary, which shadow, which could be (``GET /v1/models``)."""
+        slot = self.slots[task]
+        shadow = self.shadows.get(task)
+        return {"primary": slot.version, "shadow": shadow.version if shadow is not None else None,
+                "shadow_ready": shadow.ready if shadow is not None else None,
+                "shadow_error": shadow.error if shadow is not None else None,
+                "available": list(slot.available_versions),
+                "pinned": task in self.settings.model_versions}
 
     def get(self, task: str) -> ServedModel:
         slot = self.slots.get(task)

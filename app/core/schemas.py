@@ -62,6 +62,16 @@ class LimitRow(BaseModel):
     setting: str = Field(description="the environment variable that sets it, if any")
 
 
+class ModelVersions(BaseModel):
+    primary: str | None = Field(description="the version that answers (MODEL_VERSIONS, else the latest)")
+    shadow: str | None = Field(None, description="the version predicting every request after its "
+                               "answer (SHADOW_VERSIONS), logged apart; null when none")
+    shadow_ready: bool | None = None
+    shadow_error: str | None = None
+    available: list[str] = Field(description="every version under models/<task>/, oldest first")
+    pinned: bool = Field(description="whether MODEL_VERSIONS names the primary version")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -72,6 +82,7 @@ class ModelInfo(BaseModel):
     error: str | None = None
     labels: list[str] | None = None
     limits: list[LimitRow] = Field(description="the limits this task's endpoints enforce (as in the README)")
+    versions: ModelVersions | None = None
 
 
 class ModelList(BaseModel):

@@ -32,10 +32,19 @@ def _close_after(cycle: RequestResponseCycle) -> None:
 
 
 class DrainingH11Protocol(H11Protocol):
+    # Shutdown is for the whole process: a connection accepted just as the listener closed, and so
+    # missed by the server's shutdown() round over its connections, drains too (measured: such a
+    # connection kept a busy client served until the graceful timeout cancelled its requests).
     draining = False
 
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if DrainingH11Protocol.draining and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
     def shutdown(self) -> None:
-        self.draining = True
+        DrainingH11Protocol.draining = True
         if self.cycle is not None and not self.cycle.response_complete:
             _close_after(self.cycle)
         elif self.timeout_keep_alive_task is None and not self.transport.is_closing():

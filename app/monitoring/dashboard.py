@@ -126,6 +126,19 @@ def line_svg(title: str, series: Sequence[float | None], x_labels: tuple[str, st
     return _frame(title, body, y_max, y_label, x_labels)
 
 
+def shadow_table(shadow: Mapping[str, Any]) -> str:
+    """The shadow version beside the primary one: agreement, and accuracy on labelled instances."""
+    def acc(score: Mapping[str, Any]) -> str:
+        return "&ndash;" if score["accuracy"] is None else f"{score['accuracy']:.3f}"
+
+    rows = "".join(f"<tr><th>{role}</th><td>{escape(str(score['version']))}</td><td>{score['labelled']}</td>"
+                   f"<td>{acc(score)}</td></tr>"
+                   for role, score in (("primary", shadow["primary"]), ("shadow", shadow["shadow"])))
+    return (f"<h3 class='shadow'>Shadow version</h3><p>{shadow['n']} instances predicted by both; agreement "
+            f"{_fmt(shadow['agreement'])}.</p><table class='shadow'><tr><th>role</th><th>version</th>"
+            f"<th>labelled</th><th>accuracy</th></tr>{rows}</table>")
+
+
 def render_dashboard(sections: Sequence[Mapping[str, Any]], *, generated_at: str, window: str,
                      history: str) -> str:
     """The page. Each section: ``report`` (drift report of one model), ``timeline``,
@@ -176,5 +189,8 @@ def render_dashboard(sections: Sequence[Mapping[str, Any]], *, generated_at: str
         grid.append(line_svg("latency p95 / request", tl.get("latency_p95_ms", []), x_labels, "ms"))
         grid.append(line_svg("throughput", tl.get("throughput_per_min", []), x_labels, "predictions per minute"))
         parts.append("<div class='grid'>" + "".join(grid) + "</div>")
+        shadow = section.get("shadow")
+        if shadow and shadow.get("n"):
+            parts.append(shadow_table(shadow))
     parts.append("</body></html>")
     return "".join(parts)

@@ -43,6 +43,16 @@ LOG_ROWS_DROPPED = Counter("prediction_log_rows_dropped_total",
                            "Prediction-log rows dropped because the bounded buffer was full")
 LOG_BUFFERED = Gauge("prediction_log_buffered_rows", "Rows waiting in this worker's log buffer",
                      multiprocess_mode="livesum")
+INPUTS_STORED = Counter("prediction_inputs_stored_total",
+                        "Consented raw inputs kept in the prediction log, by model", ["model"])
+INPUTS_NOT_STORED = Counter("prediction_inputs_not_stored_total",
+                            "Consented raw inputs not kept, by model and reason (too-large)",
+                            ["model", "reason"])
+INPUTS_PURGED = Counter("prediction_inputs_purged_total", "Stored inputs deleted past INPUT_RETENTION_DAYS")
+SHADOW_PREDICTIONS = Counter("shadow_predictions_total", "Requests predicted by a shadow version",
+                             ["model", "version"])
+SHADOW_DROPPED = Counter("shadow_dropped_total", "Requests not shadowed, by reason (queue-full, error)",
+                         ["model", "reason"])
 
 
 def observe_request(route: str, method: str, status: int, model: str, seconds: float) -> None:

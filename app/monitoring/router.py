@@ -100,6 +100,10 @@ def _models(request: Request, model: str | None) -> list[ServedModel]:
     return [registry.get(model)]  # 503 problem when it exists but is not loaded
 
 
+def registry_of(request: Request) -> Any:
+    return getattr(request.app.state, "registry", None)
+
+
 def _database_down(exc: Exception) -> ProblemError:
     return ProblemError(503, "database-unavailable",
                         f"The prediction-log database is unavailable ({type(exc).__name__}); retry later.",
@@ -307,7 +311,12 @@ def get_dashboard(request: Request, monitoring: Annotated[Monitoring, Depends(mo
             rows = reports.window_rows(monitoring.engine, m.task, win, version=m.version)
             report = reports.model_drift_report(monitoring.engine, m, win, rows=rows,
                                                 min_samples=monitoring.settings.drift_min_samples)
-            sections.append({"report": report, "reference": m.reference,
+            shadow = None
+            shadow_slot = getattr(registry_of(request), "shadows", {}).get(m.task)
+            if shadow_slot is not None:
+                from app.monitoring.lifecycle import shadow_report
+                shadow = shadow_report(monitoring.engine, m.task, win, shadow_slot.version)
+            sections.append({"report": report, "reference": m.reference, "shadow": shadow,
                              "current_features": {k: reports.feature_values(rows, k) for k in rows.features},
                              "timeline": reports.timeline(monitoring.engine, m, hist,
                                                           min_samples=monitoring.settings.drift_min_samples)})

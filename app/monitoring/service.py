@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from app.core.config import Settings
+from app.core.limits import INPUT_PURGE_INTERVAL_S
 from app.monitoring.drift import Window
-from app.monitoring.store import PredictionLog, create_schema, make_engine
+from app.monitoring.store import PredictionLog, create_schema, make_engine, purge_inputs
 
 log = logging.getLogger("app.monitoring")
 
@@ -29,6 +30,7 @@ class Monitoring:
     engine: Engine
     prediction_log: PredictionLog
     refresher: DriftRefresher | None = None
+    purger: InputPurger | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +74,47 @@ class DriftRefresher:
                 self._failing = True
 
 
+class InputPurger:
+    """Deletes stored inputs older than ``INPUT_RETENTION_DAYS`` at start-up, then every
+    ``INPUT_PURGE_INTERVAL_S`` (or a tenth of the retention, if shorter). Every worker runs it; the
+    deletes are idempotent and batched, so workers racing cost only an empty query."""
+
+    def __init__(self, monitoring: Monitoring) -> None:
+        self.monitoring = monitoring
+        retention_s = monitoring.settings.input_retention_days * 86400.0
+        self.interval_s = min(INPUT_PURGE_INTERVAL_S, retention_s / 10.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="input-purger", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def purge(self) -> int:
+        purged = purge_inputs(self.monitoring.engine, self.monitoring.settings.input_retention_days)
+        if purged:
+            log.info("stored inputs past retention deleted", extra={
+                "rows": purged, "retention_days": self.monitoring.settings.input_retention_days})
+        return purged
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.purge()
+                self._failing = False
+            except Exception as exc:
+                if not self._failing:
+                    log.warning("stored inputs not purged", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                self._failing = True
+            if self._stop.wait(self.interval_s):
+                return
+
+
 def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:
     """Call once per worker process at start-up (in the lifespan, after the fork)."""
     engine = make_engine(settings.database_url)
@@ -82,11 +125,14 @@ def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:
                   extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
     prediction_log = PredictionLog(engine, buffer_size=settings.log_buffer_size,
                                    flush_interval_s=settings.log_flush_interval_s,
-                                   store_inputs=settings.store_inputs)
+                                   store_inputs=settings.store_inputs == "consented")
     prediction_log.start()
     monitoring = Monitoring(settings, engine, prediction_log)
     monitoring.refresher = DriftRefresher(app, monitoring)
     monitoring.refresher.start()
+    if settings.store_inputs == "consented":
+        monitoring.purger = InputPurger(monitoring)
+        monitoring.purger.start()
     app.state.monitoring = monitoring
     app.state.prediction_log = prediction_log
     return monitoring
@@ -99,6 +145,8 @@ def shutdown_monitoring(app: FastAPI, timeout: float = 5.0) -> None:
         return
     if monitoring.refresher is not None:
         monitoring.refresher.stop()
+    if monitoring.purger is not None:
+        monitoring.purger.stop()
     monitoring.prediction_log.stop(timeout)
     monitoring.engine.dispose()
     app.state.prediction_log = None

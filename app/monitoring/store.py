@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,20 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
+from app.core.limits import STORED_INPUT_MAX_BYTES
 from app.monitoring.drift import clean_float
 from app.monitoring.metrics import (
     INFERENCE_LATENCY,
+    INPUTS_NOT_STORED,
+    INPUTS_PURGED,
+    INPUTS_STORED,
     LOG_BUFFERED,
     LOG_ROWS_DROPPED,
     LOG_ROWS_WRITTEN,
@@ -71,7 +76,7 @@ predictions = Table(
     Column("prediction", String(256), nullable=False),
     Column("confidence", Float, nullable=True),
     Column("features", _JSON, nullable=False),
-    Column("input", LargeBinary, nullable=True),  # raw input, only with STORE_INPUTS=true
+    Column("input", LargeBinary, nullable=True),  # raw input, only with the request's consent
     Index("ix_predictions_model_id", "model", "id"),
     Index("ix_predictions_model_created_at", "model", "created_at"),
     Index("ix_predictions_request", "request_id", "instance"),
@@ -86,6 +91,33 @@ feedback = Table(
     Column("label", String(256), nullable=False),
     UniqueConstraint("request_id", "instance", name="uq_feedback_request_instance"),
 )
+
+# What a shadow version predicted for a request the primary version answered (never shown to the
+# client). A table of its own, so every report on the predictions table stays about the primary.
+shadow_predictions = Table(
+    "shadow_predictions", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("instance", Integer, nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("prediction", String(256), nullable=False),
+    Column("confidence", Float, nullable=True),
+    Index("ix_shadow_model_id", "model", "id"),
+    Index("ix_shadow_request", "request_id", "instance"),
+)
+
+# Request ids whose data a client erased: rows of theirs still in some worker's buffer (or a shadow
+# prediction still queued) are dropped by the writer instead of written after the erasure.
+erasures = Table(
+    "erasures", metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    Index("ix_erasures_erased_at", "erased_at"),
+)
+ERASURE_MEMORY_S = 24 * 3600  # erasure records older than this are forgotten (rows arrive in seconds)
 
 _SCHEMA_LOCK_KEY = 742_519_001  # pg_advisory_xact_lock key: one schema creator at a time
 
@@ -157,7 +189,52 @@ def create_schema(engine: Engine) -> None:
 
 def schema_ready(engine: Engine) -> bool:
     names = set(inspect(engine).get_table_names())
-    return {"predictions", "feedback"} <= names
+    return set(metadata.tables) <= names
+
+
+def erase_request(engine: Engine, request_id: str, *, remember: bool = True) -> int:
+    """Delete every row of ``request_id`` (predictions with their stored inputs, shadow predictions,
+    feedback) and remember the erasure first, so rows still buffered are not written later. Returns
+    the number of prediction rows deleted (0: nothing was logged under that id).
+
+    A writer transaction that checked the erasures just before this one committed may still insert
+    a row after the deletes: callers run this again a moment later (``remember=False``), and the
+    hourly purge deletes the rows of every remembered erasure (:func:`purge_inputs`)."""
+    if remember:
+        with engine.begin() as conn:
+            known = conn.execute(select(erasures.c.request_id).where(erasures.c.request_id == request_id)).first()
+            if known is None:
+                conn.execute(erasures.insert().values(request_id=request_id, erased_at=utcnow()))
+    with engine.begin() as conn:
+        deleted = conn.execute(predictions.delete().where(predictions.c.request_id == request_id)).rowcount
+        conn.execute(shadow_predictions.delete().where(shadow_predictions.c.request_id == request_id))
+        conn.execute(feedback.delete().where(feedback.c.request_id == request_id))
+    return int(deleted or 0)
+
+
+def purge_inputs(engine: Engine, retention_days: float, *, batch: int = 1000) -> int:
+    """Delete stored inputs older than ``retention_days`` (the summary rows stay), in batches so no
+    transaction holds many rows; also forget old erasure records. Returns how many were deleted."""
+    cutoff = utcnow() - timedelta(days=retention_days)
+    purged = 0
+    while True:
+        ids = select(predictions.c.id).where(predictions.c.input.is_not(None),
+                                             predictions.c.created_at < cutoff).limit(batch)
+        with engine.begin() as conn:
+            done = conn.execute(predictions.update().where(predictions.c.id.in_(ids.scalar_subquery()))
+                                .values(input=None)).rowcount or 0
+        purged += done
+        if done < batch:
+            break
+    with engine.begin() as conn:
+        erased = select(erasures.c.request_id).scalar_subquery()
+        for table in (predictions, shadow_predictions, feedback):  # stragglers of a raced erasure
+            conn.execute(table.delete().where(table.c.request_id.in_(erased)))
+        conn.execute(erasures.delete().where(
+            erasures.c.erased_at < utcnow() - timedelta(seconds=ERASURE_MEMORY_S)))
+    if purged:
+        INPUTS_PURGED.inc(purged)
+    return purged
 
 
 class PredictionLog:
@@ -171,8 +248,8 @@ class PredictionLog:
         self.store_inputs = store_inputs
         self.batch_size = batch_size
         self.max_backoff_s = max_backoff_s
-        self._queue: deque[tuple[int, dict[str, Any]]] = deque()
-        self._pending: list[tuple[int, dict[str, Any]]] = []  # taken from the queue, not yet written
+        self._queue: deque[tuple[int, Table, dict[str, Any]]] = deque()
+        self._pending: list[tuple[int, Table, dict[str, Any]]] = []  # taken from the queue, not yet written
         self._size = 0  # queue + pending: what the bound applies to
         self._seq = 0  # sequence number of the last enqueued row
         self._written_seq = 0  # every row up to this one is written
@@ -193,44 +270,75 @@ class PredictionLog:
     def enqueue(self, request_id: str, model: str, version: str, rows: Sequence[Mapping[str, Any]],
                 latency_ms: float, raw_inputs: Sequence[bytes] | None = None) -> int:
         """Buffer one row per instance and return how many were accepted; never blocks on I/O and
-        never raises. Rows beyond the buffer bound are dropped and counted."""
+        never raises. Rows beyond the buffer bound are dropped and counted. ``raw_inputs`` (given
+        only for requests whose client consented) are kept up to ``STORED_INPUT_MAX_BYTES`` each,
+        unless the log was built with ``store_inputs=False`` (``STORE_INPUTS=never``)."""
         try:
             created_at = utcnow()
             latency = float(latency_ms)
             INFERENCE_LATENCY.labels(model).observe(latency / 1000.0)
-            accepted = dropped = 0
-            with self._lock:
-                for index, row in enumerate(rows):
-                    prediction = str(row.get("prediction", ""))[:256]
-                    PREDICTIONS.labels(model, version, prediction[:64]).inc()
-                    if self._size >= self.buffer_size:
-                        dropped += 1
-                        continue
-                    raw = raw_inputs[index] if self.store_inputs and raw_inputs is not None \
-                        and index < len(raw_inputs) else None
-                    self._seq += 1
-                    self._queue.append((self._seq, {
-                        "created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
-                        "model": model, "version": version, "latency_ms": latency,
-                        "prediction": prediction, "confidence": row.get("confidence"),
-                        "features": row.get("features") or {}, "input": raw}))
-                    self._size += 1
-                    accepted += 1
-                size = self._size
-            if dropped:
-                self.rows_dropped += dropped
-                LOG_ROWS_DROPPED.inc(dropped)
-            LOG_BUFFERED.set(size)
-            return accepted
+            entries = []
+            for index, row in enumerate(rows):
+                prediction = str(row.get("prediction", ""))[:256]
+                PREDICTIONS.labels(model, version, prediction[:64]).inc()
+                entries.append({
+                    "created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
+                    "model": model, "version": version, "latency_ms": latency,
+                    "prediction": prediction, "confidence": row.get("confidence"),
+                    "features": row.get("features") or {},
+                    "input": self._kept_input(model, raw_inputs, index)})
+            return self._buffer(predictions, entries)
         except Exception:  # a logging bug must never fail a prediction
             log.exception("could not buffer prediction-log rows")
             return 0
 
+    def enqueue_shadow(self, request_id: str, model: str, version: str,
+                       rows: Sequence[Mapping[str, Any]], latency_ms: float) -> int:
+        """Buffer what a shadow version predicted for a request (one row per instance)."""
+        try:
+            created_at = utcnow()
+            return self._buffer(shadow_predictions, [
+                {"created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
+                 "model": model, "version": version, "latency_ms": float(latency_ms),
+                 "prediction": str(row.get("prediction", ""))[:256], "confidence": row.get("confidence")}
+                for index, row in enumerate(rows)])
+        except Exception:
+            log.exception("could not buffer shadow-prediction rows")
+            return 0
+
+    def _kept_input(self, model: str, raw_inputs: Sequence[bytes] | None, index: int) -> bytes | None:
+        if not self.store_inputs or raw_inputs is None or index >= len(raw_inputs) or raw_inputs[index] is None:
+            return None
+        raw = raw_inputs[index]
+        if len(raw) > STORED_INPUT_MAX_BYTES:
+            INPUTS_NOT_STORED.labels(model, "too-large").inc()
+            return None
+        INPUTS_STORED.labels(model).inc()
+        return bytes(raw)
+
+    def _buffer(self, table: Table, entries: list[dict[str, Any]]) -> int:
+        accepted = dropped = 0
+        with self._lock:
+            for entry in entries:
+                if self._size >= self.buffer_size:
+                    dropped += 1
+                    continue
+                self._seq += 1
+                self._queue.append((self._seq, table, entry))
+                self._size += 1
+                accepted += 1
+            size = self._size
+        if dropped:
+            self.rows_dropped += dropped
+            LOG_ROWS_DROPPED.inc(dropped)
+        LOG_BUFFERED.set(size)
+        return accepted
+
     def contains(self, request_id: str) -> bool:
         """Whether rows of ``request_id`` are still waiting in this process's buffer."""
         with self._lock:
-            return any(r["request_id"] == request_id for _, r in self._pending) or \
-                any(r["request_id"] == request_id for _, r in self._queue)
+            return any(r["request_id"] == request_id for _, _, r in self._pending) or \
+                any(r["request_id"] == request_id for _, _, r in self._queue)
 
     @property
     def buffered(self) -> int:
@@ -304,9 +412,12 @@ class PredictionLog:
             if not self._schema_ok:
                 create_schema(self.engine)
                 self._schema_ok = True
-            values = [_row_values(r) for _, r in batch]
             with self.engine.begin() as conn:
-                conn.execute(predictions.insert(), values)
+                erased = _erased(conn, {r["request_id"] for _, _, r in batch})
+                for table in (predictions, shadow_predictions):
+                    values = [_row_values(r) for _, t, r in batch if t is table and r["request_id"] not in erased]
+                    if values:
+                        conn.execute(table.insert(), values)
         except (OperationalError, InterfaceError) as exc:  # down, unreachable, or locked
             self._note_failure(exc)
             return False
@@ -345,13 +456,14 @@ class PredictionLog:
                       extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                              "buffered": self._size})
 
-    def _write_one_by_one(self, batch: list[tuple[int, dict[str, Any]]]) -> int:
+    def _write_one_by_one(self, batch: list[tuple[int, Table, dict[str, Any]]]) -> int:
         """After repeated non-connection errors: write what can be written, drop (and count) the rest."""
         bad = 0
-        for _, row in batch:
+        for _, table, row in batch:
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(predictions.insert(), [_row_values(row)])
+                    if not _erased(conn, {row["request_id"]}):
+                        conn.execute(table.insert(), [_row_values(row)])
             except Exception:
                 bad += 1
                 log.exception("prediction log: dropping a row the database refuses",
@@ -362,11 +474,22 @@ class PredictionLog:
         return bad
 
 
+def _erased(conn: Any, request_ids: set[str]) -> set[str]:
+    """Which of ``request_ids`` were erased (their late rows must not be written)."""
+    found: set[str] = set()
+    ids = sorted(request_ids)
+    for start in range(0, len(ids), 500):
+        found.update(conn.execute(select(erasures.c.request_id)
+                                  .where(erasures.c.request_id.in_(ids[start:start + 500]))).scalars())
+    return found
+
+
 def _row_values(row: dict[str, Any]) -> dict[str, Any]:
     """Database-safe values: plain floats, JSON without NaN (PostgreSQL's jsonb refuses it)."""
-    features = row["features"]
-    if not isinstance(features, Mapping):
-        features = {}
-    return {**row, "confidence": clean_float(row["confidence"]),
-            "features": {str(k): clean_float(v) for k, v in features.items()},
-            "input": bytes(row["input"]) if row["input"] is not None else None}
+    values = {**row, "confidence": clean_float(row["confidence"])}
+    if "features" in row:
+        features = row["features"] if isinstance(row["features"], Mapping) else {}
+        values["features"] = {str(k): clean_float(v) for k, v in features.items()}
+    if "input" in row:
+        values["input"] = bytes(row["input"]) if row["input"] is not None else None
+    return values

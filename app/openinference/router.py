@@ -17,7 +17,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.core.errors import ProblemError
-from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED, Endpoint, Read, execute
+from app.core.pipeline import (
+    CONSENT_PARAMETER,
+    EXTRA_SCHEMAS,
+    REGISTERED,
+    Endpoint,
+    Read,
+    execute,
+)
 from app.core.registry import ServedModel
 from app.openinference.models import V2_MODELS, V2Model
 from app.openinference.protocol import (
@@ -140,7 +147,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                                      id=inference.id or request.state.request_id, outputs=[])
         # Off the event loop: a large output takes a while to serialise.
         body, headers = await asyncio.to_thread(encode_response, response, outputs, binary)
-        return Response(body, headers={**served.headers, **headers})
+        return Response(body, headers={**served.headers, **headers}, background=served.background())
     except V2Error as exc:
         return error(exc.status, exc.message, exc.headers)
     except ProblemError as exc:
@@ -165,6 +172,7 @@ _request_schema = InferenceRequestBody.model_json_schema(ref_template="#/compone
 EXTRA_SCHEMAS.update(_request_schema.pop("$defs", {}))
 EXTRA_SCHEMAS["InferenceRequestBody"] = _request_schema
 INFER_DOC: dict[str, Any] = {
+    "parameters": [CONSENT_PARAMETER],
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequestBody"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (

@@ -102,6 +102,23 @@ def test_a_drawn_seven_reads_as_seven(browser, site):
     watched.clean()
 
 
+def test_the_consent_box_decides_whether_the_request_asks_to_keep_the_input(browser, site):
+    watched = open_page(browser, site)
+    page = watched.page
+    expect(page.get_by_test_id("consent")).not_to_be_checked()  # nothing is kept unless asked
+    draw_seven(page)
+    with page.expect_response("**/v1/digits/predict") as unasked:
+        page.get_by_test_id("digits-predict").click()
+    assert "x-data-consent" not in unasked.value.request.headers
+    assert unasked.value.headers["x-inputs-stored"] == "false"
+    page.get_by_test_id("consent").check()
+    with page.expect_response("**/v1/digits/predict") as granted:
+        page.get_by_test_id("digits-predict").click()
+    assert granted.value.request.headers["x-data-consent"] == "granted"
+    assert granted.value.headers["x-inputs-stored"] == "true"
+    watched.clean()
+
+
 def test_a_recorded_clip_and_an_uploaded_anger_clip_show_an_emotion(browser, site):
     watched = open_page(browser, site)
     page = watched.page

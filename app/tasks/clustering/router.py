@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +130,8 @@ def predict_run(job: Job) -> Outcome:
                             "distances": row})
         rows.append({"prediction": segments[label], "confidence": confidence,
                      "features": summary_features(dict(zip(model.features, x, strict=True)))})
-    return Outcome(predictions, rows)
+    raw = [json.dumps(i.value, separators=(",", ":")).encode() for i in job.instances] if job.store_inputs else None
+    return Outcome(predictions, rows, raw_inputs=raw)
 
 
 register(router, Endpoint(

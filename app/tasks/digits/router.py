@@ -97,7 +97,7 @@ def run(job: Job) -> Outcome:
         rows.append({"prediction": LABELS[label], "confidence": probs[label],
                      "features": summary_features(digit)})
     raw = None
-    if settings.store_inputs:
+    if job.store_inputs:
         raw = [i.data if i.data is not None else pixels_png(i.value) for i in job.instances]
     return Outcome(predictions, rows, raw_inputs=raw)
 

@@ -17,10 +17,16 @@ async function send(path, init) {
   return response;
 }
 
+// The visitor's choice (the checkbox in the footer): may the service keep what they send?
+function consentHeaders() {
+  const box = document.getElementById("consent");
+  return box && box.checked ? { "X-Data-Consent": "granted" } : {};
+}
+
 // POST files (one prediction each) or a JSON body; resolves to the envelope plus response headers.
 export async function predict(path, { files = [], field = "image", params = {}, json, signal } = {}) {
   let body;
-  const headers = {};
+  const headers = consentHeaders();
   if (json !== undefined) {
     body = JSON.stringify(json);
     headers["Content-Type"] = "application/json";
@@ -38,7 +44,7 @@ export async function predict(path, { files = [], field = "image", params = {}, 
 export async function predictImage(path, file, field = "image") {
   const body = new FormData();
   body.append(field, file, file.name || "image.png");
-  const response = await send(path, { method: "POST", body });
+  const response = await send(path, { method: "POST", body, headers: consentHeaders() });
   return URL.createObjectURL(await response.blob());
 }
 
