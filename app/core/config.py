@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     store_inputs: Literal["never", "consented"] = Field(
         "consented", description="keep the raw inputs of requests sent with X-Data-Consent: granted")
     input_retention_days: float = Field(30.0, gt=0, description="stored inputs are deleted after this")
+    log_retention_days: float = Field(90.0, gt=0, description="prediction-log rows (summaries, shadow "
+                                      "predictions, feedback) are deleted after this")
     log_buffer_size: int = Field(10_000, ge=1)
     log_flush_interval_s: float = Field(0.5, gt=0)
     drift_window: int = Field(500, ge=1, description="default window: most recent N predictions")

@@ -103,10 +103,17 @@ def psi_from_proportions(expected: np.ndarray, actual: np.ndarray, *,
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+KS_EXACT_MAX_PAIRS = 1_000_000  # reference x window sizes; a window of 500 against 2 000 stays exact
+
+
 def ks(reference_sample: np.ndarray | Sequence[float],
        current: np.ndarray | Sequence[float]) -> tuple[float, float]:
-    """Two-sample Kolmogorov-Smirnov statistic D and p-value."""
-    result = stats.ks_2samp(_finite(reference_sample), _finite(current))
+    """Two-sample Kolmogorov-Smirnov statistic D and p-value: the exact p-value for small samples,
+    the asymptotic one beyond ``KS_EXACT_MAX_PAIRS`` (scipy's default is exact up to 10 000 values
+    a side: 0.17 s per feature for 2 000 x 6 667, where the asymptotic p-value is as good)."""
+    ref, cur = _finite(reference_sample), _finite(current)
+    method = "asymp" if ref.size * cur.size > KS_EXACT_MAX_PAIRS else "auto"
+    result = stats.ks_2samp(ref, cur, method=method)
     return float(result.statistic), float(result.pvalue)
 
 

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ProblemError
 from app.core.limits import EXPORT_BATCH_ROWS
-from app.monitoring.drift import Window, parse_window
+from app.monitoring.drift import MAX_WINDOW_COUNT, Window, parse_window
 from app.monitoring.router import (
     ADMIN_RESPONSES,
     Admin,
@@ -295,8 +295,11 @@ def shadow_report(engine: Engine, model: str, window: Window, shadow_version: st
                                        feedback.c.instance == shadow_predictions.c.instance))
              .where(shadow_predictions.c.model == model, shadow_predictions.c.version == shadow_version))
     if window.seconds is not None:
-        query = query.where(shadow_predictions.c.created_at >= utcnow() - window.since)
-    query = query.order_by(shadow_predictions.c.id.desc()).limit(window.count or 100_000)
+        query = (query.where(shadow_predictions.c.created_at >= utcnow() - window.since)
+                 .order_by(shadow_predictions.c.created_at.desc()))
+    else:
+        query = query.order_by(shadow_predictions.c.id.desc())
+    query = query.limit(window.count or MAX_WINDOW_COUNT)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     n = len(rows)

@@ -48,6 +48,8 @@ INPUTS_STORED = Counter("prediction_inputs_stored_total",
 INPUTS_NOT_STORED = Counter("prediction_inputs_not_stored_total",
                             "Consented raw inputs not kept, by model and reason (too-large)",
                             ["model", "reason"])
+LOG_ROWS_PURGED = Counter("prediction_log_rows_purged_total",
+                          "Prediction-log rows deleted past LOG_RETENTION_DAYS")
 INPUTS_PURGED = Counter("prediction_inputs_purged_total", "Stored inputs deleted past INPUT_RETENTION_DAYS")
 SHADOW_PREDICTIONS = Counter("shadow_predictions_total", "Requests predicted by a shadow version",
                              ["model", "version"])

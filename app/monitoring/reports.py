@@ -39,35 +39,66 @@ class WindowRows:
 
 
 def window_rows(engine: Engine, model: str, window: Window, *, version: str | None = None,
-                limit: int = drift.MAX_WINDOW_COUNT) -> WindowRows:
-    """The window's rows of ``model`` (newest first in the query, returned oldest first)."""
-    cols = [predictions.c.created_at, predictions.c.request_id, predictions.c.instance,
-            predictions.c.latency_ms, predictions.c.prediction, predictions.c.features]
+                limit: int = drift.MAX_WINDOW_COUNT, feature_names: Sequence[str] | None = None,
+                drift_only: bool = False) -> WindowRows:
+    """The window's rows of ``model`` (newest first in the query, returned oldest first).
+
+    With ``feature_names`` (a reference's features) the database extracts those values from the
+    JSON column itself, as floats: decoding every row's JSON in Python was half of a 100 000-row
+    report's time. Without, every feature found in the rows is read. ``drift_only`` leaves out what
+    a drift report does not read (request ids, instances and latencies come back empty)."""
+    cols = [predictions.c.created_at, predictions.c.prediction]
+    if not drift_only:
+        cols += [predictions.c.request_id, predictions.c.instance, predictions.c.latency_ms]
+    first_feature = len(cols)
+    if feature_names is None:
+        cols.append(predictions.c.features)
+    else:
+        cols += [predictions.c.features[name].as_float().label(f"feature_{i}")
+                 for i, name in enumerate(feature_names)]
     query = select(*cols).where(predictions.c.model == model)
     if version is not None:
         query = query.where(predictions.c.version == version)
     if window.seconds is not None:
-        query = query.where(predictions.c.created_at >= utcnow() - window.since)
-    query = query.order_by(predictions.c.id.desc()).limit(min(window.count or limit, limit))
+        # Newest first by time, so the (model, created_at) index is read from the cutoff on; by id,
+        # PostgreSQL walks the primary key back through the whole table looking for more rows.
+        query = (query.where(predictions.c.created_at >= utcnow() - window.since)
+                 .order_by(predictions.c.created_at.desc()))
+    else:
+        query = query.order_by(predictions.c.id.desc())
+    query = query.limit(min(window.count or limit, limit))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     rows.reverse()
-    names: list[str] = sorted({k for r in rows for k in (r.features or {})})
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in cols]
+    if feature_names is None:
+        blobs = columns[first_feature]
+        names: list[str] = sorted({k for blob in blobs for k in (blob or {})})
+        features = {name: [(blob or {}).get(name) for blob in blobs] for name in names}
+    else:
+        features = {name: list(columns[first_feature + i]) for i, name in enumerate(feature_names)}
     return WindowRows(
-        created_at=[as_utc(r.created_at) for r in rows],
-        request_ids=[r.request_id for r in rows],
-        instances=[r.instance for r in rows],
-        latency_ms=[r.latency_ms for r in rows],
-        predictions=[r.prediction for r in rows],
-        features={name: [(r.features or {}).get(name) for r in rows] for name in names},
+        created_at=[as_utc(t) for t in columns[0]],
+        predictions=list(columns[1]),
+        request_ids=[] if drift_only else list(columns[2]),
+        instances=[] if drift_only else list(columns[3]),
+        latency_ms=[] if drift_only else list(columns[4]),
+        features=features,
     )
+
+
+def reference_features(model: ServedModel) -> list[str] | None:
+    """The features a model's drift reference has (what a drift report reads), if it has one."""
+    reference = model.reference or {}
+    return sorted(reference["features"]) if reference.get("features") else None
 
 
 def model_drift_report(engine: Engine, model: ServedModel, window: Window, *, min_samples: int,
                        rows: WindowRows | None = None) -> dict[str, Any]:
     """Drift of the model's current version over the window (and the gauges updated)."""
     if rows is None:
-        rows = window_rows(engine, model.task, window, version=model.version)
+        rows = window_rows(engine, model.task, window, version=model.version,
+                           feature_names=reference_features(model), drift_only=True)
     report = drift.model_drift(model.reference, rows.features, rows.predictions, min_samples=min_samples)
     update_gauges(model.task, report)
     return {"model": model.task, "version": model.version, "window": window.describe(),
@@ -144,9 +175,12 @@ def accuracy(engine: Engine, model: str, window: Window) -> dict[str, Any]:
              .join(feedback, and_(predictions.c.request_id == feedback.c.request_id,
                                   predictions.c.instance == feedback.c.instance))
              .where(predictions.c.model == model))
-    if window.seconds is not None:
-        query = query.where(predictions.c.created_at >= utcnow() - window.since)
-    query = query.order_by(predictions.c.id.desc()).limit(window.count or drift.MAX_WINDOW_COUNT)
+    if window.seconds is not None:  # by time on the (model, created_at) index, as in window_rows
+        query = (query.where(predictions.c.created_at >= utcnow() - window.since)
+                 .order_by(predictions.c.created_at.desc()))
+    else:
+        query = query.order_by(predictions.c.id.desc())
+    query = query.limit(window.count or drift.MAX_WINDOW_COUNT)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     labelled = len(rows)
@@ -175,7 +209,8 @@ def count_predictions(engine: Engine, model: str | None = None) -> int:
 def timeline(engine: Engine, model: ServedModel, window: Window, *, buckets: int = 24,
              min_samples: int = 30) -> dict[str, Any]:
     """Per time bucket over the window: predictions/min, request latency p50/p95, largest PSI."""
-    rows = window_rows(engine, model.task, window, limit=TIMELINE_MAX_ROWS)
+    rows = window_rows(engine, model.task, window, limit=TIMELINE_MAX_ROWS,
+                       feature_names=reference_features(model))
     if rows.n == 0:
         return {"start": [], "throughput_per_min": [], "latency_p50_ms": [], "latency_p95_ms": [],
                 "drift_score": []}

@@ -308,7 +308,8 @@ def get_dashboard(request: Request, monitoring: Annotated[Monitoring, Depends(mo
     try:
         _flush_local(monitoring)
         for m in _models(request, model):
-            rows = reports.window_rows(monitoring.engine, m.task, win, version=m.version)
+            rows = reports.window_rows(monitoring.engine, m.task, win, version=m.version,
+                                       feature_names=reports.reference_features(m))
             report = reports.model_drift_report(monitoring.engine, m, win, rows=rows,
                                                 min_samples=monitoring.settings.drift_min_samples)
             shadow = None

@@ -19,7 +19,13 @@ from sqlalchemy import Engine
 from app.core.config import Settings
 from app.core.limits import INPUT_PURGE_INTERVAL_S
 from app.monitoring.drift import Window
-from app.monitoring.store import PredictionLog, create_schema, make_engine, purge_inputs
+from app.monitoring.store import (
+    PredictionLog,
+    create_schema,
+    make_engine,
+    purge_inputs,
+    purge_rows,
+)
 
 log = logging.getLogger("app.monitoring")
 
@@ -75,13 +81,15 @@ class DriftRefresher:
 
 
 class InputPurger:
-    """Deletes stored inputs older than ``INPUT_RETENTION_DAYS`` at start-up, then every
-    ``INPUT_PURGE_INTERVAL_S`` (or a tenth of the retention, if shorter). Every worker runs it; the
-    deletes are idempotent and batched, so workers racing cost only an empty query."""
+    """Deletes stored inputs older than ``INPUT_RETENTION_DAYS`` and log rows older than
+    ``LOG_RETENTION_DAYS`` at start-up, then every ``INPUT_PURGE_INTERVAL_S`` (or a tenth of the
+    shorter retention, if less). Every worker runs it; the deletes are idempotent and batched, so
+    workers racing cost only an empty query."""
 
     def __init__(self, monitoring: Monitoring) -> None:
         self.monitoring = monitoring
-        retention_s = monitoring.settings.input_retention_days * 86400.0
+        settings = monitoring.settings
+        retention_s = min(settings.input_retention_days, settings.log_retention_days) * 86400.0
         self.interval_s = min(INPUT_PURGE_INTERVAL_S, retention_s / 10.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="input-purger", daemon=True)
@@ -96,10 +104,15 @@ class InputPurger:
             self._thread.join(timeout)
 
     def purge(self) -> int:
-        purged = purge_inputs(self.monitoring.engine, self.monitoring.settings.input_retention_days)
+        settings = self.monitoring.settings
+        rows = purge_rows(self.monitoring.engine, settings.log_retention_days)
+        if rows:
+            log.info("prediction-log rows past retention deleted", extra={
+                "rows": rows, "retention_days": settings.log_retention_days})
+        purged = purge_inputs(self.monitoring.engine, settings.input_retention_days)
         if purged:
             log.info("stored inputs past retention deleted", extra={
-                "rows": purged, "retention_days": self.monitoring.settings.input_retention_days})
+                "rows": purged, "retention_days": settings.input_retention_days})
         return purged
 
     def _run(self) -> None:
@@ -130,9 +143,8 @@ def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:
     monitoring = Monitoring(settings, engine, prediction_log)
     monitoring.refresher = DriftRefresher(app, monitoring)
     monitoring.refresher.start()
-    if settings.store_inputs == "consented":
-        monitoring.purger = InputPurger(monitoring)
-        monitoring.purger.start()
+    monitoring.purger = InputPurger(monitoring)
+    monitoring.purger.start()
     app.state.monitoring = monitoring
     app.state.prediction_log = prediction_log
     return monitoring

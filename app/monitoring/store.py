@@ -53,6 +53,7 @@ from app.monitoring.metrics import (
     INPUTS_STORED,
     LOG_BUFFERED,
     LOG_ROWS_DROPPED,
+    LOG_ROWS_PURGED,
     LOG_ROWS_WRITTEN,
     LOG_WRITE_FAILURES,
     PREDICTIONS,
@@ -106,6 +107,7 @@ shadow_predictions = Table(
     Column("prediction", String(256), nullable=False),
     Column("confidence", Float, nullable=True),
     Index("ix_shadow_model_id", "model", "id"),
+    Index("ix_shadow_model_created_at", "model", "created_at"),
     Index("ix_shadow_request", "request_id", "instance"),
 )
 
@@ -210,6 +212,27 @@ def erase_request(engine: Engine, request_id: str, *, remember: bool = True) -> 
         conn.execute(shadow_predictions.delete().where(shadow_predictions.c.request_id == request_id))
         conn.execute(feedback.delete().where(feedback.c.request_id == request_id))
     return int(deleted or 0)
+
+
+def purge_rows(engine: Engine, retention_days: float, *, batch: int = 5000) -> int:
+    """Delete prediction-log rows older than ``retention_days`` (``LOG_RETENTION_DAYS``): summary
+    rows, shadow predictions and feedback, oldest first, ``batch`` rows per transaction so neither
+    the table nor the writers are held for long. Returns how many prediction rows were deleted."""
+    cutoff = utcnow() - timedelta(days=retention_days)
+    purged = 0
+    for table in (predictions, shadow_predictions, feedback):
+        while True:
+            ids = (select(table.c.id).where(table.c.created_at < cutoff).order_by(table.c.id)
+                   .limit(batch).scalar_subquery())
+            with engine.begin() as conn:
+                done = conn.execute(table.delete().where(table.c.id.in_(ids))).rowcount or 0
+            if table is predictions:
+                purged += done
+            if done < batch:
+                break
+    if purged:
+        LOG_ROWS_PURGED.inc(purged)
+    return purged
 
 
 def purge_inputs(engine: Engine, retention_days: float, *, batch: int = 1000) -> int:

@@ -22,6 +22,7 @@ from app.monitoring.store import (
     make_engine,
     predictions,
     purge_inputs,
+    purge_rows,
     shadow_predictions,
     utcnow,
 )
@@ -103,6 +104,26 @@ def test_erasure_deletes_every_table_and_drops_rows_written_later(engine):
     assert len(table_rows(engine, predictions, "kept-2")) == 1
     assert erase_request(engine, "gone") == 0  # erasing twice is harmless
     assert len(table_rows(engine, erasures)) == 1
+
+
+def test_log_retention_deletes_old_rows_of_every_table_in_batches(engine):
+    log = PredictionLog(engine)
+    for i in range(7):
+        log.enqueue(f"old-{i}", "digits", "1.0.1", [ROW], latency_ms=1.0)
+        log.enqueue_shadow(f"old-{i}", "digits", "1.0.0", [ROW], latency_ms=1.0)
+    log.enqueue("new", "digits", "1.0.1", [ROW], latency_ms=1.0)
+    log.enqueue_shadow("new", "digits", "1.0.0", [ROW], latency_ms=1.0)
+    assert log.flush(10)
+    with engine.begin() as conn:
+        conn.execute(feedback.insert(), [{"created_at": utcnow(), "request_id": r, "instance": 0, "label": "7"}
+                                         for r in ("old-0", "new")])
+        old = utcnow() - timedelta(days=91)
+        for table in (predictions, shadow_predictions, feedback):
+            conn.execute(update(table).where(table.c.request_id.like("old-%")).values(created_at=old))
+    assert purge_rows(engine, 90, batch=3) == 7
+    for table in (predictions, shadow_predictions, feedback):
+        assert [r.request_id for r in table_rows(engine, table)] == ["new"], table.name
+    assert purge_rows(engine, 90) == 0
 
 
 def test_old_erasure_records_are_forgotten(engine):
