@@ -214,6 +214,10 @@ async def read_multipart(request: Request, endpoint: Endpoint,
             raise ProblemError(422, "not-a-file", f"{name} must be a file upload, not a text value.",
                                field=name)
         instances.append(Instance(name, data=await read_upload(upload, name, max_bytes)))
+    for key, value in form.multi_items():
+        if key in params and not isinstance(value, str):  # a parameter sent as a file is not ignored
+            raise ProblemError(422, "not-a-value", f"{key} is a parameter: send it as a text field or in "
+                               "the query string, not as a file.", field=key)
     text = {k: v for k, v in form.multi_items() if k in params and isinstance(v, str)}
     return instances, text
 

@@ -40,14 +40,15 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     """A Pillow image of any mode -> float32 array (H, W) in [0, 1].
 
     RGB(A) and palette images are converted with Pillow's ITU-R 601-2 luma; 16-bit images
-    (``I;16``) are scaled by 65535, 32-bit integer and float images by their own maximum.
+    (``I;16``) are scaled by 65535; 32-bit integer and float images are read as [0, 1] when their
+    maximum is at most 1, as 8-bit values when it is at most 255, else by their own maximum.
     """
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return (np.asarray(image, dtype=np.float32) / 65535.0).clip(0.0, 1.0)
     if image.mode in ("I", "F"):
         arr = np.asarray(image, dtype=np.float32)
         top = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 if top <= 255.0 else top
+        scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
         return (arr / scale).clip(0.0, 1.0) if top > 0 else np.zeros_like(arr)
     if image.mode != "L":
         image = image.convert("L")

@@ -1,0 +1,783 @@
+"""The request pipeline (app.core.pipeline) on endpoints declared here, in-process: how a body is
+read by its media type, the problems for what cannot be read, parameters, the envelope and its
+headers, the prediction log call, and the OpenAPI description an endpoint gets."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pytest
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, Field
+
+from app.core import pipeline
+from app.core.config import Settings
+from app.core.errors import ProblemError
+from app.core.pipeline import (
+    CONSENT_PARAMETER,
+    CORRELATION_HEADER,
+    PROBLEM_STATUSES,
+    RAW_MEDIA_TYPE,
+    Endpoint,
+    Instance,
+    Job,
+    Outcome,
+    Timing,
+    handler,
+    parse_params,
+    register,
+    request_body_doc,
+    too_many,
+    unsupported_media_type,
+)
+from app.main import create_app
+
+
+class EchoRequest(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [{"instances": [1, 2]}]}}
+    instances: list[int] = Field(min_length=1)
+
+
+class EchoParams(BaseModel):
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="a cut-off")
+    mode: Literal["plain", "fancy"] = "plain"
+
+
+class EchoResponse(BaseModel):
+    predictions: list[dict[str, Any]]
+
+
+def echo_run(job: Job) -> Outcome:
+    """One prediction per instance saying what the pipeline handed over."""
+    with job.timing.measure("decode"):
+        sizes = [len(i.data) if i.data is not None else None for i in job.instances]
+    predictions = [{"field": i.field, "size": size, "value": i.value, "first": i.data[:4].decode() if i.data else None,
+                    "params": job.params.model_dump() if job.params is not None else None,
+                    "model_version": getattr(job.model, "version", None),
+                    "upload_limit": job.settings.max_upload_bytes, "store_inputs": job.store_inputs,
+                    "tensors": sorted(job.tensors)}
+                   for i, size in zip(job.instances, sizes, strict=True)]
+    rows = [{"prediction": i.field, "confidence": None, "features": {}} for i in job.instances]
+    files = [i.data for i in job.instances if i.data is not None]
+    return Outcome(predictions, rows, raw_inputs=files or None,
+                   headers={"X-Echo-Count": str(len(job.instances))})
+
+
+def binary_run(job: Job) -> Outcome:
+    return Outcome([], [{"prediction": "png", "confidence": 1.0, "features": {}}],
+                   binary=(b"\x89PNG" + job.instances[0].data, "image/png"))
+
+
+ECHO = Endpoint(
+    operation_id="test_echo", path="/test/echo", tag="test", summary="Echo", description="Echoes its inputs.",
+    run=echo_run, response_schema=EchoResponse, name="echo", version="2.1.0", file_field="image",
+    file_description="images to echo", raw_media=("image/", "text/csv"), json_schema=EchoRequest,
+    json_instances=lambda body: [Instance(f"instances[{i}]", value=v) for i, v in enumerate(body.instances)],
+    params_schema=EchoParams, max_instances=3)
+SINGLE = Endpoint(
+    operation_id="test_single", path="/test/single", tag="single-tag", summary="One", description="One file.",
+    run=binary_run, response_schema=EchoResponse, file_field="audio", raw_media=("audio/",), version="0.3",
+    binary_media=("image/png",), binary_description="a PNG")
+MODEL_BACKED = Endpoint(
+    operation_id="test_model", path="/test/model", tag="digits-tag", summary="M", description="Needs a model.",
+    run=echo_run, response_schema=EchoResponse, model="digits", json_schema=EchoRequest,
+    json_instances=lambda body: [Instance(f"instances[{i}]", value=v) for i, v in enumerate(body.instances)],
+    max_instances=2)
+
+
+def nan_run(job: Job) -> Outcome:
+    return Outcome([{"score": float("nan")}], [{"prediction": "x", "confidence": None, "features": {}}])
+
+
+NAN = Endpoint(**{**ECHO.__dict__, "operation_id": "test_nan", "path": "/test/nan", "run": nan_run})
+PAIR = Endpoint(**{**ECHO.__dict__, "operation_id": "test_pair", "path": "/test/pair", "max_instances": 2})
+TEST_ENDPOINTS = (ECHO, SINGLE, MODEL_BACKED, NAN, PAIR)
+
+
+class FakeModel:
+    version = "9.8.7"
+
+
+async def read_with_tensors(request, endpoint, settings) -> pipeline.Read:
+    read = await pipeline.read_v1(request, endpoint, settings)
+    return pipeline.Read(read.instances, read.params, frozenset({"mask", "probability"}))
+
+
+async def served_view(request: Request) -> JSONResponse:
+    """What ``execute`` hands a protocol layer, as JSON (the V2 protocol reads ``Served`` itself)."""
+    served = await pipeline.execute(request, MODEL_BACKED, read_with_tensors)
+    return JSONResponse({"name": served.name, "version": served.version, "headers": served.headers,
+                         "instances": [i.value for i in served.job.instances],
+                         "tensors": sorted(served.job.tensors), "model": served.job.model.version,
+                         "predictions": served.outcome.predictions})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> FastAPI:
+    root = tmp_path_factory.mktemp("pipeline")
+    return create_app(Settings(models_dir=root / "models", max_upload_mb=1,
+                               database_url=f"sqlite:///{root / 'log.db'}"))
+
+
+@pytest.fixture(scope="module")
+def started(app) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def client(app, started) -> Iterator[TestClient]:
+    """The started app with the test endpoints' routes, built by ``handler`` for each test afresh."""
+    paths = {e.path for e in TEST_ENDPOINTS} | {"/test/served"}
+    for endpoint in TEST_ENDPOINTS:
+        app.router.add_api_route(endpoint.path, handler(endpoint), methods=["POST"])
+    app.router.add_api_route("/test/served", served_view, methods=["POST"])
+    yield started
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
+
+
+@pytest.fixture
+def logged(monkeypatch) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+
+    def record(request, model, rows, *, latency_ms, raw_inputs=None):
+        calls.append({"task": model.task, "version": model.version, "rows": list(rows),
+                      "latency_ms": latency_ms, "raw_inputs": raw_inputs})
+
+    monkeypatch.setattr(pipeline, "log_predictions", record)
+    return calls
+
+
+def access_line(caplog, path: str) -> dict[str, Any]:
+    """The access log entry of the last request to ``path`` (the middleware's JSON log line)."""
+    [*_, record] = [r for r in caplog.records if r.name == "app.access" and getattr(r, "path", None) == path]
+    return record.__dict__
+
+
+def files(*contents: bytes, field: str = "image") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"f{i}.png", content, "image/png")) for i, content in enumerate(contents)]
+
+
+# --- the pieces ------------------------------------------------------------------------------
+
+
+def test_timing_adds_up_each_stage_and_the_header_lists_decode_inference_then_total():
+    timing = Timing()
+    assert timing.header(1.0) == "decode;dur=0.00, inference;dur=0.00, total;dur=1.00"
+    for _ in range(2):
+        with timing.measure("inference"):
+            time.sleep(0.01)
+    with timing.measure("encode"):
+        pass
+    assert timing.ms["inference"] >= 20.0
+    stages = re.findall(r"(\w+);dur=([\d.]+)", timing.header(123.456))
+    assert [name for name, _ in stages] == ["decode", "inference", "encode", "total"]
+    assert stages[-1][1] == "123.46" and float(stages[1][1]) >= 20.0
+
+
+def test_timing_counts_a_stage_that_raised():
+    timing = Timing()
+    with pytest.raises(ValueError), timing.measure("decode"):
+        time.sleep(0.005)
+        raise ValueError
+    assert timing.ms["decode"] >= 5.0
+
+
+def test_an_unsupported_media_type_lists_what_the_endpoint_takes():
+    problem = unsupported_media_type(ECHO, "text/plain")
+    accepted = ["multipart/form-data (field 'image')", "application/json", "image/*", "text/csv*",
+                RAW_MEDIA_TYPE]
+    assert (problem.status, problem.code, problem.field) == (415, "unsupported-media-type", "content-type")
+    assert problem.extra == {"accepted": accepted}
+    assert problem.detail == f"This endpoint takes {', '.join(accepted)}; got text/plain."
+    assert unsupported_media_type(MODEL_BACKED, "").detail == "This endpoint takes application/json; got no " \
+                                                              "Content-Type."
+    assert unsupported_media_type(SINGLE, "x/y").extra == {
+        "accepted": ["multipart/form-data (field 'audio')", "audio/*", RAW_MEDIA_TYPE]}
+
+
+def test_too_many_instances_is_422_naming_the_field_and_the_limit():
+    problem = too_many(ECHO, 5, "image")
+    assert (problem.status, problem.code, problem.field) == (422, "too-many-instances", "image")
+    assert problem.detail == "image: at most 3 instance(s) per request; got 5."
+    assert problem.extra == {"max_instances": 3}
+
+
+def test_parameters_are_validated_by_the_endpoints_schema():
+    assert parse_params(SINGLE, {"threshold": "2"}) is None  # no parameters: nothing to read
+    params = parse_params(ECHO, {"threshold": "0.25", "mode": "fancy"})
+    assert (params.threshold, params.mode) == (0.25, "fancy")
+    assert parse_params(ECHO, {}).threshold == 0.5
+    with pytest.raises(ProblemError) as info:
+        parse_params(ECHO, {"threshold": "1.5"})
+    assert (info.value.status, info.value.code, info.value.field) == (422, "invalid-request", "threshold")
+
+
+# --- reading the body ------------------------------------------------------------------------
+
+
+def test_multipart_files_are_instances_in_order_with_indexed_fields(client, logged):
+    response = client.post("/test/echo", files=files(b"aaaa1", b"bb", b"cccc33"),
+                           headers={"X-Data-Consent": "granted"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [(p["field"], p["size"], p["first"]) for p in body["predictions"]] == [
+        ("image[0]", 5, "aaaa"), ("image[1]", 2, "bb"), ("image[2]", 6, "cccc")]
+    assert body["predictions"][0]["params"] == {"threshold": 0.5, "mode": "plain"}
+    assert logged[0]["raw_inputs"] == [b"aaaa1", b"bb", b"cccc33"]
+    job = body["predictions"][0]
+    assert (job["model_version"], job["upload_limit"], job["store_inputs"], job["tensors"]) == (
+        None, 1024 * 1024, True, [])
+
+
+def test_two_files_are_indexed_too(client):
+    response = client.post("/test/pair", files=files(b"a", b"b"))
+    assert [p["field"] for p in response.json()["predictions"]] == ["image[0]", "image[1]"]
+
+
+def test_a_single_file_endpoint_names_its_instance_by_the_field_alone(client):
+    response = client.post("/test/single", files=files(b"abc", field="audio"))
+    assert response.status_code == 200
+    assert response.content == b"\x89PNGabc"
+    empty = client.post("/test/single", files=files(b"", field="audio")).json()
+    assert (empty["code"], empty["field"], empty["detail"]) == ("empty-file", "audio", "audio is empty.")
+
+
+def test_parameters_come_from_the_query_and_from_form_fields_which_win(client):
+    response = client.post("/test/echo", params={"threshold": "0.1", "mode": "fancy"},
+                           data={"threshold": "0.9"}, files=files(b"x"))
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["params"] == {"threshold": 0.9, "mode": "fancy"}
+
+
+def test_a_parameter_sent_as_a_file_is_422_not_ignored(client):
+    response = client.post("/test/echo", files=[*files(b"x"), ("threshold", ("t.txt", b"0.9", "text/plain"))])
+    assert response.status_code == 422, response.text
+    assert (response.json()["code"], response.json()["field"]) == ("not-a-value", "threshold")
+
+
+def test_an_invalid_form_parameter_is_422_naming_it(client):
+    response = client.post("/test/echo", data={"mode": "loud"}, files=files(b"x"))
+    assert response.status_code == 422
+    assert response.json()["field"] == "mode"
+
+
+def test_more_files_than_the_endpoint_takes_is_422_not_a_dropped_file(client):
+    response = client.post("/test/echo", files=files(b"1", b"2", b"3", b"4"))
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"], body["max_instances"]) == ("too-many-instances", "image", 3)
+    assert body["detail"] == "image: at most 3 instance(s) per request; got 4."
+
+
+def test_a_flood_of_files_is_refused_by_the_parser_before_it_reads_them_all(client):
+    response = client.post("/test/echo", files=files(b"1", b"2", b"3", b"4", b"5"))  # one past max + 1
+    assert response.status_code == 400
+    body = response.json()
+    assert (body["code"], body["detail"]) == ("malformed-multipart", "The multipart body could not be parsed: "
+                                                                     "Too many files. Maximum number of files is 4.")
+
+
+def test_a_flood_of_form_fields_is_refused_by_the_parser(client):
+    fields = {f"f{i}": "x" for i in range(13)}  # 2 parameters + 3 files + 8 fields are read, no more
+    assert client.post("/test/echo", data=fields, files=files(b"1")).json()["code"] == "unexpected-field"
+    fields["f13"] = "x"
+    body = client.post("/test/echo", data=fields, files=files(b"1")).json()
+    assert body["code"] == "malformed-multipart" and "Too many fields" in body["detail"]
+
+
+def test_a_form_without_the_file_field_names_the_fields_it_got(client):
+    response = client.post("/test/echo", files=files(b"1", field="picture") + files(b"2", field="photo"))
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"]) == ("missing-file", "image")
+    assert body["detail"] == "Send one or more files in the form field 'image' (got 'photo', 'picture')."
+    only_a_parameter = b'--xyz\r\nContent-Disposition: form-data; name="threshold"\r\n\r\n0.2\r\n--xyz--\r\n'
+    empty = client.post("/test/echo", content=only_a_parameter,
+                        headers={"content-type": "multipart/form-data; boundary=xyz"}).json()
+    assert empty["detail"] == "Send one or more files in the form field 'image'."
+
+
+def test_an_unexpected_form_field_beside_the_files_is_422_naming_it(client):
+    response = client.post("/test/echo", data={"zeta": "1", "alpha": "2"}, files=files(b"1"))
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"]) == ("unexpected-field", "alpha")
+    assert body["detail"] == "Unexpected form field 'alpha'; send files in the field 'image'."
+
+
+def test_a_text_value_in_the_file_field_is_422_not_a_file(client):
+    response = client.post("/test/echo", data={"image": "not a file"},
+                           files=[("image", ("a.png", b"abc", "image/png"))])
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"]) == ("not-a-file", "image[0]")  # form fields come first
+    assert body["detail"] == "image[0] must be a file upload, not a text value."
+
+
+def test_an_empty_or_oversized_file_is_refused_by_name(client):
+    empty = client.post("/test/echo", files=files(b"ok", b""))
+    assert empty.status_code == 422 and empty.json()["field"] == "image[1]"
+    assert empty.json()["code"] == "empty-file"
+
+
+@pytest.mark.parametrize("content, content_type, reason", [
+    (b"--xyz\r\nContent-Disposition: form-data\r\n\r\nv\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz",
+     'The Content-Disposition header field "name" must be provided.'),
+    (b"garbage", "multipart/form-data", "Missing boundary in multipart."),
+])
+def test_a_multipart_body_that_cannot_be_parsed_is_400_malformed_multipart(client, content, content_type, reason):
+    response = client.post("/test/echo", content=content, headers={"content-type": content_type})
+    assert response.status_code == 400
+    body = response.json()
+    assert (body["code"], body["field"]) == ("malformed-multipart", "body")
+    assert body["detail"] == f"The multipart body could not be parsed: {reason}"
+
+
+def test_json_instances_are_read_by_the_endpoints_schema(client):
+    response = client.post("/test/echo", params={"mode": "fancy"}, json={"instances": [7, 8]})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [(p["field"], p["value"], p["size"]) for p in predictions] == [("instances[0]", 7, None),
+                                                                        ("instances[1]", 8, None)]
+    assert predictions[0]["params"] == {"threshold": 0.5, "mode": "fancy"}
+
+
+def test_json_with_more_instances_than_the_endpoint_takes_is_422_on_instances(client):
+    response = client.post("/test/echo", json={"instances": [1, 2, 3, 4]})
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"]) == ("too-many-instances", "instances")
+    assert body["detail"] == "instances: at most 3 instance(s) per request; got 4."
+
+
+@pytest.mark.parametrize("content, status, code, field", [
+    (b"", 422, "empty-body", "body"),
+    (b"  \n ", 422, "empty-body", "body"),
+    (b"null", 422, "invalid-request", "body"),
+    (b'{"instances": [1,', 400, "malformed-json", "body"),
+    (b'{"instances": []}', 422, "invalid-request", "instances"),
+    (b'{"instances": ["x"]}', 422, "invalid-request", "instances[0]"),
+])
+def test_json_that_cannot_be_read_names_the_problem(client, content, status, code, field):
+    response = client.post("/test/echo", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    body = response.json()
+    assert (body["code"], body["field"]) == (code, field)
+
+
+def test_json_nested_too_deep_is_400_malformed_json(client):
+    response = client.post("/test/echo", content=b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    body = response.json()
+    assert (body["code"], body["field"]) == ("malformed-json", "body")
+    assert "recursion limit" in body["detail"]
+
+
+def test_an_invalid_query_parameter_on_a_json_request_is_422(client):
+    response = client.post("/test/echo", params={"threshold": "-1"}, json={"instances": [1]})
+    assert response.status_code == 422
+    assert response.json()["field"] == "threshold"
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "IMAGE/JPEG; q=1", "text/csv", RAW_MEDIA_TYPE])
+def test_a_raw_upload_of_an_accepted_type_is_one_instance_named_body(client, content_type):
+    response = client.post("/test/echo", params={"threshold": "0.75"}, content=b"rawbytes",
+                           headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert (prediction["field"], prediction["size"], prediction["first"]) == ("body", 8, "rawb")
+    assert prediction["params"]["threshold"] == 0.75
+
+
+def test_an_empty_raw_upload_is_422_and_a_bad_query_parameter_is_named(client):
+    empty = client.post("/test/echo", content=b"", headers={"content-type": "image/png"})
+    assert empty.status_code == 422
+    assert (empty.json()["code"], empty.json()["field"]) == ("empty-file", "body")
+    assert empty.json()["detail"] == "The request body is empty."
+    no_json = client.post("/test/echo", content=b"", headers={"content-type": "application/json"})
+    assert no_json.json()["detail"] == "The request body is empty."
+    bad = client.post("/test/echo", params={"mode": "x"}, content=b"abc", headers={"content-type": "image/png"})
+    assert bad.status_code == 422 and bad.json()["field"] == "mode"
+
+
+@pytest.mark.parametrize("path, headers, got", [
+    ("/test/echo", {"content-type": "text/plain"}, "text/plain"),
+    ("/test/echo", {}, "no Content-Type"),
+    ("/test/single", {"content-type": "application/json"}, "application/json"),  # no JSON shape there
+    ("/test/single", {"content-type": "image/png"}, "image/png"),  # audio/* only
+    ("/test/model", {"content-type": RAW_MEDIA_TYPE}, RAW_MEDIA_TYPE),  # no raw uploads there
+    ("/test/model", {"content-type": "multipart/form-data; boundary=x"}, "multipart/form-data"),  # no files
+])
+def test_any_other_media_type_is_the_same_415(client, app, monkeypatch, path, headers, got):
+    monkeypatch.setattr(app.state.registry, "get", lambda task: FakeModel())
+    response = client.post(path, content=b"abc", headers=headers)
+    assert response.status_code == 415
+    body = response.json()
+    assert (body["code"], body["field"]) == ("unsupported-media-type", "content-type")
+    assert body["detail"].endswith(f"; got {got}.")
+
+
+def test_the_raw_body_limit_is_enforced_by_the_reader_too():
+    class Body:
+        headers = {"content-type": "image/png"}
+        query_params: dict[str, str] = {}
+
+        async def body(self) -> bytes:
+            return b"x" * 11
+
+    import asyncio
+
+    read = asyncio.run(pipeline.read_raw(Body(), ECHO, 11))
+    assert [(i.field, i.data) for i in read] == [("body", b"x" * 11)]
+    with pytest.raises(ProblemError) as info:
+        asyncio.run(pipeline.read_raw(Body(), ECHO, 10))
+    assert (info.value.status, info.value.code, info.value.field) == (413, "file-too-large", "body")
+    assert info.value.detail == "The body is over the upload limit."
+
+
+# --- the envelope, headers and the log -------------------------------------------------------
+
+
+def test_the_envelope_names_the_endpoint_and_carries_the_request_id(client, logged, caplog):
+    response = client.post("/test/echo", json={"instances": [5]})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"model", "version", "request_id", "predictions"}
+    assert (body["model"], body["version"]) == ("echo", "2.1.0")
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert response.headers["x-model-version"] == "2.1.0"
+    assert response.headers["x-echo-count"] == "1"  # the run's own headers
+    stages = re.findall(r"(\w+);dur=([\d.]+)", response.headers["server-timing"])
+    assert [name for name, _ in stages] == ["decode", "inference", "total"]
+    assert float(stages[2][1]) > 0.0
+    [call] = logged
+    assert (call["task"], call["version"]) == ("echo", "2.1.0")
+    assert call["rows"] == [{"prediction": "instances[0]", "confidence": None, "features": {}}]
+    assert 0.0 < call["latency_ms"] < 60_000 and call["raw_inputs"] is None  # no consent
+    line = access_line(caplog, "/test/echo")
+    assert (line["model"], line["model_version"], line["status"]) == ("test", "2.1.0", 200)
+
+
+def test_the_envelope_is_compact_json_and_never_nan(client):
+    response = client.post("/test/echo", json={"instances": [5]})
+    assert response.content.startswith(b'{"model":"echo","version":"2.1.0","request_id":"')
+    assert b'"predictions":[{"field":"instances[0]","size":null,' in response.content
+    broken = client.post("/test/nan", json={"instances": [1]})
+    assert broken.status_code == 500 and broken.json()["code"] == "internal-error"
+
+
+def test_execute_hands_the_protocol_layer_the_job_the_outcome_and_the_headers(client, app, monkeypatch):
+    monkeypatch.setattr(app.state.registry, "get", lambda task: FakeModel())
+    response = client.post("/test/served", json={"instances": [3, 4]}, headers={"X-Data-Consent": "granted"})
+    assert response.status_code == 200, response.text
+    served = response.json()
+    assert (served["name"], served["version"], served["model"]) == ("digits", "9.8.7", "9.8.7")
+    assert served["instances"] == [3, 4] and served["tensors"] == ["mask", "probability"]
+    assert [p["tensors"] for p in served["predictions"]] == [["mask", "probability"]] * 2
+    assert [p["store_inputs"] for p in served["predictions"]] == [True, True]
+    assert served["headers"]["X-Model-Version"] == "9.8.7"
+    assert served["headers"]["X-Inputs-Stored"] == "false"  # JSON instances: no raw bytes to keep
+    assert served["headers"]["X-Echo-Count"] == "2"
+    assert served["headers"]["Server-Timing"].startswith("decode;dur=")
+
+
+def test_an_answer_without_a_shadow_has_nothing_left_to_run(client, caplog):
+    assert client.post("/test/echo", json={"instances": [1]}).status_code == 200
+    assert not [r for r in caplog.records if r.name == "app.errors"]
+
+
+def test_a_binary_answer_is_sent_as_is_with_the_headers(client, logged):
+    response = client.post("/test/single", content=b"wav!", headers={"content-type": "audio/wav"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content == b"\x89PNGwav!"
+    assert response.headers["x-model-version"] == "0.3"
+    assert "total;dur=" in response.headers["server-timing"] and response.headers["x-request-id"]
+    assert (logged[0]["task"], logged[0]["version"]) == ("single-tag", "0.3")
+    assert logged[0]["raw_inputs"] is None
+
+
+def test_an_endpoint_without_a_name_is_logged_and_answered_under_its_tag(client, logged):
+    response = client.post("/test/single", files=files(b"x", field="audio"))
+    assert response.status_code == 200
+    assert logged[0]["task"] == "single-tag"
+
+
+def test_a_model_backed_endpoint_answers_with_the_models_version(client, app, logged, monkeypatch, caplog):
+    asked = []
+    monkeypatch.setattr(app.state.registry, "get", lambda task: asked.append(task) or FakeModel())
+    response = client.post("/test/model", json={"instances": [1, 2]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model"], body["version"]) == ("digits", "9.8.7")
+    assert response.headers["x-model-version"] == "9.8.7"
+    assert asked == ["digits"]
+    assert (logged[0]["task"], logged[0]["version"]) == ("digits", "9.8.7")
+    line = access_line(caplog, "/test/model")
+    assert (line["model"], line["model_version"]) == ("digits", "9.8.7")
+
+
+def test_a_model_backed_endpoint_is_503_while_its_model_is_not_loaded(client, logged):
+    response = client.post("/test/model", json={"instances": [1]})
+    assert response.status_code == 503
+    assert response.json()["code"] == "model-unavailable"
+    assert logged == []
+
+
+def test_the_access_checks_headers_go_out_with_the_answer(client, app, monkeypatch):
+    monkeypatch.setattr(app.state.access, "check", lambda request: {"RateLimit-Limit": "5"})
+    response = client.post("/test/echo", json={"instances": [1]})
+    assert response.headers["ratelimit-limit"] == "5"
+
+
+def test_a_refused_access_check_answers_before_the_body_is_read(client, app, monkeypatch, logged):
+    def refuse(request):
+        raise ProblemError(401, "api-key-required", "Key please.", field="Authorization")
+
+    monkeypatch.setattr(app.state.access, "check", refuse)
+    response = client.post("/test/echo", content=b"not json", headers={"content-type": "application/json"})
+    assert response.status_code == 401
+    assert logged == []
+
+
+# --- consent to keep the raw inputs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("consent, stored", [(None, False), ("granted", True), (" Granted ", True),
+                                             ("denied", False), ("DENIED", False)])
+def test_raw_inputs_are_logged_only_with_the_clients_consent(client, logged, consent, stored):
+    headers = {"X-Data-Consent": consent} if consent is not None else {}
+    response = client.post("/test/echo", files=files(b"abc"), headers=headers)
+    assert response.status_code == 200
+    assert response.headers["x-inputs-stored"] == ("true" if stored else "false")
+    assert logged[0]["raw_inputs"] == ([b"abc"] if stored else None)
+
+
+def test_a_consent_other_than_granted_or_denied_is_422_naming_the_header(client, logged):
+    response = client.post("/test/echo", files=files(b"abc"), headers={"X-Data-Consent": "yes please"})
+    assert response.status_code == 422
+    body = response.json()
+    assert (body["code"], body["field"]) == ("invalid-consent", "X-Data-Consent")
+    assert body["detail"] == "X-Data-Consent must be 'granted' or 'denied'; got 'yes please'."
+    assert logged == []
+    long = client.post("/test/echo", files=files(b"abc"), headers={"X-Data-Consent": "y" * 100}).json()
+    assert long["detail"] == f"X-Data-Consent must be 'granted' or 'denied'; got '{'y' * 64}'."
+
+
+def test_no_raw_input_is_kept_when_the_operator_says_never(client, app, logged, monkeypatch):
+    monkeypatch.setattr(app.state.settings, "store_inputs", "never")
+    response = client.post("/test/echo", files=files(b"abc"), headers={"X-Data-Consent": "granted"})
+    assert response.headers["x-inputs-stored"] == "false"
+    assert logged[0]["raw_inputs"] is None
+
+
+def test_inputs_over_the_stored_size_limit_are_not_reported_as_stored(client, logged, monkeypatch):
+    monkeypatch.setattr(pipeline, "STORED_INPUT_MAX_BYTES", 4)
+    granted = {"X-Data-Consent": "granted"}
+    assert client.post("/test/echo", files=files(b"12345"), headers=granted).headers["x-inputs-stored"] == "false"
+    assert client.post("/test/echo", files=files(b"1234"), headers=granted).headers["x-inputs-stored"] == "true"
+    assert client.post("/test/echo", files=files(b"12345", b"12"),
+                       headers=granted).headers["x-inputs-stored"] == "true"  # one of them is kept
+
+
+# --- the shadow version ---------------------------------------------------------------------
+
+
+class FakeShadows:
+    """The shadow runner's side of the pipeline: whether it is on, the in-progress count it waits on,
+    and the jobs handed to it once their answer has gone."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.events: list[Any] = []
+
+    def request_started(self) -> None:
+        self.events.append("started")
+
+    def request_finished(self) -> None:
+        self.events.append("finished")
+
+    def submit(self, endpoint, job, request_id) -> None:
+        self.events.append((endpoint.operation_id, [i.value for i in job.instances], request_id))
+
+
+@pytest.fixture
+def shadows(app) -> Iterator[FakeShadows]:
+    """An active fake in place of the app's shadow runner (put back afterwards)."""
+    real, app.state.shadows = app.state.shadows, FakeShadows(active=True)
+    yield app.state.shadows
+    app.state.shadows = real
+
+
+def test_an_active_shadow_gets_each_model_prediction_after_its_answer(client, app, monkeypatch, shadows):
+    monkeypatch.setattr(app.state.registry, "get", lambda task: FakeModel())
+    response = client.post("/test/model", json={"instances": [4, 5]})
+    assert response.status_code == 200
+    assert shadows.events == ["started", "finished", ("test_model", [4, 5], response.headers["x-request-id"])]
+
+
+def test_predictions_without_a_model_are_counted_in_progress_but_not_shadowed(client, shadows):
+    assert client.post("/test/echo", json={"instances": [1]}).status_code == 200
+    assert client.post("/test/single", content=b"x", headers={"content-type": "audio/wav"}).status_code == 200
+    assert shadows.events == ["started", "finished", "started", "finished"]
+
+
+def test_a_refused_request_still_leaves_the_in_progress_count(client, shadows):
+    assert client.post("/test/echo", json={"instances": []}).status_code == 422
+    assert shadows.events == ["started", "finished"]
+
+
+def test_an_inactive_shadow_is_left_alone(client, app, monkeypatch, shadows):
+    shadows.active = False
+    monkeypatch.setattr(app.state.registry, "get", lambda task: FakeModel())
+    assert client.post("/test/model", json={"instances": [1]}).status_code == 200
+    assert shadows.events == []
+
+
+# --- the contract ----------------------------------------------------------------------------
+
+
+def test_the_request_body_of_a_multi_file_endpoint_documents_every_way_in():
+    doc = request_body_doc(ECHO)
+    assert doc["required"] is True
+    content = doc["content"]
+    assert list(content) == ["multipart/form-data", "application/json", RAW_MEDIA_TYPE]
+    multipart = content["multipart/form-data"]
+    assert (multipart["schema"]["type"], multipart["schema"]["required"]) == ("object", ["image"])
+    properties = multipart["schema"]["properties"]
+    assert properties["image"] == {"type": "array", "items": {"type": "string", "format": "binary"},
+                                   "minItems": 1, "maxItems": 3, "description": "images to echo"}
+    assert properties["threshold"]["description"] == "a cut-off"
+    assert set(properties) == {"image", "threshold", "mode"}
+    assert multipart["example"] == {"image": ["image-0.bin", "image-1.bin"]}
+    assert content["application/json"] == {"schema": {"$ref": "#/components/schemas/EchoRequest"},
+                                           "example": {"instances": [1, 2]}}
+    assert content[RAW_MEDIA_TYPE] == {
+        "schema": {"type": "string", "format": "binary",
+                   "description": "one file as the whole body; Content-Type image/* or text/csv* is accepted too"},
+        "example": "(the file's bytes)"}
+
+
+def test_the_request_body_of_a_single_file_endpoint_has_one_binary_file():
+    content = request_body_doc(SINGLE)["content"]
+    assert list(content) == ["multipart/form-data", RAW_MEDIA_TYPE]
+    assert content["multipart/form-data"]["schema"]["properties"] == {
+        "audio": {"type": "string", "format": "binary", "description": ""}}
+    assert content["multipart/form-data"]["example"] == {"audio": "audio-0.bin"}
+
+
+def test_two_files_are_an_array_of_two():
+    content = request_body_doc(Endpoint(**{**SINGLE.__dict__, "max_instances": 2}))["content"]
+    multipart = content["multipart/form-data"]
+    assert multipart["schema"] == {"type": "object", "required": ["audio"], "properties": {"audio": {
+        "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 2,
+        "description": ""}}}
+    assert multipart["example"] == {"audio": ["audio-0.bin", "audio-1.bin"]}
+
+
+def test_a_json_only_endpoint_documents_json_and_its_own_examples():
+    endpoint = Endpoint(**{**MODEL_BACKED.__dict__, "request_examples": {"application/json": {"instances": [3]},
+                                                                         "text/plain": "3"}})
+    content = request_body_doc(endpoint)["content"]
+    assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/EchoRequest"},
+                                            "example": {"instances": [3]}},
+                       "text/plain": {"example": "3"}}
+
+
+class NoExamples(BaseModel):
+    instances: list[int]
+
+
+def test_a_json_schema_without_examples_documents_no_example():
+    endpoint = Endpoint(**{**MODEL_BACKED.__dict__, "json_schema": NoExamples})
+    assert request_body_doc(endpoint)["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/NoExamples"}}}
+
+
+@pytest.fixture
+def registered() -> Iterator[None]:
+    """register() records endpoints for the whole app's contract: leave the records as found."""
+    endpoints, schemas = list(pipeline.REGISTERED), dict(pipeline.EXTRA_SCHEMAS)
+    yield
+    pipeline.REGISTERED[:] = endpoints
+    pipeline.EXTRA_SCHEMAS.clear()
+    pipeline.EXTRA_SCHEMAS.update(schemas)
+
+
+def test_register_adds_the_route_and_documents_its_answers_and_parameters(registered):
+    router = APIRouter()
+    example = {"model": "echo", "predictions": []}
+    register(router, Endpoint(**{**SINGLE.__dict__, "params_schema": EchoParams, "response_example": example}))
+    assert pipeline.REGISTERED[-1].operation_id == "test_single"
+    app = FastAPI()
+    app.include_router(router)
+    operation = app.openapi()["paths"]["/test/single"]["post"]
+    assert (operation["operationId"], operation["summary"], operation["description"], operation["tags"]) == (
+        "test_single", "One", "One file.", ["single-tag"])
+    for status, text in PROBLEM_STATUSES.items():
+        assert operation["responses"][str(status)]["description"] == text
+    success = operation["responses"]["200"]
+    assert success["description"] == "one prediction per instance, in the order sent; a PNG"
+    assert success["content"]["image/png"] == {"schema": {"type": "string", "format": "binary"}}
+    assert success["content"]["application/json"]["example"] == example
+    parameters = {p["name"]: p for p in operation["parameters"]}
+    assert parameters["X-Request-ID"] == CORRELATION_HEADER
+    assert parameters["X-Data-Consent"] == CONSENT_PARAMETER
+    assert parameters["threshold"]["in"] == "query" and parameters["threshold"]["required"] is False
+    assert parameters["threshold"]["schema"] == {"type": "number", "default": 0.5, "minimum": 0.0, "maximum": 1.0,
+                                                 "description": "a cut-off", "title": "Threshold"}
+    assert parameters["threshold"]["description"] == "a cut-off"
+    assert parameters["mode"]["description"] == ""
+    assert operation["requestBody"] == request_body_doc(
+        Endpoint(**{**SINGLE.__dict__, "params_schema": EchoParams}))
+
+
+def test_register_without_parameters_documents_only_the_two_headers(registered):
+    router = APIRouter()
+    register(router, MODEL_BACKED)
+    register(router, Endpoint(**{**MODEL_BACKED.__dict__, "path": "/test/example", "operation_id": "test_example",
+                                 "response_example": {"model": "digits"}}))
+    app = FastAPI()
+    app.include_router(router)
+    operation = app.openapi()["paths"]["/test/model"]["post"]
+    assert operation["parameters"] == [CORRELATION_HEADER, CONSENT_PARAMETER]
+    assert operation["responses"]["200"] == {"description": "one prediction per instance, in the order sent",
+                                             "content": {"application/json": {"schema": {
+                                                 "$ref": "#/components/schemas/EchoResponse"}}}}
+    example = app.openapi()["paths"]["/test/example"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert example["example"] == {"model": "digits"}
+
+
+def test_parameters_with_an_enum_put_it_in_the_contracts_extra_schemas(registered):
+    from enum import Enum
+
+    class Colour(str, Enum):
+        red = "red"
+        blue = "blue"
+
+    class ColourParams(BaseModel):
+        colour: Colour = Colour.red
+
+    pipeline.EXTRA_SCHEMAS.pop("Colour", None)
+    router = APIRouter()
+    register(router, Endpoint(**{**SINGLE.__dict__, "params_schema": ColourParams}))
+    assert pipeline.EXTRA_SCHEMAS["Colour"]["enum"] == ["red", "blue"]
+    app = FastAPI()
+    app.include_router(router)
+    parameters = app.openapi()["paths"]["/test/single"]["post"]["parameters"]
+    [colour] = [p for p in parameters if p["name"] == "colour"]
+    assert colour["schema"]["$ref"] == "#/components/schemas/Colour"
+
+
+def test_the_handler_is_named_and_documented_after_its_operation():
+    predict = handler(ECHO)
+    assert predict.__name__ == "test_echo"
+    assert predict.__doc__ == "Echoes its inputs."

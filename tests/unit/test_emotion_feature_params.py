@@ -1,0 +1,133 @@
+"""Emotion features with parameters other than the model's, the STFT against librosa's, and the
+edges of windows, levels and normalisation."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+
+from app.tasks.emotion.preprocess import (
+    FEATURES,
+    FeatureParams,
+    clip_windows,
+    mfcc,
+    normalise,
+    power_spectrogram,
+    prepare_waveform,
+    rms_db,
+    summary_features,
+    to_mono,
+    window_features,
+    window_starts,
+)
+
+SMALL = FeatureParams(sample_rate=8000, n_fft=256, win_length=200, hop_length=80, n_mels=32, n_mfcc=13,
+                      fmax=4000.0, window_s=1.0, hop_s=0.5)
+
+
+def noise(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 0.1, int(seconds * rate)).astype(np.float32)
+
+
+def test_the_parameters_describe_themselves_for_the_models_metadata():
+    assert (FEATURES.window_samples, FEATURES.hop_samples, FEATURES.n_frames) == (48000, 24000, 301)
+    described = FEATURES.to_dict()
+    assert described == {
+        "sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 64, "n_mfcc": 40,
+        "fmin": 0.0, "fmax": 8000.0, "top_db": 80.0, "amin": 1e-10, "window_s": 3.0, "hop_s": 1.5,
+        "window_samples": 48000, "hop_samples": 24000, "n_frames": 301,
+        "window": "hann (periodic), centred, zero-padded", "power": 2.0, "mel_norm": "slaney", "htk": False,
+        "dct": "type II, ortho", "db_ref": 1.0,
+        "normalisation": "per window: c0 minus its mean over the audio frames; frames past a short clip's end "
+                         "= the clip's mean frame; global standardisation inside the model"}
+    assert (SMALL.window_samples, SMALL.hop_samples, SMALL.n_frames) == (8000, 4000, 101)
+
+
+def test_the_power_spectrogram_is_librosas():
+    y = noise(0.5, 16000)
+    reference = np.abs(librosa.stft(y.astype(np.float64), n_fft=512, hop_length=160, win_length=400,
+                                    window="hann", center=True, pad_mode="constant")) ** 2
+    np.testing.assert_allclose(power_spectrogram(y), reference, rtol=1e-6, atol=1e-10)
+    small = np.abs(librosa.stft(y.astype(np.float64), n_fft=256, hop_length=80, win_length=200, window="hann",
+                                center=True, pad_mode="constant")) ** 2
+    np.testing.assert_allclose(power_spectrogram(y, SMALL), small, rtol=1e-6, atol=1e-10)
+
+
+def test_mfcc_with_other_parameters_is_librosas_with_the_same():
+    y = noise(1.0, 8000)
+    reference = librosa.feature.mfcc(y=y.astype(np.float64), **SMALL.librosa_kwargs())
+    got = mfcc(y, SMALL)
+    assert got.shape == (13, 101)
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+
+
+def test_windows_and_features_follow_the_parameters_given():
+    y = noise(2.2, 8000)
+    batch, spans = clip_windows(y, SMALL)
+    assert batch.shape == (4, 101, 13) and batch.dtype == np.float32
+    assert spans == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.2, 2.2)]
+    np.testing.assert_array_equal(batch[3], window_features(y[9600:], None, SMALL))
+    assert window_starts(y.size, SMALL) == [0, 4000, 8000, 9600]
+
+
+def test_a_summary_with_other_parameters_uses_their_rate_and_mfcc():
+    y = noise(1.5, 8000)
+    features = summary_features(y, SMALL)
+    assert features["duration_s"] == 1.5
+    assert features["mfcc1_mean"] == round(float(mfcc(y, SMALL)[1].mean()), 4)
+
+
+@pytest.mark.parametrize("extra, starts", [
+    (0, [0]), (1, [0, 1]), (24000, [0, 24000]), (24001, [0, 24000, 24001]), (47999, [0, 24000, 47999]),
+    (48000, [0, 24000, 48000]),
+])
+def test_window_starts_just_past_each_hop(extra, starts):
+    assert window_starts(48000 + extra) == starts
+
+
+def test_the_level_of_silence_full_scale_and_half_scale():
+    assert rms_db(np.array([])) == pytest.approx(-120.0)
+    assert rms_db(np.zeros(10)) == pytest.approx(-120.0)
+    assert rms_db(np.ones(10, dtype=np.float32)) == 0.0
+    assert rms_db(np.full(10, -0.5)) == pytest.approx(-6.0206, abs=1e-4)
+
+
+def test_the_summary_of_an_empty_clip_is_silence():
+    assert summary_features(np.array([], dtype=np.float32)) == {
+        "duration_s": 0.0, "rms_db": -120.0, "peak_db": -120.0, "mfcc0_mean": 0.0, "mfcc1_mean": 0.0,
+        "mfcc2_mean": 0.0, "mfcc3_mean": 0.0, "mfcc4_mean": 0.0}
+
+
+def test_the_summary_rounds_to_four_decimals():
+    y = noise(0.3, 16000, seed=4)
+    features = summary_features(y)
+    assert features["duration_s"] == 0.3
+    assert features["rms_db"] == round(rms_db(y), 4)
+    assert features["peak_db"] == round(float(20 * np.log10(np.abs(y).max())), 4)
+    assert features["mfcc0_mean"] == round(float(mfcc(y)[0].mean()), 4)
+
+
+def test_mono_mixing_refuses_other_shapes():
+    assert to_mono(np.array([[1.0, 0.0], [0.5, 0.5]])).tolist() == [0.5, 0.5]
+    assert to_mono(np.array([[1, 0], [1, 1]], dtype=np.int16)).dtype == np.float32
+    with pytest.raises(ValueError, match=r"^waveform must be 1-D or \(samples, channels\), got shape \(1, 2, 2\)$"):
+        to_mono(np.zeros((1, 2, 2)))
+
+
+def test_resampling_uses_the_parameters_rate():
+    assert prepare_waveform(noise(1.0, 16000), 16000, SMALL).shape == (8000,)
+
+
+def test_normalising_with_one_valid_frame_uses_that_frame_alone():
+    coefficients = np.array([[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]])
+    assert normalise(coefficients, 1).tolist() == [[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]
+    assert normalise(coefficients, 0).tolist() == [[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]
+    assert normalise(coefficients, 2).tolist() == [[-1.0, 1.0, 0.0], [2.0, 4.0, 3.0]]
+    assert normalise(coefficients.astype(np.float32), 9).dtype == np.float64
+
+
+def test_fewer_valid_samples_than_the_audio_change_the_window_features():
+    y = noise(2.0, 16000, seed=2)
+    assert not np.allclose(window_features(y, 8000), window_features(y))
+    np.testing.assert_array_equal(window_features(y, 10**9), window_features(y))
