@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.core.config import Settings
 from app.core.registry import version_key
@@ -17,6 +19,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = REPO_ROOT / "models"
 # The real data sets (never copied into the repo): ../shared/data next to the checkout.
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+# Four grey levels, black to white: what the image-mode tests decode in every Pillow mode.
+LEVELS = np.array([[0, 64], [128, 255]], dtype=np.uint8)
+
+
+def sixteen_bit(mode: str, values: np.ndarray) -> Image.Image:
+    """``values`` as a 16-bit Pillow image of ``mode`` (I;16, I;16L, I;16B or I;16N)."""
+    byte_order = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}[mode]
+    return Image.frombytes(mode, values.shape[::-1], values.astype(byte_order).tobytes())
 
 
 def committed_version(task: str) -> Path:

@@ -52,6 +52,7 @@ def production_digits(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     saw when it answered), as training arrays; unreadable or blank images are skipped and counted."""
     from app.core.codecs.image import load_image, open_image
     from app.core.errors import ProblemError
+    from app.core.limits import MAX_REQUEST_PIXELS
     from app.tasks.digits.preprocess import DigitInputError, prepare_image
 
     examples = read_export(path, "digits")
@@ -61,7 +62,8 @@ def production_digits(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             skipped += 1
             continue
         try:
-            image = load_image(open_image(example.data, example.file, max_pixels=64 * 1024 * 1024), example.file)
+            image = load_image(open_image(example.data, example.file, max_pixels=MAX_REQUEST_PIXELS),
+                               example.file)
             arrays.append(prepare_image(image, example.file).array)
         except (ProblemError, DigitInputError):
             skipped += 1

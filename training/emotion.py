@@ -120,8 +120,10 @@ def load_production(path: Path) -> tuple[list[dict], dict]:
     """The export's labelled clips, decoded as serving decodes them, as development clips of a
     speaker "production" (trained on in every fold, never validated on, never a test speaker)."""
     from app.core.codecs.audio import decode_audio
+    from app.core.config import Settings
     from app.core.errors import ProblemError
 
+    max_seconds = Settings().max_audio_seconds  # the server took these clips within this limit
     examples = read_export(path, "emotion")
     clips, skipped = [], 0
     for example in examples:
@@ -129,7 +131,8 @@ def load_production(path: Path) -> tuple[list[dict], dict]:
             skipped += 1
             continue
         try:
-            wav = decode_audio(example.data, example.file, max_seconds=600.0, target_rate=FEATURES.sample_rate)
+            wav = decode_audio(example.data, example.file, max_seconds=max_seconds,
+                               target_rate=FEATURES.sample_rate)
         except ProblemError:
             skipped += 1
             continue

@@ -40,16 +40,19 @@ class Monitoring:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class DriftRefresher:
-    """Recomputes every model's drift report (default window) every ``DRIFT_REFRESH_S`` seconds so
-    the ``model_drift_score``/``model_drift_detected`` gauges stay current without a client asking.
-    One query of at most ``DRIFT_WINDOW`` rows per model per period per worker."""
+class Periodic:
+    """A daemon thread calling ``work()`` every ``interval_s`` (first at start-up when
+    ``run_at_start``). A failure (the database may be down; the log writer reports outages) is
+    logged once until the work succeeds again."""
 
-    def __init__(self, app: FastAPI, monitoring: Monitoring) -> None:
-        self.app = app
-        self.monitoring = monitoring
+    name = "periodic"
+    failure = "periodic work failed"
+    run_at_start = False
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="drift-refresher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._failing = False
 
     def start(self) -> None:
@@ -59,6 +62,37 @@ class DriftRefresher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        if not self.run_at_start and self._stop.wait(self.interval_s):
+            return
+        while True:
+            try:
+                self.work()
+                self._failing = False
+            except Exception as exc:
+                if not self._failing:
+                    log.warning(self.failure, extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                self._failing = True
+            if self._stop.wait(self.interval_s):
+                return
+
+
+class DriftRefresher(Periodic):
+    """Recomputes every model's drift report (default window) every ``DRIFT_REFRESH_S`` seconds so
+    the ``model_drift_score``/``model_drift_detected`` gauges stay current without a client asking.
+    One query of at most ``DRIFT_WINDOW`` rows per model per period per worker."""
+
+    name = "drift-refresher"
+    failure = "drift gauges not refreshed"
+
+    def __init__(self, app: FastAPI, monitoring: Monitoring) -> None:
+        super().__init__(monitoring.settings.drift_refresh_s)
+        self.app = app
+        self.monitoring = monitoring
 
     def refresh(self) -> None:
         from app.monitoring.reports import model_drift_report
@@ -69,39 +103,24 @@ class DriftRefresher:
             model_drift_report(self.monitoring.engine, model, Window(count=settings.drift_window),
                                min_samples=settings.drift_min_samples)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.monitoring.settings.drift_refresh_s):
-            try:
-                self.refresh()
-                self._failing = False
-            except Exception as exc:  # the database may be down; the log writer reports outages
-                if not self._failing:
-                    log.warning("drift gauges not refreshed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-                self._failing = True
+    work = refresh
 
 
-class InputPurger:
+class InputPurger(Periodic):
     """Deletes stored inputs older than ``INPUT_RETENTION_DAYS`` and log rows older than
     ``LOG_RETENTION_DAYS`` at start-up, then every ``INPUT_PURGE_INTERVAL_S`` (or a tenth of the
     shorter retention, if less). Every worker runs it; the deletes are idempotent and batched, so
     workers racing cost only an empty query."""
 
+    name = "input-purger"
+    failure = "stored inputs not purged"
+    run_at_start = True
+
     def __init__(self, monitoring: Monitoring) -> None:
-        self.monitoring = monitoring
         settings = monitoring.settings
         retention_s = min(settings.input_retention_days, settings.log_retention_days) * 86400.0
-        self.interval_s = min(INPUT_PURGE_INTERVAL_S, retention_s / 10.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="input-purger", daemon=True)
-        self._failing = False
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().__init__(min(INPUT_PURGE_INTERVAL_S, retention_s / 10.0))
+        self.monitoring = monitoring
 
     def purge(self) -> int:
         settings = self.monitoring.settings
@@ -115,17 +134,8 @@ class InputPurger:
                 "rows": purged, "retention_days": settings.input_retention_days})
         return purged
 
-    def _run(self) -> None:
-        while True:
-            try:
-                self.purge()
-                self._failing = False
-            except Exception as exc:
-                if not self._failing:
-                    log.warning("stored inputs not purged", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-                self._failing = True
-            if self._stop.wait(self.interval_s):
-                return
+    def work(self) -> None:
+        self.purge()
 
 
 def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:

@@ -65,17 +65,26 @@ metadata = MetaData()
 _ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER PRIMARY KEY
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 
+
+
+def _prediction_columns() -> list[Column]:
+    """What a version predicted for one instance: the columns the log and the shadow log share."""
+    return [
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("request_id", String(128), nullable=False),
+        Column("instance", Integer, nullable=False),  # index of the instance within its request
+        Column("model", String(64), nullable=False),
+        Column("version", String(64), nullable=False),
+        Column("latency_ms", Float, nullable=False),
+        Column("prediction", String(256), nullable=False),
+        Column("confidence", Float, nullable=True),
+    ]
+
+
 predictions = Table(
     "predictions", metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("request_id", String(128), nullable=False),
-    Column("instance", Integer, nullable=False),  # index of the instance within its request
-    Column("model", String(64), nullable=False),
-    Column("version", String(64), nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("prediction", String(256), nullable=False),
-    Column("confidence", Float, nullable=True),
+    *_prediction_columns(),
     Column("features", _JSON, nullable=False),
     Column("input", LargeBinary, nullable=True),  # raw input, only with the request's consent
     Index("ix_predictions_model_id", "model", "id"),
@@ -97,15 +106,7 @@ feedback = Table(
 # client). A table of its own, so every report on the predictions table stays about the primary.
 shadow_predictions = Table(
     "shadow_predictions", metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("request_id", String(128), nullable=False),
-    Column("instance", Integer, nullable=False),
-    Column("model", String(64), nullable=False),
-    Column("version", String(64), nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("prediction", String(256), nullable=False),
-    Column("confidence", Float, nullable=True),
+    *_prediction_columns(),
     Index("ix_shadow_model_id", "model", "id"),
     Index("ix_shadow_model_created_at", "model", "created_at"),
     Index("ix_shadow_request", "request_id", "instance"),

@@ -23,13 +23,7 @@ from app.tasks.digits.preprocess import (
     prepare_pixels,
     summary_features,
 )
-
-LEVELS = np.array([[0, 64], [128, 255]], dtype=np.uint8)
-
-
-def sixteen_bit(mode: str, values: np.ndarray) -> Image.Image:
-    byte_order = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}[mode]
-    return Image.frombytes(mode, values.shape[::-1], values.astype(byte_order).tobytes())
+from tests.support import LEVELS, sixteen_bit
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
