@@ -28,7 +28,7 @@ from app.core.execution import build_execution
 from app.core.limits import MAX_IN_FLIGHT, limits_for
 from app.core.logging import configure_logging, native_stderr_as_log
 from app.core.middleware import RequestContextMiddleware
-from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED
+from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED, PredictionRoutes
 from app.core.registry import ModelRegistry, ModelSlot
 from app.core.schemas import Liveness, ModelList, Problem, Readiness
 from app.core.shadow import ShadowRunner
@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     install_error_handlers(app)
+    # Innermost of our middleware: CORS and the request context still wrap every prediction.
+    app.add_middleware(PredictionRoutes, endpoints=REGISTERED)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],

@@ -117,8 +117,10 @@ class MemorySampler:
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready: bool = True,
-                   timeout: float = 90.0, python: str | None = None) -> Iterator[LiveServer]:
-    """Yield a :class:`LiveServer`; ``ready=True`` waits for /health/ready 200, else /health/live."""
+                   timeout: float = 90.0, python: str | None = None,
+                   cwd: Path = REPO_ROOT) -> Iterator[LiveServer]:
+    """Yield a :class:`LiveServer`; ``ready=True`` waits for /health/ready 200, else /health/live.
+    ``cwd``: the checkout to serve (another one than this, e.g. the code before a change, to compare)."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="liveserver-"))
     server_env = {
@@ -138,7 +140,7 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [str(bin_dir / "gunicorn"), "-c", "gunicorn.conf.py", "app.main:app"],
-            cwd=REPO_ROOT, env=server_env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=cwd, env=server_env, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     server = LiveServer(base_url, process, log_path, 0.0, server_env["DATABASE_URL"])

@@ -7,12 +7,19 @@ held-out test set and are only ever used for the final evaluation; slices 22-24 
 set (best checkpoint and decision threshold); 0-21 are trained on. Labels are 255 = cell interior,
 0 = membrane; the model predicts P(membrane), so the served mask's 255 means membrane.
 
-The U-Net (Ronneberger et al. 2015) is scaled down for CPU training: 16 base filters, 4 poolings,
-BatchNorm. It trains on random 128 px crops with flips, 90-degree rotations, elastic deformation and
-intensity jitter, and is exported as an fp32 ``.tflite`` for the fixed tile size the server uses.
-Evaluation runs the exported ``.tflite`` through the same overlap-tiling code as the server.
+The U-Net (Ronneberger et al. 2015) is scaled down for CPU training: ``--base-filters`` (16 for
+1.0.0, 8 for 1.1.0), 4 poolings, BatchNorm. It trains on random 128 px crops with flips, 90-degree
+rotations, elastic deformation and intensity jitter, and is exported as an fp32 ``.tflite`` for the
+fixed tile size the server then uses (``--tile``, 320: four overlapping tiles per 512 x 512 image;
+a 576 px tile, one per 512 x 512 image, needs 2.9x the interpreter memory for 20 % fewer MACs).
+``--teacher`` distils from a committed version: the targets blend the labels with its
+probabilities. Evaluation runs the exported ``.tflite`` through the same overlap-tiling code as the
+server.
 
     cd /work/main && .venv-train/bin/python -m training.segmentation  # ~35 min on 2 shared cores
+    # 1.1.0, the light one (issue 18): 8 filters, distilled from 1.0.0 (~31 min on one core)
+    .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
+        --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --version 1.1.0
 """
 
 from __future__ import annotations
@@ -72,7 +79,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=128, help="training crop size (multiple of 16)")
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--depth", type=int, default=4, help="number of 2x poolings")
+    p.add_argument("--tile", type=int, default=TILE,
+                   help="the exported model's fixed input side; the server tiles with it (multiple of 16)")
+    p.add_argument("--margin", type=int, default=MARGIN,
+                   help="context kept around each tile's centre; tile - 2 * margin is the stride")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--teacher", default=None,
+                   help="a committed segmentation version to distil from: the targets become "
+                        "(1 - w) * label + w * the teacher's tiled probability on the training slices")
+    p.add_argument("--teacher-weight", type=float, default=0.5, help="w above")
     p.add_argument("--dice-weight", type=float, default=0.25)
     p.add_argument("--max-minutes", type=float, default=34.0,
                    help="stop fitting after this long (a cap for a shared CPU; the epoch count is recorded)")
@@ -91,14 +106,18 @@ def load_slices(data: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 def elastic(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
             alpha: float = 8.0, grid: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth random displacement (coarse grid of offsets, bicubic upsampled), as in the U-Net paper."""
+    """Smooth random displacement (coarse grid of offsets, bicubic upsampled), as in the U-Net paper.
+
+    A hard (0/1) target stays hard; a soft one (distillation) is interpolated."""
     h, w = image.shape
     dy = ndimage.zoom(rng.normal(0, alpha, (grid, grid)), (h / grid, w / grid), order=3)[:h, :w]
     dx = ndimage.zoom(rng.normal(0, alpha, (grid, grid)), (h / grid, w / grid), order=3)[:h, :w]
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     coords = np.stack([yy + dy, xx + dx])
     warped = ndimage.map_coordinates(image, coords, order=1, mode="reflect")
-    warped_target = ndimage.map_coordinates(target, coords, order=1, mode="reflect") >= 0.5
+    warped_target = ndimage.map_coordinates(target, coords, order=1, mode="reflect")
+    if np.isin(target, (0.0, 1.0)).all():
+        warped_target = warped_target >= 0.5
     return warped.astype(np.float32), warped_target.astype(np.float32)
 
 
@@ -160,6 +179,21 @@ def build_unet(input_shape: tuple[int | None, int | None, int], base: int, depth
     return keras.Model(inputs, outputs, name="unet")
 
 
+def distilled_targets(labels: np.ndarray, images: np.ndarray, teacher: Path, weight: float,
+                      threads: int) -> np.ndarray:
+    """Blend the hard labels with a committed model's probabilities (run the way the server runs
+    it: its own tile and margin) so a smaller student also learns where the teacher is unsure."""
+    import json
+
+    from app.core.runtime import TFLiteRunner
+
+    params = json.loads((teacher / "metadata.json").read_text()).get("params", {})
+    runner = TFLiteRunner(teacher / "model.tflite", num_threads=threads)
+    soft = np.stack([predict_probability(img, runner.run, tile=int(params.get("tile", TILE)),
+                                         margin=int(params.get("margin", MARGIN))) for img in images])
+    return ((1.0 - weight) * labels + weight * soft).astype(np.float32)
+
+
 def bce_dice_loss(dice_weight: float):
     import keras
     from keras import ops
@@ -179,9 +213,10 @@ def keras_runner(model):
     return lambda batch: np.asarray(model(batch, training=False))
 
 
-def evaluate(run, images: np.ndarray, targets: np.ndarray, threshold: float) -> tuple[dict, list[np.ndarray]]:
+def evaluate(run, images: np.ndarray, targets: np.ndarray, threshold: float, *, tile: int = TILE,
+             margin: int = MARGIN) -> tuple[dict, list[np.ndarray]]:
     """Tiled inference over whole slices (as the server does) and metrics over all their pixels."""
-    probs = [predict_probability(img, run) for img in images]
+    probs = [predict_probability(img, run, tile=tile, margin=margin) for img in images]
     pred = np.stack([binary_mask(p, threshold) > 0 for p in probs])
     metrics = segmentation_metrics(pred, targets > 0.5)
     eps = 1e-6
@@ -265,6 +300,10 @@ def main() -> None:
 
     train_x, train_y = load_slices(args.data, TRAIN_SLICES)
     val_x, val_y = load_slices(args.data, VAL_SLICES)
+    if args.teacher:
+        teacher = args.models_dir / "segmentation" / args.teacher
+        train_y = distilled_targets(train_y, train_x, teacher, args.teacher_weight, args.threads)
+        print(f"distilling from {teacher} (weight {args.teacher_weight})", flush=True)
     print(f"train slices {TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, validation {VAL_SLICES}, "
           f"held-out test {TEST_SLICES} (not loaded until the end); membrane fraction "
           f"{train_y.mean():.3f}", flush=True)
@@ -275,6 +314,7 @@ def main() -> None:
     schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=total_steps, alpha=0.05)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=bce_dice_loss(args.dice_weight))
 
+    tiling = {"tile": args.tile, "margin": args.margin}
     history: list[dict] = []
     best = {"val_bce": np.inf, "epoch": 0, "weights": None}
     fit_clock = Stopwatch()
@@ -282,7 +322,7 @@ def main() -> None:
         started = time.perf_counter()
         x, y = training_batches(train_x, train_y, args.steps_per_epoch * args.batch_size, args.crop, rng)
         fit = model.fit(x, y, batch_size=args.batch_size, epochs=1, verbose=0, shuffle=False)
-        val, _ = evaluate(keras_runner(model), val_x, val_y, THRESHOLD)
+        val, _ = evaluate(keras_runner(model), val_x, val_y, THRESHOLD, **tiling)
         history.append({"epoch": epoch, "train_loss": float(fit.history["loss"][-1]),
                         "val_bce": val["bce"], "val_pixel_accuracy": val["pixel_accuracy"],
                         "val_iou_membrane": val["iou_membrane"],
@@ -303,20 +343,22 @@ def main() -> None:
 
     # Export for the fixed tile size the server uses (the weights do not depend on the input size).
     out = model_dir("segmentation", args.version, args.models_dir)
-    tiled = build_unet((TILE, TILE, 1), args.base_filters, args.depth)
+    tiled = build_unet((args.tile, args.tile, 1), args.base_filters, args.depth)
     tiled.set_weights(model.get_weights())
-    export = export_tflite(tiled, out / "model.tflite", val_x[:2, :TILE, :TILE, None])
+    sample = np.pad(val_x[:2], ((0, 0), (0, max(0, args.tile - val_x.shape[1])),
+                                (0, max(0, args.tile - val_x.shape[2]))), mode="reflect")
+    export = export_tflite(tiled, out / "model.tflite", sample[:, :args.tile, :args.tile, None])
 
     from app.core.runtime import TFLiteRunner
 
     runner = TFLiteRunner(out / "model.tflite", num_threads=args.threads)
-    val, val_probs = evaluate(runner.run, val_x, val_y, THRESHOLD)
+    val, val_probs = evaluate(runner.run, val_x, val_y, THRESHOLD, **tiling)
     threshold = best_threshold(val_probs, val_y)
-    val, _ = evaluate(runner.run, val_x, val_y, threshold)
+    val, _ = evaluate(runner.run, val_x, val_y, threshold, **tiling)
     print(f"validation (LiteRT, tiled) threshold {threshold}: {val}", flush=True)
 
     test_x, test_y = load_slices(args.data, TEST_SLICES)
-    test, test_probs = evaluate(runner.run, test_x, test_y, threshold)
+    test, test_probs = evaluate(runner.run, test_x, test_y, threshold, **tiling)
     per_slice = {str(i): segmentation_metrics(binary_mask(p, threshold) > 0, t > 0.5)["pixel_accuracy"]
                  for i, p, t in zip(TEST_SLICES, test_probs, test_y, strict=True)}
     print(f"HELD-OUT slices 25-29 (LiteRT, tiled) threshold {threshold}: {test}", flush=True)
@@ -327,7 +369,8 @@ def main() -> None:
     features: dict[str, list[float]] = {}
     for path in ref_paths:
         gray = to_grayscale(Image.open(path))
-        for name, value in summary_features(gray, predict_probability(gray, runner.run), threshold).items():
+        for name, value in summary_features(gray, predict_probability(gray, runner.run, **tiling),
+                                              threshold).items():
             features.setdefault(name, []).append(value)
     from app.monitoring.reference import build_reference
 
@@ -350,14 +393,16 @@ def main() -> None:
         name="segmentation",
         task="segmentation",
         version=args.version,
-        description="U-Net (16 base filters, 4 poolings, BatchNorm) for membrane segmentation of "
-                    "ISBI 2012 serial-section TEM slices; overlap-tiled inference for any image size.",
+        description=f"U-Net ({args.base_filters} base filters, {args.depth} poolings, BatchNorm) for "
+                    "membrane segmentation of ISBI 2012 serial-section TEM slices; overlap-tiled "
+                    f"inference ({args.tile} px tiles) for any image size"
+                    + (f", distilled from {args.teacher}." if args.teacher else "."),
         artifact={"file": "model.tflite", "format": "tflite-fp32", **export},
         data={"path": "membrane/train/{image,label}/0..29.png", "sha256": sha256_files(data_files),
               "train_slices": TRAIN_SLICES, "validation_slices": VAL_SLICES, "test_slices": TEST_SLICES},
         input={"name": "image", "type": "image/png, image/jpeg or image/tiff; grayscale or RGB "
                "(converted to luma)", "normalisation": "grayscale / 255 -> float32 [0, 1]",
-               "tile_shape": [TILE, TILE, 1], "max_side": 4096},
+               "tile_shape": [args.tile, args.tile, 1], "max_side": 4096},
         output={"type": "binary mask PNG with the input's width and height",
                 "foreground": "membrane", "foreground_value": 255, "background_value": 0,
                 "source_label_convention": "dataset labels: 255 = cell interior, 0 = membrane; the "
@@ -368,7 +413,9 @@ def main() -> None:
                  "held_out_iou_membrane": test["iou_membrane"], "held_out_iou_interior": test["iou_interior"],
                  "held_out_mean_iou": test["mean_iou"], "held_out_dice_membrane": test["dice_membrane"],
                  "validation_pixel_accuracy": val["pixel_accuracy"]},
-        params={"tile": TILE, "margin": MARGIN, "stride": TILE - 2 * MARGIN, "threshold": threshold,
+        params={"tile": args.tile, "margin": args.margin, "stride": args.tile - 2 * args.margin,
+                "threshold": threshold, "teacher": args.teacher,
+                "teacher_weight": args.teacher_weight if args.teacher else None,
                 "tiling": "reflect-pad, overlapping tiles, keep each tile's centre (overlap-tile)",
                 "base_filters": args.base_filters, "depth": args.depth, "crop": args.crop,
                 "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "lr": args.lr,

@@ -19,6 +19,12 @@ Every prediction runs through an :meth:`Execution.ticket` (see app.core.pipeline
 
 The current deadline travels in a context variable, which the thread pools copy into their threads,
 so code deep inside a task (a tile loop) reaches it without being passed anything.
+
+* **Inline.** A job an endpoint marks ``inline`` (a digit) runs on the event loop itself, not on the
+  gate's thread: for sub-millisecond work the two thread hand-offs cost more than the job. Once the
+  job knows its size (the image headers), it calls :func:`inline_budget`; beyond
+  ``INLINE_MAX_PIXELS`` / ``INLINE_MAX_INSTANCES`` that raises :class:`Offload` and the job starts
+  again on the gate's thread, so a large photo or a batch never blocks the loop.
 """
 
 from __future__ import annotations
@@ -38,12 +44,13 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from app.core.errors import ProblemError
-from app.core.limits import QUEUE_MAX_WAIT_S
+from app.core.limits import INLINE_MAX_INSTANCES, INLINE_MAX_PIXELS, QUEUE_MAX_WAIT_S
 
 log = logging.getLogger("app.execution")
 T = TypeVar("T")
 
 _deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("deadline", default=None)
+_inline: contextvars.ContextVar[bool] = contextvars.ContextVar("inline", default=False)
 
 
 class Cancelled(Exception):
@@ -81,6 +88,18 @@ def checkpoint() -> None:
     deadline = _deadline.get()
     if deadline is not None:
         deadline.check()
+
+
+class Offload(Exception):
+    """Raised by :func:`inline_budget`: this job is too large for the event loop."""
+
+
+def inline_budget(pixels: int = 0, instances: int = 1) -> None:
+    """Call once a job's size is known, before the work that grows with it: running on the event
+    loop (an ``inline`` endpoint) and over the inline budget, raise :class:`Offload` so the job
+    starts again on its gate's thread. Anywhere else this does nothing."""
+    if _inline.get() and (pixels > INLINE_MAX_PIXELS or instances > INLINE_MAX_INSTANCES):
+        raise Offload()
 
 
 def deadline_problem(seconds: float) -> ProblemError:
@@ -184,6 +203,10 @@ class Gate:
         """Wait for a free slot (holding a queue place from :meth:`enter`)."""
         semaphore = self._sem()
         try:
+            if not semaphore.locked():  # a free slot: take it now (no timer, no task)
+                await semaphore.acquire()
+                self.running += 1
+                return
             # Wait in short steps: once the jobs ahead show that this one could not finish before
             # its deadline, give up at once instead of waiting to fail.
             while True:
@@ -275,7 +298,9 @@ class Ticket:
             self.gate.release()
         self._state = "done"
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+        """``fn(*args)`` on the gate's thread (or, ``inline``, on the event loop while it stays within
+        :func:`inline_budget`) within the request's deadline; its result, or a 503 problem."""
         gate, deadline, request = self.gate, self.deadline, self.request
         self._state = "starting"
         try:
@@ -287,6 +312,10 @@ class Ticket:
         if gate.pace() >= deadline.remaining():
             # It waited its turn, but at the gate's recent pace it could not finish in time.
             raise deadline_problem(deadline.seconds)
+        if inline:
+            done, result = self._run_inline(fn, *args)
+            if done:
+                return result
         context = contextvars.copy_context()
         context.run(_deadline.set, deadline)
         loop = asyncio.get_running_loop()
@@ -317,6 +346,24 @@ class Ticket:
                 log.info("request stopped: client went away",
                          extra={"request_id": request.scope.get("state", {}).get("request_id")})
             raise deadline_problem(deadline.seconds) from None
+
+
+    def _run_inline(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
+        """(True, result) when ``fn`` ran to the end on the event loop; (False, None) when it
+        raised :class:`Offload` and must run on the gate's thread instead."""
+        started = time.monotonic()
+        deadline_token, inline_token = _deadline.set(self.deadline), _inline.set(True)
+        try:
+            result = fn(*args)
+        except Offload:
+            return False, None
+        except Cancelled:
+            raise deadline_problem(self.deadline.seconds) from None
+        finally:
+            _deadline.reset(deadline_token)
+            _inline.reset(inline_token)
+        self.gate.record(time.monotonic() - started)
+        return True, result
 
 
 def build_execution(settings: Any) -> Execution:

@@ -50,6 +50,11 @@ GATES = {
 # expected to take at most this long; beyond, a fast 503 `overloaded` with Retry-After. Holding
 # clients longer ties them up (a closed loop of mixed traffic saw 14 s segmentation waits at 8).
 QUEUE_MAX_WAIT_S = 5.0
+# Light work this small runs on the worker's event loop, not on the gate's thread: a thread hand-off
+# costs more than the job (a 28 x 28 digit: ~0.5 ms of work, ~0.4 ms of hand-off). Larger light jobs
+# (a big photo, a batch) move to the gate's thread as soon as their headers show the size.
+INLINE_MAX_PIXELS = 256 * 256  # all images of the request together
+INLINE_MAX_INSTANCES = 4
 MAX_IN_FLIGHT = 64  # requests in progress per worker (health and metrics not counted)
 FEEDBACK_MAX_WAITERS = 16  # feedback requests waiting for a just-made prediction to be logged
 

@@ -175,10 +175,11 @@ def read_response(sock: socket.socket) -> bytes:
 
 
 def test_sigterm_under_load_finishes_every_request_in_flight_and_drains_connections(png):
-    # 1024 x 1024 (four slices side by side): ~3 s each, so all four are still in flight at the signal.
+    # 2048 x 2048 (four slices side by side, twice over): 16 tiles, ~2.5 s each with segmentation
+    # 1.1.0 (~11 s with 1.0.0), so all four are still in flight at the signal.
     tiles = [np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / f"{i}.png")) for i in range(25, 29)]
     buffer = io.BytesIO()
-    Image.fromarray(np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])).save(buffer, "PNG")
+    Image.fromarray(np.tile(np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]]), (2, 2))).save(buffer, "PNG")
     membrane = buffer.getvalue()
     port = None
     with running_server(workers=2) as live:

@@ -781,3 +781,33 @@ def test_the_handler_is_named_and_documented_after_its_operation():
     predict = handler(ECHO)
     assert predict.__name__ == "test_echo"
     assert predict.__doc__ == "Echoes its inputs."
+
+
+def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_to_it(started, app, caplog):
+    """``PredictionRoutes``: a POST to a registered prediction path is answered by its handler
+    directly (a problem too: the digits model is not loaded here), logged under its route; any
+    other method or path goes on to FastAPI (405, 404)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, pipeline.PredictionRoutes):
+        layer = layer.app
+    downstream, passed = layer.app, []
+
+    async def recording(scope, receive, send):
+        passed.append((scope["method"], scope["path"]))
+        await downstream(scope, receive, send)
+
+    layer.app = recording
+    try:
+        caplog.set_level("INFO", logger="app.access")
+        answer = started.post("/v1/digits/predict", content=b"png", headers={"Content-Type": "image/png"})
+        assert passed == []
+        assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
+        problem = answer.json()
+        assert problem["instance"] == "/v1/digits/predict" and problem["request_id"] == answer.headers["x-request-id"]
+        line = access_line(caplog, "/v1/digits/predict")
+        assert line["route"] == "/v1/digits/predict" and line["status"] == 503
+        assert started.get("/v1/digits/predict").status_code == 405
+        assert started.post("/v1/digits/predict/").status_code == 404
+        assert passed == [("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
+    finally:
+        layer.app = downstream

@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.core.codecs.image import check_request_pixels, load_image, open_image
 from app.core.errors import ProblemError
-from app.core.execution import checkpoint
+from app.core.execution import checkpoint, inline_budget
 from app.core.limits import MAX_REQUEST_PIXELS
 from app.core.pipeline import Endpoint, Instance, Job, Outcome, register
 from app.tasks.digits.preprocess import (
@@ -79,6 +79,8 @@ def run(job: Job) -> Outcome:
         opened = [image for image in images if image is not None]
         if opened:
             check_request_pixels(opened, job.instances[0].field.split("[")[0], MAX_REQUEST_PIXELS)
+        inline_budget(pixels=sum(image.width * image.height for image in opened),
+                      instances=len(job.instances))
         digits = []
         for instance, image in zip(job.instances, images, strict=True):
             checkpoint()
@@ -111,7 +113,7 @@ register(router, Endpoint(
                 "scaled to fit 20x20 and centred by centre of mass in 28x28, as MNIST was built. "
                 "`pixels` are 28x28, white digit on black, normalised the same way. A blank image "
                 "(no ink) is a 422, not a guess.",
-    run=run, response_schema=DigitsPredictResponse, gate="light",
+    run=run, response_schema=DigitsPredictResponse, gate="light", inline=True,
     file_field="image", file_description="image files (PNG, JPEG, WebP, BMP, GIF first frame), one "
                                          "digit each", raw_media=("image/",),
     json_schema=DigitsPredictRequest, json_instances=json_instances, max_instances=MAX_INSTANCES,

@@ -1,0 +1,153 @@
+"""Issue 18, goal 2: a 512 x 512 segmentation end to end, a lighter U-Net against today's, one run.
+
+    .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.1.0] [--rounds 5]
+
+Two servers (gunicorn, one worker, the serving environment), the same code, one pinned to each
+version with ``MODEL_VERSIONS``. For each version:
+
+* **MACs per 512 x 512 image**, counted from the ``.tflite`` graph (every convolution, transposed
+  convolution and dense layer: output elements x kernel size x input channels) times the number of
+  tiles the server's overlap-tiling cuts a 512 x 512 image into;
+* **held-out quality through HTTP**: slices 25-29 posted as PNGs, the returned masks scored against
+  the labels over all pixels together (pixel accuracy, membrane IoU);
+* **latency**: one 512 x 512 slice posted ``--requests`` times per round, the two servers
+  alternating ``--rounds`` times; medians of the rounds' medians, and the ratio after / before.
+
+Writes ``bench/results/segmentation_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from app.tasks.segmentation.preprocess import (
+    MARGIN,
+    TILE,
+    TileLayout,
+    segmentation_metrics,
+)
+from bench.common import (
+    REPO_ROOT,
+    SHARED_DATA,
+    percentiles,
+    png_bytes,
+    serving_python,
+    write_results,
+)
+from bench.liveserver import running_server
+
+URL = "/v1/segmentation/predict"
+TEST_SLICES = [25, 26, 27, 28, 29]
+MODELS = REPO_ROOT / "models" / "segmentation"
+
+
+def macs_per_call(model_path) -> int:
+    """Multiply-accumulates of one interpreter call, from the graph's convolutions and dense layers."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path), num_threads=1)
+    interpreter.allocate_tensors()
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+    total = 0
+    for op in interpreter._get_ops_details():  # noqa: SLF001 (the public API has no graph walk)
+        name, inputs, outputs = op["op_name"], list(op["inputs"]), list(op["outputs"])
+        if name == "CONV_2D":
+            out, weights = shapes[outputs[0]], shapes[inputs[1]]  # weights: (out, kh, kw, in)
+            total += int(np.prod(out)) * weights[1] * weights[2] * weights[3]
+        elif name == "DEPTHWISE_CONV_2D":
+            out, weights = shapes[outputs[0]], shapes[inputs[1]]  # weights: (1, kh, kw, out)
+            total += int(np.prod(out)) * weights[1] * weights[2]
+        elif name == "TRANSPOSE_CONV":
+            weights, source = shapes[inputs[1]], shapes[inputs[2]]  # weights: (out, kh, kw, in)
+            total += int(np.prod(source)) * weights[0] * weights[1] * weights[2]
+        elif name == "FULLY_CONNECTED":
+            out, weights = shapes[outputs[0]], shapes[inputs[1]]
+            total += int(np.prod(out)) * weights[1]
+    return total
+
+
+def describe(version: str) -> dict:
+    metadata = json.loads((MODELS / version / "metadata.json").read_text())
+    params = metadata.get("params", {})
+    tile, margin = int(params.get("tile", TILE)), int(params.get("margin", MARGIN))
+    tiles = len(TileLayout(512, 512, tile, margin))
+    per_call = macs_per_call(MODELS / version / "model.tflite")
+    return {"version": version, "base_filters": params.get("base_filters"), "tile": tile, "margin": margin,
+            "tiles_per_512": tiles, "gmacs_per_tile": round(per_call / 1e9, 3),
+            "gmacs_per_512": round(per_call * tiles / 1e9, 3),
+            "model_bytes": (MODELS / version / "model.tflite").stat().st_size,
+            "training_held_out": {k: metadata["metrics"][k] for k in
+                                  ("held_out_pixel_accuracy", "held_out_iou_membrane")}}
+
+
+def held_out(client: httpx.Client) -> dict:
+    masks, truths = [], []
+    for i in TEST_SLICES:
+        image = (SHARED_DATA / "membrane" / "train" / "image" / f"{i}.png").read_bytes()
+        response = client.post(URL, files={"image": (f"{i}.png", image, "image/png")}, timeout=60)
+        response.raise_for_status()
+        masks.append(np.asarray(Image.open(io.BytesIO(response.content))) > 127)
+        label = np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "label" / f"{i}.png"))
+        truths.append(label < 128)
+    metrics = segmentation_metrics(np.stack(masks), np.stack(truths))
+    return {"pixel_accuracy": round(metrics["pixel_accuracy"], 4),
+            "iou_membrane": round(metrics["iou_membrane"], 4)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="1.0.0")
+    parser.add_argument("--after", default="1.1.0")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=10)
+    args = parser.parse_args()
+    image = png_bytes(np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")))
+    python = serving_python()
+    versions = {"before": args.before, "after": args.after}
+    result: dict = {name: describe(version) for name, version in versions.items()}
+    servers = {name: running_server({"MODEL_VERSIONS": json.dumps({"segmentation": version})}, python=python)
+               for name, version in versions.items()}
+    samples: dict[str, list[list[float]]] = {name: [] for name in versions}
+    with servers["before"] as before, servers["after"] as after:
+        live = {"before": before, "after": after}
+        clients = {name: httpx.Client(base_url=server.base_url) for name, server in live.items()}
+        for name, client in clients.items():
+            served = client.get("/v1/models").json()["models"]
+            assert any(m["task"] == "segmentation" and m["version"] == versions[name] for m in served), served
+            result[name]["held_out_http"] = held_out(client)
+            print(f"{name} ({versions[name]}): held out {result[name]['held_out_http']}", flush=True)
+        for _ in range(args.rounds):
+            for name, client in clients.items():
+                times = []
+                for _ in range(args.requests):
+                    started = time.perf_counter()
+                    response = client.post(URL, content=image, headers={"Content-Type": "image/png"}, timeout=60)
+                    times.append((time.perf_counter() - started) * 1000.0)
+                    response.raise_for_status()
+                samples[name].append(times)
+                print(f"{name}: 512x512 median {statistics.median(times):.1f} ms", flush=True)
+        for client in clients.values():
+            client.close()
+    for name in versions:
+        result[name]["latency_512"] = {
+            "median_ms": round(statistics.median(statistics.median(r) for r in samples[name]), 1),
+            "rounds_median_ms": [round(statistics.median(r), 1) for r in samples[name]],
+            **percentiles([t for r in samples[name] for t in r])}
+    result["ratio_after_to_before"] = round(result["after"]["latency_512"]["median_ms"]
+                                            / result["before"]["latency_512"]["median_ms"], 3)
+    result["macs_ratio"] = round(result["after"]["gmacs_per_512"] / result["before"]["gmacs_per_512"], 3)
+    result["goal"] = {"ratio_at_most": 0.37, "pixel_accuracy_at_least": 0.92, "iou_membrane_at_least": 0.678}
+    write_results("segmentation_speed", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

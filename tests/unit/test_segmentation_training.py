@@ -1,0 +1,58 @@
+"""The segmentation trainer's distillation and tile options (issue 18's light U-Net, 1.1.0)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from app.core.runtime import TFLiteRunner
+from app.tasks.segmentation.preprocess import (
+    mask_from_label,
+    predict_probability,
+    to_grayscale,
+)
+from tests.support import REPO_ROOT, SHARED_DATA
+from training.segmentation import distilled_targets, elastic
+
+MODELS = REPO_ROOT / "models" / "segmentation"
+MEMBRANE = SHARED_DATA / "membrane" / "train"
+
+
+def test_elastic_keeps_hard_targets_hard_and_soft_targets_soft():
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 96)).astype(np.float32)
+    hard = (rng.random((96, 96)) > 0.7).astype(np.float32)
+    _, warped_hard = elastic(image, hard, np.random.default_rng(1))
+    assert set(np.unique(warped_hard)) <= {0.0, 1.0}
+    soft = (0.5 * hard + 0.25).astype(np.float32)  # values 0.25 and 0.75: not a hard target
+    _, warped_soft = elastic(image, soft, np.random.default_rng(1))
+    assert len(np.unique(warped_soft)) > 2 and warped_soft.min() >= 0.25 - 1e-6
+    assert warped_soft.max() <= 0.75 + 1e-6
+
+
+def test_distilled_targets_blend_the_labels_with_the_teachers_tiled_probability():
+    """The teacher runs the way the server runs it (its own tile and margin, from its metadata)."""
+    image = to_grayscale(Image.open(MEMBRANE / "image" / "0.png"))[:256, :256]
+    label = mask_from_label(np.asarray(Image.open(MEMBRANE / "label" / "0.png")))[:256, :256]
+    teacher = MODELS / "1.0.0"
+    params = json.loads((teacher / "metadata.json").read_text())["params"]
+    runner = TFLiteRunner(teacher / "model.tflite", 1)
+    soft = predict_probability(image, runner.run, tile=params["tile"], margin=params["margin"])
+    for weight in (0.0, 0.3, 1.0):
+        blended = distilled_targets(label[None], image[None], teacher, weight, threads=1)[0]
+        np.testing.assert_allclose(blended, (1 - weight) * label + weight * soft, atol=1e-6)
+    # The teacher agrees with the labels on most pixels (it is 92 % accurate on held-out slices).
+    assert np.mean((soft >= 0.5) == (label > 0.5)) > 0.85
+
+
+def test_the_committed_light_unet_is_lighter_and_tiles_as_its_metadata_says():
+    """1.1.0: 8 base filters (1.0.0: 16), distilled from 1.0.0, and its exported input is the
+    tile its metadata declares (the server refuses a model whose input is not)."""
+    light = json.loads((MODELS / "1.1.0" / "metadata.json").read_text())
+    tile = light["params"]["tile"]
+    assert light["params"]["base_filters"] == 8 and light["params"]["teacher"] == "1.0.0"
+    assert TFLiteRunner(MODELS / "1.1.0" / "model.tflite", 1).input_shape[1:] == (tile, tile, 1)
+    assert (MODELS / "1.1.0" / "model.tflite").stat().st_size < (MODELS / "1.0.0" / "model.tflite").stat().st_size / 3
+    assert light["metrics"]["held_out_pixel_accuracy"] >= 0.92
