@@ -98,14 +98,16 @@ def segmentation_gate(client: httpx.Client) -> None:
     default = _mask(client, png)
     accuracy = float((default == membrane).mean())
     # Committed 1.0.0 on slice 27: 0.9211 (0.922 on 25-29); membrane pixels at thresholds
-    # 0.2/0.45/0.7/0.9: 68 382 / 54 047 / 39 475 / 24 104.
+    # 0.2/0.45/0.7/0.9: 68 382 / 54 047 / 39 475 / 24 104. 1.1.0: 0.922 on 25-29.
     assert accuracy >= 0.91, f"pixel accuracy {accuracy:.4f} on held-out slice 27"
-    # The default threshold is the tuned 0.45: the same mask as asking for 0.45, not as 0.4 or 0.5.
-    assert np.array_equal(default, _mask(client, png, threshold=0.45))
-    for other in (0.4, 0.5):
+    # The default threshold is the one tuned on the validation slices and committed in the
+    # metadata (1.0.0: 0.45, 1.1.0: 0.5): the same mask as asking for it, not as 0.05 either side.
+    tuned = json.loads((committed_version("segmentation") / "metadata.json").read_text())["params"]["threshold"]
+    assert np.array_equal(default, _mask(client, png, threshold=tuned))
+    for other in (tuned - 0.05, tuned + 0.05):
         assert not np.array_equal(default, _mask(client, png, threshold=other)), other
     # Strictly monotonic on a real slice: a higher threshold marks strictly fewer membrane pixels.
-    counts = [int(_mask(client, png, threshold=t).sum()) for t in (0.2, 0.45, 0.7, 0.9)]
+    counts = [int(_mask(client, png, threshold=t).sum()) for t in (0.2, tuned, 0.7, 0.9)]
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == 4, counts
     # Membrane is ~22 % of a slice; a mask far from it is wrong however accurate the rest looks.
     assert 0.5 < default.mean() / membrane.mean() < 2.0
