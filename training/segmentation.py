@@ -19,7 +19,7 @@ server.
     cd /work/main && .venv-train/bin/python -m training.segmentation  # ~35 min on 2 shared cores
     # 1.1.0, the light one (issue 18): 8 filters, distilled from 1.0.0 (~31 min on one core)
     .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
-        --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --version 1.1.0
+        --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
 """
 
 from __future__ import annotations
