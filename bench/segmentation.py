@@ -44,6 +44,26 @@ def timed_post(client: httpx.Client, data: bytes) -> tuple[float, httpx.Response
     return elapsed, response
 
 
+def held_out(client: httpx.Client) -> tuple[dict[str, float], dict[str, float]]:
+    """Slices 25-29 through the endpoint, the masks scored against the labels over all their pixels
+    together (metrics rounded to 4 places), and each slice's pixel accuracy."""
+    data_dir = SHARED_DATA / "membrane" / "train"
+    predicted, truth = [], []
+    per_slice = {}
+    for i in TEST_SLICES:
+        image = np.asarray(Image.open(data_dir / "image" / f"{i}.png"))
+        _, response = timed_post(client, png_bytes(image))
+        mask = np.asarray(Image.open(io.BytesIO(response.content))) == 255
+        membrane = np.asarray(Image.open(data_dir / "label" / f"{i}.png")) == 0
+        assert mask.shape == membrane.shape
+        predicted.append(mask)
+        truth.append(membrane)
+        per_slice[str(i)] = round(float(np.mean(mask == membrane)), 4)
+        print(f"slice {i}: pixel accuracy {per_slice[str(i)]:.4f}", flush=True)
+    scores = segmentation_metrics(np.stack(predicted), np.stack(truth))
+    return {name: round(value, 4) for name, value in scores.items()}, per_slice
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,20 +74,7 @@ def main() -> None:
     with running_server(ready=False, python=serving_python()) as server, \
             httpx.Client(base_url=server.base_url, timeout=120.0) as client:
         version = wait_for_model(client, "segmentation")
-        predicted, truth = [], []
-        per_slice = {}
-        for i in TEST_SLICES:
-            image = np.asarray(Image.open(data_dir / "image" / f"{i}.png"))
-            _, response = timed_post(client, png_bytes(image))
-            mask = np.asarray(Image.open(io.BytesIO(response.content))) == 255
-            membrane = np.asarray(Image.open(data_dir / "label" / f"{i}.png")) == 0
-            assert mask.shape == membrane.shape
-            predicted.append(mask)
-            truth.append(membrane)
-            per_slice[str(i)] = round(float(np.mean(mask == membrane)), 4)
-            print(f"slice {i}: pixel accuracy {per_slice[str(i)]:.4f}", flush=True)
-        scores = segmentation_metrics(np.stack(predicted), np.stack(truth))
-        metrics = {name: round(value, 4) for name, value in scores.items()}
+        metrics, per_slice = held_out(client)
 
         one = png_bytes(np.asarray(Image.open(data_dir / "image" / "25.png")))
         for _ in range(2):  # warm-up: first requests pay for connection setup and allocation

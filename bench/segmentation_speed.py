@@ -19,7 +19,6 @@ Writes ``bench/results/segmentation_speed.json``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import time
@@ -32,7 +31,6 @@ from app.tasks.segmentation.preprocess import (
     MARGIN,
     TILE,
     TileLayout,
-    segmentation_metrics,
 )
 from bench.common import (
     REPO_ROOT,
@@ -43,9 +41,8 @@ from bench.common import (
     write_results,
 )
 from bench.liveserver import running_server
+from bench.segmentation import URL, held_out
 
-URL = "/v1/segmentation/predict"
-TEST_SLICES = [25, 26, 27, 28, 29]
 MODELS = REPO_ROOT / "models" / "segmentation"
 
 
@@ -88,20 +85,6 @@ def describe(version: str) -> dict:
                                   ("held_out_pixel_accuracy", "held_out_iou_membrane")}}
 
 
-def held_out(client: httpx.Client) -> dict:
-    masks, truths = [], []
-    for i in TEST_SLICES:
-        image = (SHARED_DATA / "membrane" / "train" / "image" / f"{i}.png").read_bytes()
-        response = client.post(URL, files={"image": (f"{i}.png", image, "image/png")}, timeout=60)
-        response.raise_for_status()
-        masks.append(np.asarray(Image.open(io.BytesIO(response.content))) > 127)
-        label = np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "label" / f"{i}.png"))
-        truths.append(label < 128)
-    metrics = segmentation_metrics(np.stack(masks), np.stack(truths))
-    return {"pixel_accuracy": round(metrics["pixel_accuracy"], 4),
-            "iou_membrane": round(metrics["iou_membrane"], 4)}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="1.0.0")
@@ -118,11 +101,12 @@ def main() -> int:
     samples: dict[str, list[list[float]]] = {name: [] for name in versions}
     with servers["before"] as before, servers["after"] as after:
         live = {"before": before, "after": after}
-        clients = {name: httpx.Client(base_url=server.base_url) for name, server in live.items()}
+        clients = {name: httpx.Client(base_url=server.base_url, timeout=120.0) for name, server in live.items()}
         for name, client in clients.items():
             served = client.get("/v1/models").json()["models"]
             assert any(m["task"] == "segmentation" and m["version"] == versions[name] for m in served), served
-            result[name]["held_out_http"] = held_out(client)
+            metrics, _ = held_out(client)
+            result[name]["held_out_http"] = {k: metrics[k] for k in ("pixel_accuracy", "iou_membrane")}
             print(f"{name} ({versions[name]}): held out {result[name]['held_out_http']}", flush=True)
         for _ in range(args.rounds):
             for name, client in clients.items():

@@ -179,18 +179,11 @@ def build_unet(input_shape: tuple[int | None, int | None, int], base: int, depth
     return keras.Model(inputs, outputs, name="unet")
 
 
-def distilled_targets(labels: np.ndarray, images: np.ndarray, teacher: Path, weight: float,
-                      threads: int) -> np.ndarray:
-    """Blend the hard labels with a committed model's probabilities (run the way the server runs
-    it: its own tile and margin) so a smaller student also learns where the teacher is unsure."""
-    import json
-
-    from app.core.runtime import TFLiteRunner
-
-    params = json.loads((teacher / "metadata.json").read_text()).get("params", {})
-    runner = TFLiteRunner(teacher / "model.tflite", num_threads=threads)
-    soft = np.stack([predict_probability(img, runner.run, tile=int(params.get("tile", TILE)),
-                                         margin=int(params.get("margin", MARGIN))) for img in images])
+def distilled_targets(labels: np.ndarray, images: np.ndarray, teacher, weight: float) -> np.ndarray:
+    """Blend the hard labels with a committed model's probabilities (``teacher``: the served model,
+    ``training.compare.load``, so it tiles as the server does) so a smaller student also learns
+    where the teacher is unsure."""
+    soft = np.stack([teacher.probability(img) for img in images])
     return ((1.0 - weight) * labels + weight * soft).astype(np.float32)
 
 
@@ -301,9 +294,11 @@ def main() -> None:
     train_x, train_y = load_slices(args.data, TRAIN_SLICES)
     val_x, val_y = load_slices(args.data, VAL_SLICES)
     if args.teacher:
-        teacher = args.models_dir / "segmentation" / args.teacher
-        train_y = distilled_targets(train_y, train_x, teacher, args.teacher_weight, args.threads)
-        print(f"distilling from {teacher} (weight {args.teacher_weight})", flush=True)
+        from training.compare import load
+
+        teacher = load("segmentation", args.teacher, args.models_dir)
+        train_y = distilled_targets(train_y, train_x, teacher, args.teacher_weight)
+        print(f"distilling from {teacher.path} (weight {args.teacher_weight})", flush=True)
     print(f"train slices {TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, validation {VAL_SLICES}, "
           f"held-out test {TEST_SLICES} (not loaded until the end); membrane fraction "
           f"{train_y.mean():.3f}", flush=True)

@@ -86,6 +86,13 @@ def problem_response(request: Request | None, status: int, code: str, detail: st
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
+def problem_answer(request: Request, exc: ProblemError) -> JSONResponse:
+    """The answer to a raised :class:`ProblemError`: FastAPI's exception handler and the pipeline's
+    direct dispatch of predictions both send it."""
+    return problem_response(request, exc.status, exc.code, exc.detail, title=exc.title,
+                            field=exc.field, headers=exc.headers, **exc.extra)
+
+
 def _field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     out = ""
@@ -113,8 +120,7 @@ def problem_from_validation(errors: list[dict[str, Any]]) -> ProblemError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(request, exc.status, exc.code, exc.detail, title=exc.title,
-                                field=exc.field, headers=exc.headers, **exc.extra)
+        return problem_answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -205,21 +205,23 @@ class Gate:
         try:
             if not semaphore.locked():  # a free slot: take it now (no timer, no task)
                 await semaphore.acquire()
-                self.running += 1
-                return
-            # Wait in short steps: once the jobs ahead show that this one could not finish before
-            # its deadline, give up at once instead of waiting to fail.
-            while True:
-                if self.pace() >= deadline.remaining():
-                    raise deadline_problem(deadline.seconds)
-                try:
-                    await asyncio.wait_for(semaphore.acquire(), timeout=min(0.25, deadline.remaining()))
-                    break
-                except TimeoutError:
-                    continue
+            else:
+                await self._wait_for_slot(semaphore, deadline)
         finally:
             self.waiting -= 1
         self.running += 1
+
+    async def _wait_for_slot(self, semaphore: asyncio.Semaphore, deadline: Deadline) -> None:
+        """Wait in short steps: once the jobs ahead show that this one could not finish before its
+        deadline, give up at once instead of waiting to fail."""
+        while True:
+            if self.pace() >= deadline.remaining():
+                raise deadline_problem(deadline.seconds)
+            try:
+                await asyncio.wait_for(semaphore.acquire(), timeout=min(0.25, deadline.remaining()))
+                return
+            except TimeoutError:
+                continue
 
     def release(self) -> None:
         self.running -= 1
@@ -346,7 +348,6 @@ class Ticket:
                 log.info("request stopped: client went away",
                          extra={"request_id": request.scope.get("state", {}).get("request_id")})
             raise deadline_problem(deadline.seconds) from None
-
 
     def _run_inline(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
         """(True, result) when ``fn`` ran to the end on the event loop; (False, None) when it

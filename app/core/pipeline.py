@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.errors import ProblemError, problem_from_validation, problem_response
+from app.core.errors import ProblemError, problem_answer, problem_from_validation
 from app.core.execution import Offload, execution_of
 from app.core.limits import STORED_INPUT_MAX_BYTES
 from app.core.registry import ServedModel
@@ -479,7 +479,7 @@ class PredictionRoutes:
     prediction skips the framework's per-request work it has no use for: matching the path against
     every route, the dependency solver, two exception-handling layers and an exit stack (~0.15 ms of
     a digit's ~1 ms, measured by ``bench/digits_floor.py``). Problems are answered by the same
-    :func:`problem_response` as FastAPI's exception handler; anything else propagates to
+    :func:`problem_answer` as FastAPI's exception handler; anything else propagates to
     :class:`~app.core.middleware.RequestContextMiddleware` (logged, 500), as it does from a route."""
 
     def __init__(self, app: ASGIApp, endpoints: list[Endpoint]) -> None:
@@ -499,8 +499,7 @@ class PredictionRoutes:
         try:
             response = await predict(request)
         except ProblemError as exc:
-            response = problem_response(request, exc.status, exc.code, exc.detail, title=exc.title,
-                                        field=exc.field, headers=exc.headers, **exc.extra)
+            response = problem_answer(request, exc)
         await response(scope, receive, send)
 
 

@@ -11,7 +11,6 @@ rows arriving while the buffer is full are dropped and counted (``LOG_BUFFER_SIZ
 from __future__ import annotations
 
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -514,10 +513,7 @@ def _row_values(row: dict[str, Any]) -> dict[str, Any]:
     values = {**row, "confidence": clean_float(row["confidence"])}
     if "features" in row:
         features = row["features"] if isinstance(row["features"], Mapping) else {}
-        if not all(type(v) is float and math.isfinite(v) for v in features.values()) or \
-                not all(type(k) is str for k in features):  # the usual row is clean already
-            features = {str(k): clean_float(v) for k, v in features.items()}
-        values["features"] = features
+        values["features"] = {str(k): clean_float(v) for k, v in features.items()}
     if "input" in row:
         values["input"] = bytes(row["input"]) if row["input"] is not None else None
     return values

@@ -14,6 +14,7 @@ from app.tasks.segmentation.preprocess import (
     to_grayscale,
 )
 from tests.support import REPO_ROOT, SHARED_DATA
+from training.compare import load
 from training.segmentation import distilled_targets, elastic
 
 MODELS = REPO_ROOT / "models" / "segmentation"
@@ -36,12 +37,12 @@ def test_distilled_targets_blend_the_labels_with_the_teachers_tiled_probability(
     """The teacher runs the way the server runs it (its own tile and margin, from its metadata)."""
     image = to_grayscale(Image.open(MEMBRANE / "image" / "0.png"))[:256, :256]
     label = mask_from_label(np.asarray(Image.open(MEMBRANE / "label" / "0.png")))[:256, :256]
-    teacher = MODELS / "1.0.0"
-    params = json.loads((teacher / "metadata.json").read_text())["params"]
-    runner = TFLiteRunner(teacher / "model.tflite", 1)
+    params = json.loads((MODELS / "1.0.0" / "metadata.json").read_text())["params"]
+    runner = TFLiteRunner(MODELS / "1.0.0" / "model.tflite", 1)
     soft = predict_probability(image, runner.run, tile=params["tile"], margin=params["margin"])
+    teacher = load("segmentation", "1.0.0", REPO_ROOT / "models")
     for weight in (0.0, 0.3, 1.0):
-        blended = distilled_targets(label[None], image[None], teacher, weight, threads=1)[0]
+        blended = distilled_targets(label[None], image[None], teacher, weight)[0]
         np.testing.assert_allclose(blended, (1 - weight) * label + weight * soft, atol=1e-6)
     # The teacher agrees with the labels on most pixels (it is 92 % accurate on held-out slices).
     assert np.mean((soft >= 0.5) == (label > 0.5)) > 0.85

@@ -60,14 +60,15 @@ def open_image(data: bytes, field: str, *, max_pixels: int,
     return image
 
 
-def check_request_pixels(images: list[Image.Image], field: str, max_request_pixels: int) -> None:
-    """413 when the images of one request hold more pixels in all than the request's budget."""
+def check_request_pixels(images: list[Image.Image], field: str, max_request_pixels: int) -> int:
+    """The pixels the images of one request hold in all; 413 when more than the request's budget."""
     total = sum(image.width * image.height for image in images)
     if total > max_request_pixels:
         raise ProblemError(413, "request-too-large",
                            f"The {len(images)} images in {field} hold {total} pixels in all; the "
                            f"limit is {max_request_pixels} pixels per request.", field=field,
                            max_request_pixels=max_request_pixels)
+    return total
 
 
 def load_image(image: Image.Image, field: str) -> Image.Image:

@@ -77,10 +77,8 @@ def run(job: Job) -> Outcome:
         images = [open_image(i.data, i.field, max_pixels=settings.max_image_pixels, formats=IMAGE_FORMATS)
                   if i.data is not None else None for i in job.instances]
         opened = [image for image in images if image is not None]
-        if opened:
-            check_request_pixels(opened, job.instances[0].field.split("[")[0], MAX_REQUEST_PIXELS)
-        inline_budget(pixels=sum(image.width * image.height for image in opened),
-                      instances=len(job.instances))
+        pixels = check_request_pixels(opened, job.instances[0].field.split("[")[0], MAX_REQUEST_PIXELS)
+        inline_budget(pixels=pixels, instances=len(job.instances))
         digits = []
         for instance, image in zip(job.instances, images, strict=True):
             checkpoint()
