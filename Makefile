@@ -23,6 +23,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 	.venv-train/bin/pip install -q -r requirements-train.txt
 	touch $@
 
+## .venv-frameworks: MLServer and LitServe, for bench/digits_floor.py's comparison only (never served)
+.venv-frameworks/.installed: bench/requirements-frameworks.txt
+	$(PYTHON) -m venv .venv-frameworks
+	.venv-frameworks/bin/pip install -q -r bench/requirements-frameworks.txt
+	touch $@
+
 ## serve: create the serving environment and run the service on the committed models (SQLite log)
 serve: .venv/.installed
 	mkdir -p var

@@ -1,21 +1,30 @@
 """Issue 18, goal 1's yardstick: the project's digits endpoint against the bare floor, one run.
 
     .venv-dev/bin/python -m bench.digits_floor [--rounds 4] [--requests 3000] [--concurrency 8]
-                                               [--before bc768db]
+                                               [--before bc768db] [--frameworks PYTHON]
 
-All served by gunicorn with one uvicorn worker (the serving environment when it exists): the
-project (``/v1/digits/predict``, a raw PNG body: decode, real-world preprocessing, prediction log,
-drift features, metrics, access log), the project as it was at ``--before`` (a commit, extracted
-with ``git archive`` into ``var/``; ``--before ''`` leaves it out) and ``bench/floor_app.py``
-(Pillow decode + one LiteRT call). ``hey`` posts the same MNIST digit PNG to each, alternating,
-``rounds`` times; reported are the medians and the ratios to the floor. Then
-``bench/digits_stages.py`` breaks one request down by stage, in one process, for both trees.
-Writes ``bench/results/digits_floor.json``.
+Served by gunicorn with one uvicorn worker (the serving environment when it exists): the project
+(``/v1/digits/predict``, a raw PNG body: decode, real-world preprocessing, prediction log, drift
+features, metrics, access log), the project as it was at ``--before`` (a commit, extracted with
+``git archive`` into ``var/``; ``--before ''`` leaves it out) and ``bench/floor_app.py`` (Pillow
+decode + one LiteRT call).
+
+Where ``.venv-frameworks`` exists (``make .venv-frameworks/.installed``; or ``--frameworks``, a
+Python with ``bench/requirements-frameworks.txt``), the floor's work is also served by MLServer (a
+custom runtime, V2 JSON, one process: ``parallel_workers`` 0) and LitServe (a ``LitAPI``; its API
+server and inference worker are two processes), see ``bench/frameworks/``. Neither reads a raw
+body, so they get the PNG in base64 inside JSON, and so does a second project target
+(``{"instances": [{"image_b64": ...}]}``) for a like-for-like comparison.
+
+``hey`` posts the same MNIST digit to each in turn, ``rounds`` times; reported are the medians and
+the ratios to the floor. Then ``bench/digits_stages.py`` breaks one request down by stage, in one
+process, for both trees. Writes ``bench/results/digits_floor.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -31,28 +40,55 @@ from bench.common import REPO_ROOT, mnist_digit_png, serving_python, write_resul
 from bench.liveserver import free_port, running_server, stop
 from bench.load import hey
 
+FRAMEWORKS_PYTHON = REPO_ROOT / ".venv-frameworks" / "bin" / "python"
+
 
 @contextlib.contextmanager
-def floor_server(python: str | None):
-    port = free_port()
-    gunicorn = str(Path(python or sys.executable).parent / "gunicorn")
-    process = subprocess.Popen([gunicorn, "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--bind",
-                                f"127.0.0.1:{port}", "bench.floor_app:app"], cwd=REPO_ROOT,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+def serving(command: list[str], url: str, body: bytes, content_type: str, env: dict[str, str] | None = None):
+    """Run ``command`` (its own process group) until ``url`` answers ``body`` with a 200."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.post(url + "/predict", content=mnist_digit_png(), timeout=2).status_code == 200:
+                if httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("the floor server did not start")
-            time.sleep(0.2)
+                raise RuntimeError(f"{command[:3]} did not start")
+            time.sleep(0.3)
         yield url
     finally:
         stop(process)
+
+
+def floor_server(python: str | None):
+    port = free_port()
+    gunicorn = str(Path(python or sys.executable).parent / "gunicorn")
+    return serving([gunicorn, "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--bind", f"127.0.0.1:{port}",
+                    "bench.floor_app:app"], f"http://127.0.0.1:{port}/predict", mnist_digit_png(), "image/png")
+
+
+def b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
+
+
+def mlserver_server(python: Path, png: bytes):
+    ports = [free_port() for _ in range(3)]
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(png)]}]}).encode()
+    env = {"PYTHONPATH": str(REPO_ROOT / "bench" / "frameworks"), "MLSERVER_HTTP_PORT": str(ports[0]),
+           "MLSERVER_GRPC_PORT": str(ports[1]), "MLSERVER_METRICS_PORT": str(ports[2]),
+           "MLSERVER_PARALLEL_WORKERS": "0", "MLSERVER_DEBUG": "false"}
+    url = f"http://127.0.0.1:{ports[0]}/v2/models/digits/infer"
+    return serving([str(python.parent / "mlserver"), "start", "bench/frameworks/mlserver"], url, body,
+                   "application/json", env), body
+
+
+def litserve_server(python: Path, png: bytes):
+    port = free_port()
+    body = json.dumps({"image_b64": b64(png)}).encode()
+    return serving([str(python), "bench/frameworks/litserve_app.py", str(port)], f"http://127.0.0.1:{port}/predict",
+                   body, "application/json"), body
 
 
 def checkout(ref: str) -> Path:
@@ -77,28 +113,38 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--before", default="bc768db", help="the commit to compare with ('' for none)")
+    parser.add_argument("--frameworks", type=Path, default=FRAMEWORKS_PYTHON,
+                        help="a Python with bench/requirements-frameworks.txt (MLServer, LitServe)")
     args = parser.parse_args()
     png = mnist_digit_png()
+    json_png = json.dumps({"instances": [{"image_b64": b64(png)}]}).encode()
     python = serving_python()
     before = checkout(args.before) if args.before else None
-    runs: dict[str, list[dict]] = {"project": [], "floor": []}
     with contextlib.ExitStack() as stack:
         live = stack.enter_context(running_server(workers=1, python=python))
-        floor = stack.enter_context(floor_server(python))
-        targets = {"project": live.base_url + "/v1/digits/predict", "floor": floor + "/predict"}
+        targets = {"project": (live.base_url + "/v1/digits/predict", png, "image/png"),
+                   "floor": (stack.enter_context(floor_server(python)), png, "image/png")}
         if before is not None:
             old = stack.enter_context(running_server(workers=1, python=python, cwd=before))
-            targets["before"] = old.base_url + "/v1/digits/predict"
-            runs["before"] = []
-        for url in targets.values():  # warm up
-            hey(url, png, "image/png", 300, args.concurrency)
+            targets["before"] = (old.base_url + "/v1/digits/predict", png, "image/png")
+        if args.frameworks.exists():
+            targets["project_json_base64"] = (live.base_url + "/v1/digits/predict", json_png, "application/json")
+            for name, start in (("mlserver", mlserver_server), ("litserve", litserve_server)):
+                server, body = start(args.frameworks, png)
+                targets[name] = (stack.enter_context(server), body, "application/json")
+        else:
+            print(f"MLServer and LitServe left out: no {args.frameworks} (make .venv-frameworks/.installed)", flush=True)
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        for url, body, content_type in targets.values():  # warm up
+            hey(url, body, content_type, 300, args.concurrency)
         for _ in range(args.rounds):
-            for name, url in targets.items():
-                runs[name].append(hey(url, png, "image/png", args.requests, args.concurrency))
+            for name, (url, body, content_type) in targets.items():
+                runs[name].append(hey(url, body, content_type, args.requests, args.concurrency))
                 print(f"{name}: {runs[name][-1]['throughput_rps']} req/s, p50 {runs[name][-1]['p50_ms']} ms",
                       flush=True)
     result = {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
-              "before_commit": args.before or None}
+              "before_commit": args.before or None,
+              "bodies": {name: content_type for name, (_, _, content_type) in targets.items()}}
     for name, rs in runs.items():
         result[name] = {"throughput_rps": statistics.median(r["throughput_rps"] for r in rs),
                         "p50_ms": statistics.median(r["p50_ms"] for r in rs),
@@ -106,8 +152,10 @@ def main() -> int:
                         "failed": sum(r["failed"] for r in rs),
                         "rounds_rps": [r["throughput_rps"] for r in rs]}
     result["ratio_project_to_floor"] = round(result["project"]["throughput_rps"] / result["floor"]["throughput_rps"], 3)
-    if before is not None:
-        result["ratio_before_to_floor"] = round(result["before"]["throughput_rps"] / result["floor"]["throughput_rps"], 3)
+    result["ratios_to_floor"] = {name: round(result[name]["throughput_rps"] / result["floor"]["throughput_rps"], 3)
+                                 for name in runs}
+    print("of the floor: " + ", ".join(f"{name} {ratio}" for name, ratio in result["ratios_to_floor"].items()),
+          flush=True)
     result["goal"] = 0.65
     # Per stage, in one process, after the load runs (nothing else on the cores).
     result["stages_us"] = {"project": stages(python, REPO_ROOT)}

@@ -1,17 +1,19 @@
-"""Issue 18, goal 2: a 512 x 512 segmentation end to end, a lighter U-Net against today's, one run.
+"""Issue 18, goal 2: a 512 x 512 segmentation end to end, lighter U-Nets against today's, one run.
 
-    .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.1.0] [--rounds 5]
+    .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.2.0 1.1.0] [--rounds 5]
 
-Two servers (gunicorn, one worker, the serving environment), the same code, one pinned to each
-version with ``MODEL_VERSIONS``. For each version:
+One server per version (gunicorn, one worker, the serving environment), the same code, each pinned
+to its version with ``MODEL_VERSIONS``. For each version:
 
 * **MACs per 512 x 512 image**, counted from the ``.tflite`` graph (every convolution, transposed
   convolution and dense layer: output elements x kernel size x input channels) times the number of
   tiles the server's overlap-tiling cuts a 512 x 512 image into;
 * **held-out quality through HTTP**: slices 25-29 posted as PNGs, the returned masks scored against
   the labels over all pixels together (pixel accuracy, membrane IoU);
-* **latency**: one 512 x 512 slice posted ``--requests`` times per round, the two servers
-  alternating ``--rounds`` times; medians of the rounds' medians, and the ratio after / before.
+* **latency**: one 512 x 512 slice posted ``--requests`` times per round, the servers taking turns
+  ``--rounds`` times; medians of the rounds' medians, and each ratio to ``--before``.
+
+An int8 model does the same MACs as its fp32 parent, in 8-bit arithmetic.
 
 Writes ``bench/results/segmentation_speed.json``.
 """
@@ -19,6 +21,7 @@ Writes ``bench/results/segmentation_speed.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -88,46 +91,49 @@ def describe(version: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="1.0.0")
-    parser.add_argument("--after", default="1.1.0")
+    parser.add_argument("--after", nargs="+", default=["1.2.0", "1.1.0"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=10)
     args = parser.parse_args()
     image = png_bytes(np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")))
     python = serving_python()
-    versions = {"before": args.before, "after": args.after}
-    result: dict = {name: describe(version) for name, version in versions.items()}
-    servers = {name: running_server({"MODEL_VERSIONS": json.dumps({"segmentation": version})}, python=python)
-               for name, version in versions.items()}
-    samples: dict[str, list[list[float]]] = {name: [] for name in versions}
-    with servers["before"] as before, servers["after"] as after:
-        live = {"before": before, "after": after}
-        clients = {name: httpx.Client(base_url=server.base_url, timeout=120.0) for name, server in live.items()}
-        for name, client in clients.items():
+    versions = [args.before, *args.after]
+    result: dict = {"before": args.before, "versions": {version: describe(version) for version in versions}}
+    samples: dict[str, list[list[float]]] = {version: [] for version in versions}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for version in versions:
+            server = stack.enter_context(running_server({"MODEL_VERSIONS": json.dumps({"segmentation": version})},
+                                                        python=python))
+            clients[version] = stack.enter_context(httpx.Client(base_url=server.base_url, timeout=120.0))
+        for version, client in clients.items():
             served = client.get("/v1/models").json()["models"]
-            assert any(m["task"] == "segmentation" and m["version"] == versions[name] for m in served), served
+            assert any(m["task"] == "segmentation" and m["version"] == version for m in served), served
             metrics, _ = held_out(client)
-            result[name]["held_out_http"] = {k: metrics[k] for k in ("pixel_accuracy", "iou_membrane")}
-            print(f"{name} ({versions[name]}): held out {result[name]['held_out_http']}", flush=True)
+            result["versions"][version]["held_out_http"] = {k: metrics[k] for k in ("pixel_accuracy", "iou_membrane")}
+            print(f"{version}: held out {result['versions'][version]['held_out_http']}", flush=True)
         for _ in range(args.rounds):
-            for name, client in clients.items():
+            for version, client in clients.items():
                 times = []
                 for _ in range(args.requests):
                     started = time.perf_counter()
                     response = client.post(URL, content=image, headers={"Content-Type": "image/png"}, timeout=60)
                     times.append((time.perf_counter() - started) * 1000.0)
                     response.raise_for_status()
-                samples[name].append(times)
-                print(f"{name}: 512x512 median {statistics.median(times):.1f} ms", flush=True)
-        for client in clients.values():
-            client.close()
-    for name in versions:
-        result[name]["latency_512"] = {
-            "median_ms": round(statistics.median(statistics.median(r) for r in samples[name]), 1),
-            "rounds_median_ms": [round(statistics.median(r), 1) for r in samples[name]],
-            **percentiles([t for r in samples[name] for t in r])}
-    result["ratio_after_to_before"] = round(result["after"]["latency_512"]["median_ms"]
-                                            / result["before"]["latency_512"]["median_ms"], 3)
-    result["macs_ratio"] = round(result["after"]["gmacs_per_512"] / result["before"]["gmacs_per_512"], 3)
+                samples[version].append(times)
+                print(f"{version}: 512x512 median {statistics.median(times):.1f} ms", flush=True)
+    for version in versions:
+        result["versions"][version]["latency_512"] = {
+            "median_ms": round(statistics.median(statistics.median(r) for r in samples[version]), 1),
+            "rounds_median_ms": [round(statistics.median(r), 1) for r in samples[version]],
+            **percentiles([t for r in samples[version] for t in r])}
+    baseline = result["versions"][args.before]
+    for version in args.after:
+        entry = result["versions"][version]
+        entry["ratio_to_before"] = round(entry["latency_512"]["median_ms"] / baseline["latency_512"]["median_ms"], 3)
+        entry["macs_ratio_to_before"] = round(entry["gmacs_per_512"] / baseline["gmacs_per_512"], 3)
+        print(f"{version}: {entry['ratio_to_before']}x the time of {args.before}, held out "
+              f"{entry['held_out_http']}", flush=True)
     result["goal"] = {"ratio_at_most": 0.37, "pixel_accuracy_at_least": 0.92, "iou_membrane_at_least": 0.678}
     write_results("segmentation_speed", result)
     return 0

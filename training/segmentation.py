@@ -13,18 +13,25 @@ rotations, elastic deformation and intensity jitter, and is exported as an fp32 
 fixed tile size the server then uses (``--tile``, 320: four overlapping tiles per 512 x 512 image;
 a 576 px tile, one per 512 x 512 image, needs 2.9x the interpreter memory for 20 % fewer MACs).
 ``--teacher`` distils from a committed version: the targets blend the labels with its
-probabilities. Evaluation runs the exported ``.tflite`` through the same overlap-tiling code as the
-server.
+probabilities. ``--quantize-from`` trains nothing: it quantises a committed version to full integer
+(int8 weights per channel and int8 activations, float32 input and output) with Google's
+``ai-edge-quantizer``, calibrated on the server's own tiles of the training slices, which XNNPACK
+runs as QS8 (dynamic-range int8, float activations, made the U-Net 3x slower instead). Evaluation
+runs the exported ``.tflite`` through the same overlap-tiling code as the server, and chooses the
+threshold on the validation slices, whichever way the model was made.
 
     cd /work/main && .venv-train/bin/python -m training.segmentation  # ~35 min on 2 shared cores
     # 1.1.0, the light one (issue 18): 8 filters, distilled from 1.0.0 (~31 min on one core)
     .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
         --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
+    # 1.2.0, the served one (issue 18): 1.0.0 quantised to int8 (~2 min)
+    .venv-train/bin/python -m training.segmentation --quantize-from 1.0.0 --threads 1 --version 1.2.0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -55,6 +62,7 @@ from training.common import (
     model_dir,
     output_version,
     seed_everything,
+    sha256_file,
     sha256_files,
     write_json,
     write_metadata,
@@ -88,6 +96,9 @@ def parse_args() -> argparse.Namespace:
                    help="a committed segmentation version to distil from: the targets become "
                         "(1 - w) * label + w * the teacher's tiled probability on the training slices")
     p.add_argument("--teacher-weight", type=float, default=0.5, help="w above")
+    p.add_argument("--quantize-from", default=None, metavar="VERSION",
+                   help="train nothing: quantise this committed version to full-integer int8 (calibrated "
+                        "on the server's tiles of the training slices) and evaluate it as a new version")
     p.add_argument("--dice-weight", type=float, default=0.25)
     p.add_argument("--max-minutes", type=float, default=34.0,
                    help="stop fitting after this long (a cap for a shared CPU; the epoch count is recorded)")
@@ -280,6 +291,9 @@ def main() -> None:
             "nothing to train on. Annotate the exported images (e.g. in CVAT) and add them to the "
             "membrane data instead.")
     args.version = output_version("segmentation", args.version, args.models_dir)
+    if args.quantize_from:
+        quantized(args)
+        return
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     import keras
@@ -344,6 +358,132 @@ def main() -> None:
                                 (0, max(0, args.tile - val_x.shape[2]))), mode="reflect")
     export = export_tflite(tiled, out / "model.tflite", sample[:, :args.tile, :args.tile, None])
 
+    finish(args, out, clock, tiling=tiling,
+           description=f"U-Net ({args.base_filters} base filters, {args.depth} poolings, BatchNorm) for "
+                       "membrane segmentation of ISBI 2012 serial-section TEM slices; overlap-tiled "
+                       f"inference ({args.tile} px tiles) for any image size"
+                       + (f", distilled from {args.teacher}." if args.teacher else "."),
+           artifact={"file": "model.tflite", "format": "tflite-fp32", **export},
+           params={"tile": args.tile, "margin": args.margin, "stride": args.tile - 2 * args.margin,
+                   "teacher": args.teacher,
+                   "teacher_weight": args.teacher_weight if args.teacher else None,
+                   "tiling": "reflect-pad, overlapping tiles, keep each tile's centre (overlap-tile)",
+                   "base_filters": args.base_filters, "depth": args.depth, "crop": args.crop,
+                   "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "lr": args.lr,
+                   "loss": f"BCE + {args.dice_weight} * soft Dice", "augmentation":
+                   "random crops, rot90, flips, elastic (p=0.5), gamma/contrast/brightness, noise (p=0.3)"},
+           training={"seed": args.seed, "epochs": len(history), "epochs_planned": args.epochs,
+                     "best_epoch": best["epoch"], "duration_s": clock.seconds, "fit_duration_s": fit_seconds},
+           history=history, best_epoch=best["epoch"])
+
+
+def quantized(args: argparse.Namespace) -> None:
+    """``--quantize-from``: a committed version as full-integer int8, then :func:`finish` as for a
+    trained one. Calibration sees only the training slices, cut into the tiles the server cuts."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import qtyping, quantizer, recipe
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    from app.tasks.segmentation.preprocess import tile_image
+
+    clock = Stopwatch()
+    parent_dir = Path(args.models_dir) / "segmentation" / args.quantize_from
+    parent = json.loads((parent_dir / "metadata.json").read_text())
+    tiling = {"tile": int(parent["params"]["tile"]), "margin": int(parent["params"]["margin"])}
+    train_x, _ = load_slices(args.data, TRAIN_SLICES)
+    calibration = np.concatenate([tile_image(image, **tiling)[0] for image in train_x])[..., None]
+    signatures = Interpreter(model_path=str(parent_dir / "model.tflite")).get_signature_list()
+    (signature, spec), = signatures.items()
+    (input_name,) = spec["inputs"]
+    print(f"quantising {parent_dir} to int8: {len(calibration)} calibration tiles of {tiling['tile']} px "
+          f"from training slices {TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}", flush=True)
+
+    engine = quantizer.Quantizer(str(parent_dir / "model.tflite"))
+    engine.load_quantization_recipe(recipe.static_wi8_ai8())
+    for edge in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):  # float32 in and out
+        engine.update_quantization_recipe(regex=".*", operation_name=edge, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    ranges = engine.calibrate({signature: [{input_name: tile[None]} for tile in calibration]},
+                              num_threads=args.threads)
+    out = model_dir("segmentation", args.version, args.models_dir)
+    engine.quantize(ranges).export_model(str(out / "model.tflite"))
+    dropped = pin_batch_one(out / "model.tflite")
+
+    from app.core.runtime import TFLiteRunner
+
+    val_x, _ = load_slices(args.data, VAL_SLICES)  # how far int8 strays from its parent
+    int8, fp32 = (TFLiteRunner(path, num_threads=args.threads)
+                  for path in (out / "model.tflite", parent_dir / "model.tflite"))
+    drift = max(float(np.max(np.abs(predict_probability(x, int8.run, **tiling)
+                                    - predict_probability(x, fp32.run, **tiling)))) for x in val_x)
+    path = out / "model.tflite"
+    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB, batch pinned to one tile: {dropped} shape "
+          f"operators dropped); int8 vs {args.quantize_from} max |diff| {drift:.3f} on the validation slices",
+          flush=True)
+    finish(args, out, clock, tiling=tiling,
+           description=f"{parent['description'].rstrip('.')}; {args.quantize_from} quantised to full "
+                       "integer (int8 weights and activations, float32 input and output).",
+           artifact={"file": "model.tflite", "format": "tflite-int8", "bytes": path.stat().st_size,
+                     "sha256": sha256_file(path), "max_abs_diff_from_parent_validation": drift},
+           params={**{k: v for k, v in parent["params"].items() if k != "threshold"},
+                   "quantized_from": args.quantize_from,
+                   "quantization": {"tool": "ai-edge-quantizer 0.10.0", "recipe": "static_wi8_ai8",
+                                    "weights": "int8 per channel", "activations": "int8",
+                                    "input_output": "float32 (QUANTIZE / DEQUANTIZE at the edges)",
+                                    "batch": "1 tile per call (pin_batch_one: constant TRANSPOSE_CONV "
+                                             "output shapes, so XNNPACK runs every operator)",
+                                    "calibration": f"{len(calibration)} tiles: training slices "
+                                                   f"{TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, the server's tiling",
+                                    "algorithm": "min-max"}},
+           training={**parent.get("training", {}), "quantized_from": args.quantize_from,
+                     "duration_s": clock.seconds})
+
+
+def pin_batch_one(path: Path) -> int:
+    """Rewrite ``path`` for batches of one tile, the way the server calls it: the input's batch
+    becomes 1 and each transposed convolution gets a constant output shape instead of one computed
+    at run time (SHAPE -> STRIDED_SLICE -> PACK from the input's batch of -1). XNNPACK only takes a
+    TRANSPOSE_CONV whose output shape is constant; otherwise the graph splits around all four and
+    they run on LiteRT's reference kernels (1.0.0 in int8: 41 -> 29 ms per 320 px tile). Uses
+    LiteRT's own flatbuffer tools; returns how many operators were dropped as dead."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    (graph,) = model.subgraphs
+    for index in [*graph.inputs, *graph.outputs]:
+        tensor = graph.tensors[index]
+        tensor.shape = np.array([1, *list(tensor.shape)[1:]], dtype=np.int32)
+        tensor.shapeSignature = None  # static: exactly ``shape``
+    for op in graph.operators:
+        if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) != "TRANSPOSE_CONV":
+            continue
+        out = graph.tensors[op.outputs[0]]
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(np.array([1, *list(out.shape)[1:]], dtype=np.int32).tobytes(), dtype=np.uint8)
+        model.buffers.append(buffer)
+        shape = schema.TensorT()
+        shape.shape, shape.type, shape.buffer = np.array([4], dtype=np.int32), schema.TensorType.INT32, len(model.buffers) - 1
+        name = graph.tensors[op.inputs[0]].name
+        shape.name = (name.decode() if isinstance(name, bytes) else name) + "/batch_one"
+        graph.tensors.append(shape)
+        op.inputs[0] = len(graph.tensors) - 1
+    before = len(graph.operators)
+    while True:  # drop what computed the old shapes: operators whose outputs nobody reads any more
+        read = {int(i) for op in graph.operators for i in op.inputs} | {int(o) for o in graph.outputs}
+        live = [op for op in graph.operators if any(int(o) in read for o in op.outputs)]
+        if len(live) == len(graph.operators):
+            break
+        graph.operators = live
+    flatbuffer_utils.write_model(model, str(path))
+    return before - len(graph.operators)
+
+
+def finish(args: argparse.Namespace, out: Path, clock: Stopwatch, *, tiling: dict[str, int],
+           description: str, artifact: dict, params: dict, training: dict,
+           history: list[dict] | None = None, best_epoch: int | None = None) -> None:
+    """Evaluate ``out/model.tflite`` as the server runs it, choose the threshold on validation, score
+    the held-out slices once, and write the drift reference, the report and the metadata."""
+    val_x, val_y = load_slices(args.data, VAL_SLICES)
     from app.core.runtime import TFLiteRunner
 
     runner = TFLiteRunner(out / "model.tflite", num_threads=args.threads)
@@ -374,12 +514,13 @@ def main() -> None:
     write_json(out / "reference.json", reference)
 
     report = out / "report"
-    plot_history(history, report / "loss_curves.png")
+    if history:
+        plot_history(history, report / "loss_curves.png")
     plot_overlays(test_x, test_y, test_probs, TEST_SLICES, threshold, report / "overlays.png")
     metrics = {"held_out_test": {"slices": TEST_SLICES, **test, "pixel_accuracy_per_slice": per_slice},
                "validation": {"slices": VAL_SLICES, **val},
                "threshold": threshold, "evaluation": "exported .tflite through the server's overlap-tiling",
-               "best_epoch": best["epoch"], "history": history}
+               "best_epoch": best_epoch, "history": history or []}
     write_json(report / "metrics.json", metrics)
 
     data_files = [args.data / "train" / kind / f"{i}.png" for kind in ("image", "label") for i in range(30)]
@@ -388,16 +529,13 @@ def main() -> None:
         name="segmentation",
         task="segmentation",
         version=args.version,
-        description=f"U-Net ({args.base_filters} base filters, {args.depth} poolings, BatchNorm) for "
-                    "membrane segmentation of ISBI 2012 serial-section TEM slices; overlap-tiled "
-                    f"inference ({args.tile} px tiles) for any image size"
-                    + (f", distilled from {args.teacher}." if args.teacher else "."),
-        artifact={"file": "model.tflite", "format": "tflite-fp32", **export},
+        description=description,
+        artifact=artifact,
         data={"path": "membrane/train/{image,label}/0..29.png", "sha256": sha256_files(data_files),
               "train_slices": TRAIN_SLICES, "validation_slices": VAL_SLICES, "test_slices": TEST_SLICES},
         input={"name": "image", "type": "image/png, image/jpeg or image/tiff; grayscale or RGB "
                "(converted to luma)", "normalisation": "grayscale / 255 -> float32 [0, 1]",
-               "tile_shape": [args.tile, args.tile, 1], "max_side": 4096},
+               "tile_shape": [tiling["tile"], tiling["tile"], 1], "max_side": 4096},
         output={"type": "binary mask PNG with the input's width and height",
                 "foreground": "membrane", "foreground_value": 255, "background_value": 0,
                 "source_label_convention": "dataset labels: 255 = cell interior, 0 = membrane; the "
@@ -408,16 +546,8 @@ def main() -> None:
                  "held_out_iou_membrane": test["iou_membrane"], "held_out_iou_interior": test["iou_interior"],
                  "held_out_mean_iou": test["mean_iou"], "held_out_dice_membrane": test["dice_membrane"],
                  "validation_pixel_accuracy": val["pixel_accuracy"]},
-        params={"tile": args.tile, "margin": args.margin, "stride": args.tile - 2 * args.margin,
-                "threshold": threshold, "teacher": args.teacher,
-                "teacher_weight": args.teacher_weight if args.teacher else None,
-                "tiling": "reflect-pad, overlapping tiles, keep each tile's centre (overlap-tile)",
-                "base_filters": args.base_filters, "depth": args.depth, "crop": args.crop,
-                "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "lr": args.lr,
-                "loss": f"BCE + {args.dice_weight} * soft Dice", "augmentation":
-                "random crops, rot90, flips, elastic (p=0.5), gamma/contrast/brightness, noise (p=0.3)"},
-        training={"seed": args.seed, "epochs": len(history), "epochs_planned": args.epochs,
-                  "best_epoch": best["epoch"], "duration_s": clock.seconds, "fit_duration_s": fit_seconds},
+        params={**params, "threshold": threshold},
+        training=training,
     )
     print(f"done in {clock.seconds / 60:.1f} min -> {out}", flush=True)
 

@@ -20,14 +20,16 @@ class TFLiteRunner:
 
     Batches larger than ``max_batch`` run in slices of ``max_batch``: the interpreter's activation
     arena is sized for the largest batch it has seen and kept, so one request with many windows or
-    tiles would otherwise leave the worker that much larger for good."""
+    tiles would otherwise leave the worker that much larger for good. A model exported for a batch
+    of exactly one (segmentation 1.2.0: constant shapes, so XNNPACK runs every operator) takes its
+    rows one at a time."""
 
     def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32) -> None:
         self.path = Path(path)
-        self.max_batch = max_batch
         self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
+        self.max_batch = 1 if int(self._input["shape_signature"][0]) == 1 else max_batch
         self._interpreter.allocate_tensors()
         self._shape = tuple(int(d) for d in self._input["shape"])
         self._lock = threading.Lock()

@@ -1,4 +1,5 @@
-"""The segmentation trainer's distillation and tile options (issue 18's light U-Net, 1.1.0)."""
+"""The segmentation trainer's distillation and tile options (issue 18's light U-Net, 1.1.0) and its
+int8 quantisation (1.2.0, the served one)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,37 @@ def test_the_committed_light_unet_is_lighter_and_tiles_as_its_metadata_says():
     assert TFLiteRunner(MODELS / "1.1.0" / "model.tflite", 1).input_shape[1:] == (tile, tile, 1)
     assert (MODELS / "1.1.0" / "model.tflite").stat().st_size < (MODELS / "1.0.0" / "model.tflite").stat().st_size / 3
     assert light["metrics"]["held_out_pixel_accuracy"] >= 0.92
+
+
+def _graph(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # noqa: SLF001 (the public API has no graph walk)
+    return interpreter, dtypes, ops
+
+
+def test_the_served_unet_is_1_0_0_quantised_to_full_integer_with_float_edges():
+    """1.2.0 is 1.0.0 in int8 (weights per channel and activations, so XNNPACK runs it as QS8):
+    every convolution takes int8 weights and int8 inputs, while the model's own input and output
+    stay float32, so the serving code and the tiling are unchanged. Its probabilities stay close to
+    1.0.0's on a validation slice."""
+    meta = json.loads((MODELS / "1.2.0" / "metadata.json").read_text())
+    parent = json.loads((MODELS / "1.0.0" / "metadata.json").read_text())
+    assert meta["params"]["quantized_from"] == "1.0.0" and meta["artifact"]["format"] == "tflite-int8"
+    assert (meta["params"]["tile"], meta["params"]["margin"]) == (parent["params"]["tile"], parent["params"]["margin"])
+    interpreter, dtypes, ops = _graph(MODELS / "1.2.0" / "model.tflite")
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    convs = [op for op in ops if op["op_name"] == "CONV_2D"]
+    assert len(convs) == 19  # the U-Net's 18 3x3 convolutions and the 1x1 head, as in 1.0.0
+    assert all(dtypes[op["inputs"][0]] == np.int8 and dtypes[op["inputs"][1]] == np.int8 for op in convs)
+    assert (MODELS / "1.2.0" / "model.tflite").stat().st_size < (MODELS / "1.0.0" / "model.tflite").stat().st_size / 3
+
+    gray = to_grayscale(Image.open(MEMBRANE / "image" / "22.png"))  # a validation slice
+    int8, fp32 = load("segmentation", "1.2.0", REPO_ROOT / "models"), load("segmentation", "1.0.0", REPO_ROOT / "models")
+    quantised, reference = int8.probability(gray), fp32.probability(gray)
+    assert float(np.mean(np.abs(quantised - reference))) < 0.01
+    assert np.mean((quantised >= 0.45) == (reference >= 0.45)) > 0.99
