@@ -8,7 +8,9 @@ variable (unit tests, a plain ``uvicorn`` run) the default in-process registry i
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,9 +59,17 @@ SHADOW_DROPPED = Counter("shadow_dropped_total", "Requests not shadowed, by reas
                          ["model", "reason"])
 
 
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, remembered: the request path asks for the same few children on
+    every request, and prometheus-client validates and locks on each ``labels`` call. Bounded;
+    one past the bound only costs a ``labels`` call again."""
+    return metric.labels(*values)
+
+
 def observe_request(route: str, method: str, status: int, model: str, seconds: float) -> None:
-    REQUESTS.labels(route, method, str(status), model).inc()
-    REQUEST_LATENCY.labels(route, method, model).observe(seconds)
+    labelled(REQUESTS, route, method, str(status), model).inc()
+    labelled(REQUEST_LATENCY, route, method, model).observe(seconds)
 
 
 def render_metrics() -> tuple[bytes, str]:

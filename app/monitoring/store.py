@@ -57,6 +57,7 @@ from app.monitoring.metrics import (
     LOG_ROWS_WRITTEN,
     LOG_WRITE_FAILURES,
     PREDICTIONS,
+    labelled,
 )
 
 log = logging.getLogger("app.monitoring.store")
@@ -300,11 +301,11 @@ class PredictionLog:
         try:
             created_at = utcnow()
             latency = float(latency_ms)
-            INFERENCE_LATENCY.labels(model).observe(latency / 1000.0)
+            labelled(INFERENCE_LATENCY, model).observe(latency / 1000.0)
             entries = []
             for index, row in enumerate(rows):
                 prediction = str(row.get("prediction", ""))[:256]
-                PREDICTIONS.labels(model, version, prediction[:64]).inc()
+                labelled(PREDICTIONS, model, version, prediction[:64]).inc()
                 entries.append({
                     "created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
                     "model": model, "version": version, "latency_ms": latency,

@@ -90,10 +90,11 @@ def run(job: Job) -> Outcome:
     with job.timing.measure("inference"):
         probabilities = job.model.predict(np.stack([d.array for d in digits]))
     predictions, rows = [], []
-    for digit, probs in zip(digits, probabilities.tolist(), strict=True):
-        label = int(np.argmax(probs))
-        predictions.append({"label": LABELS[label], "digit": label, "confidence": round(probs[label], 6),
-                            "probabilities": {name: round(p, 6) for name, p in zip(LABELS, probs, strict=True)}})
+    labels = probabilities.argmax(axis=1).tolist()
+    shown = np.round(probabilities.astype(np.float64), 6).tolist()  # 6 decimals in the answer
+    for digit, label, probs, rounded in zip(digits, labels, probabilities.tolist(), shown, strict=True):
+        predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
+                            "probabilities": dict(zip(LABELS, rounded, strict=True))})
         rows.append({"prediction": LABELS[label], "confidence": probs[label],
                      "features": summary_features(digit)})
     raw = None
