@@ -92,3 +92,17 @@ def test_the_served_unet_is_1_0_0_quantised_to_full_integer_with_float_edges():
     quantised, reference = int8.probability(gray), fp32.probability(gray)
     assert float(np.mean(np.abs(quantised - reference))) < 0.01
     assert np.mean((quantised >= 0.45) == (reference >= 0.45)) > 0.99
+
+
+def test_a_model_pinned_to_one_tile_runs_a_batch_tile_by_tile():
+    """1.2.0's graph takes exactly one tile (``pin_batch_one``); the runner slices any batch
+    (training's evaluation sends 4 tiles a call) and gives what tile-by-tile calls give."""
+    runner = TFLiteRunner(MODELS / "1.2.0" / "model.tflite", 1)
+    assert runner.input_shape[0] == 1 and runner.max_batch == 1
+    rng = np.random.default_rng(0)
+    tiles = rng.random((3, *runner.input_shape[1:])).astype(np.float32)
+    together = runner.run(tiles)
+    assert together.shape == (3, *runner.output_shape[1:])
+    for tile, out in zip(tiles, together, strict=True):
+        np.testing.assert_array_equal(runner.run(tile[None])[0], out)
+    assert TFLiteRunner(MODELS / "1.0.0" / "model.tflite", 1).max_batch > 1  # any batch: one call
