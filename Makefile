@@ -64,9 +64,11 @@ lifecycle: .venv-dev/.installed .venv-train/.installed
 mutation: .venv-dev/.installed
 	.venv-dev/bin/python -m bench.mutation
 
-## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU)
+## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU); the new segmentation
+## U-Net is then quantised to int8 as the next version, the one served (issue 18)
 train: .venv-train/.installed
 	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
+	.venv-train/bin/python -m training.segmentation --quantize-from latest
 
 ## lock: re-pin requirements.txt from requirements.in
 lock:

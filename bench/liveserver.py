@@ -167,10 +167,13 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    if process.poll() is not None:
-        return
+    """SIGTERM the process's group (started with ``start_new_session``), then SIGKILL past
+    ``timeout``. The group is signalled even when its leader has already exited: a server that
+    runs children (LitServe's inference worker) may have left them behind."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+    if process.poll() is not None:
+        return
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -24,13 +24,14 @@ threshold on the validation slices, whichever way the model was made.
     # 1.1.0, the light one (issue 18): 8 filters, distilled from 1.0.0 (~31 min on one core)
     .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
         --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
-    # 1.2.0, the served one (issue 18): 1.0.0 quantised to int8 (~2 min)
+    # 1.2.0, the served one (issue 18): 1.0.0 quantised to int8 (under a minute)
     .venv-train/bin/python -m training.segmentation --quantize-from 1.0.0 --threads 1 --version 1.2.0
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import time
@@ -97,14 +98,19 @@ def parse_args() -> argparse.Namespace:
                         "(1 - w) * label + w * the teacher's tiled probability on the training slices")
     p.add_argument("--teacher-weight", type=float, default=0.5, help="w above")
     p.add_argument("--quantize-from", default=None, metavar="VERSION",
-                   help="train nothing: quantise this committed version to full-integer int8 (calibrated "
-                        "on the server's tiles of the training slices) and evaluate it as a new version")
+                   help="train nothing: quantise this committed fp32 version ('latest': the newest) to "
+                        "full-integer int8, calibrated on the server's tiles of the training slices, and "
+                        "evaluate it as a new version; its tile and margin are the parent's")
     p.add_argument("--dice-weight", type=float, default=0.25)
     p.add_argument("--max-minutes", type=float, default=34.0,
                    help="stop fitting after this long (a cap for a shared CPU; the epoch count is recorded)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.quantize_from and (args.teacher or (args.tile, args.margin) != (TILE, MARGIN)):
+        p.error("--quantize-from takes the parent's tile and margin and trains nothing: "
+                "--tile, --margin and --teacher do not apply")
+    return args
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -290,6 +296,10 @@ def main() -> None:
             "on per-pixel masks and /v1/feedback records one string label per instance, so there is "
             "nothing to train on. Annotate the exported images (e.g. in CVAT) and add them to the "
             "membrane data instead.")
+    if args.quantize_from == "latest":
+        from training.common import existing_versions
+
+        args.quantize_from = existing_versions("segmentation", args.models_dir)[-1]
     args.version = output_version("segmentation", args.version, args.models_dir)
     if args.quantize_from:
         quantized(args)
@@ -373,7 +383,7 @@ def main() -> None:
                    "loss": f"BCE + {args.dice_weight} * soft Dice", "augmentation":
                    "random crops, rot90, flips, elastic (p=0.5), gamma/contrast/brightness, noise (p=0.3)"},
            training={"seed": args.seed, "epochs": len(history), "epochs_planned": args.epochs,
-                     "best_epoch": best["epoch"], "duration_s": clock.seconds, "fit_duration_s": fit_seconds},
+                     "best_epoch": best["epoch"], "fit_duration_s": fit_seconds},
            history=history, best_epoch=best["epoch"])
 
 
@@ -389,6 +399,9 @@ def quantized(args: argparse.Namespace) -> None:
     clock = Stopwatch()
     parent_dir = Path(args.models_dir) / "segmentation" / args.quantize_from
     parent = json.loads((parent_dir / "metadata.json").read_text())
+    if parent["artifact"]["format"] != "tflite-fp32":
+        raise SystemExit(f"--quantize-from {args.quantize_from}: its model is {parent['artifact']['format']}, "
+                         "not fp32; quantise the fp32 version it was made from")
     tiling = {"tile": int(parent["params"]["tile"]), "margin": int(parent["params"]["margin"])}
     train_x, _ = load_slices(args.data, TRAIN_SLICES)
     calibration = np.concatenate([tile_image(image, **tiling)[0] for image in train_x])[..., None]
@@ -426,7 +439,8 @@ def quantized(args: argparse.Namespace) -> None:
                      "sha256": sha256_file(path), "max_abs_diff_from_parent_validation": drift},
            params={**{k: v for k, v in parent["params"].items() if k != "threshold"},
                    "quantized_from": args.quantize_from,
-                   "quantization": {"tool": "ai-edge-quantizer 0.10.0", "recipe": "static_wi8_ai8",
+                   "quantization": {"tool": f"ai-edge-quantizer {importlib.metadata.version('ai-edge-quantizer')}",
+                                    "recipe": "static_wi8_ai8",
                                     "weights": "int8 per channel", "activations": "int8",
                                     "input_output": "float32 (QUANTIZE / DEQUANTIZE at the edges)",
                                     "batch": "1 tile per call (pin_batch_one: constant TRANSPOSE_CONV "
@@ -434,8 +448,8 @@ def quantized(args: argparse.Namespace) -> None:
                                     "calibration": f"{len(calibration)} tiles: training slices "
                                                    f"{TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, the server's tiling",
                                     "algorithm": "min-max"}},
-           training={**parent.get("training", {}), "quantized_from": args.quantize_from,
-                     "duration_s": clock.seconds})
+           training={"quantized_from": args.quantize_from, "seed": args.seed,
+                     "parent_training": parent.get("training", {})})
 
 
 def pin_batch_one(path: Path) -> int:
@@ -458,6 +472,8 @@ def pin_batch_one(path: Path) -> int:
         if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) != "TRANSPOSE_CONV":
             continue
         out = graph.tensors[op.outputs[0]]
+        if any(int(d) <= 0 for d in list(out.shape)[1:]):
+            raise ValueError(f"a TRANSPOSE_CONV output of shape {list(out.shape)}: the tile must be fixed")
         buffer = schema.BufferT()
         buffer.data = np.frombuffer(np.array([1, *list(out.shape)[1:]], dtype=np.int32).tobytes(), dtype=np.uint8)
         model.buffers.append(buffer)
@@ -547,7 +563,7 @@ def finish(args: argparse.Namespace, out: Path, clock: Stopwatch, *, tiling: dic
                  "held_out_mean_iou": test["mean_iou"], "held_out_dice_membrane": test["dice_membrane"],
                  "validation_pixel_accuracy": val["pixel_accuracy"]},
         params={**params, "threshold": threshold},
-        training=training,
+        training={**training, "duration_s": clock.seconds},
     )
     print(f"done in {clock.seconds / 60:.1f} min -> {out}", flush=True)
 

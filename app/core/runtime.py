@@ -1,7 +1,8 @@
 """LiteRT (TFLite) runtime: one interpreter per worker process, guarded by a lock.
 
-TensorFlow is for training only; serving loads the fp32 ``.tflite`` exported by ``training/`` with
-``ai-edge-litert`` (~100 MiB RSS and a fraction of a second to load, against ~590 MiB for TF).
+TensorFlow is for training only; serving loads the ``.tflite`` (fp32, or int8 with float32 edges)
+exported by ``training/`` with ``ai-edge-litert`` (~100 MiB RSS and a fraction of a second to load,
+against ~590 MiB for TF).
 An interpreter is not thread-safe, and FastAPI runs blocking work on a thread pool, so ``run`` holds
 a lock for the resize/set/invoke/get sequence.
 """

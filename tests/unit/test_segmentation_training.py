@@ -16,7 +16,7 @@ from app.tasks.segmentation.preprocess import (
 )
 from tests.support import REPO_ROOT, SHARED_DATA
 from training.compare import load
-from training.segmentation import distilled_targets, elastic
+from training.segmentation import distilled_targets, elastic, pin_batch_one
 
 MODELS = REPO_ROOT / "models" / "segmentation"
 MEMBRANE = SHARED_DATA / "membrane" / "train"
@@ -106,3 +106,22 @@ def test_a_model_pinned_to_one_tile_runs_a_batch_tile_by_tile():
     for tile, out in zip(tiles, together, strict=True):
         np.testing.assert_array_equal(runner.run(tile[None])[0], out)
     assert TFLiteRunner(MODELS / "1.0.0" / "model.tflite", 1).max_batch > 1  # any batch: one call
+
+
+def test_pinning_the_batch_keeps_the_model_and_frees_the_transposed_convolutions(tmp_path):
+    """``pin_batch_one`` on a copy of 1.0.0: the batch becomes exactly 1, the run-time shape
+    arithmetic (SHAPE -> STRIDED_SLICE -> PACK) that fed the TRANSPOSE_CONVs is gone, and the
+    model computes what it computed."""
+    import shutil
+
+    pinned = tmp_path / "model.tflite"
+    shutil.copy(MODELS / "1.0.0" / "model.tflite", pinned)
+    _, _, before = _graph(MODELS / "1.0.0" / "model.tflite")
+    dropped = pin_batch_one(pinned)
+    interpreter, _, after = _graph(pinned)
+    assert [int(d) for d in interpreter.get_input_details()[0]["shape_signature"]] == [1, 320, 320, 1]
+    assert "SHAPE" in {op["op_name"] for op in before} and "SHAPE" not in {op["op_name"] for op in after}
+    assert dropped > 0 and {op["op_name"] for op in after} <= {op["op_name"] for op in before}
+    tile = np.random.default_rng(1).random((1, 320, 320, 1)).astype(np.float32)
+    original = TFLiteRunner(MODELS / "1.0.0" / "model.tflite", 1).run(tile)
+    np.testing.assert_allclose(TFLiteRunner(pinned, 1).run(tile), original, atol=1e-5)

@@ -173,15 +173,16 @@ def _median(values: np.ndarray) -> float:
 
 
 def _mean(values: np.ndarray) -> float:
-    """``float(values.mean())``: numpy's own (pairwise) sum, divided as its ``_mean`` divides,
-    without the ~10 us of its Python wrapper."""
+    """``float(values.mean())`` of a float32 or float64 array (all this module passes): numpy's
+    own (pairwise) sum, divided as its ``_mean`` divides, without the ~10 us of its Python wrapper.
+    Not for integers, which numpy sums in float64."""
     total = np.add.reduce(values, axis=None)
     return float(total.dtype.type(total / np.intp(values.size)))
 
 
 def _std(values: np.ndarray) -> float:
-    """``float(values.std())``: numpy's ``_var`` steps (sum, mean, squared deviations, sum, divide,
-    square root) in its dtypes, without its wrappers."""
+    """``float(values.std())`` of a float32 or float64 array: numpy's ``_var`` steps (sum, mean,
+    squared deviations, sum, divide, square root) in the array's dtype, without its wrappers."""
     count = np.intp(values.size)
     mean = np.add.reduce(values, axis=None, keepdims=True)
     np.true_divide(mean, count, out=mean, casting="unsafe", subok=False)

@@ -91,7 +91,9 @@ def run(job: Job) -> Outcome:
         probabilities = job.model.predict(np.stack([d.array for d in digits]))
     predictions, rows = [], []
     labels = probabilities.argmax(axis=1).tolist()
-    shown = np.round(probabilities.astype(np.float64), 6).tolist()  # 6 decimals in the answer
+    # 6 decimals in the answer. From float32 probabilities (the model's output) x * 1e6 is exact in
+    # float64, so this rounds as Python's round(p, 6) did, in one call instead of eleven.
+    shown = np.round(probabilities.astype(np.float64), 6).tolist()
     for digit, label, probs, rounded in zip(digits, labels, probabilities.tolist(), shown, strict=True):
         predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
                             "probabilities": dict(zip(LABELS, rounded, strict=True))})
