@@ -14,6 +14,7 @@ little of the two cores, and it times each task separately, which hey/wrk cannot
 
     python -m bench.load                      # levels 1..32 on 1 and 2 workers (~5 min)
     python -m bench.load --soak 600           # and a 10-minute soak on 1 worker at concurrency 4
+    python -m bench.load --burst 0 --levels --soak 600   # the soak alone
     python -m bench.load --plot               # redraw bench/results/load.png from load.json
 
 First, the issue's acceptance run: 6 000 digit PNGs posted by ``hey`` at concurrency 8 on one
@@ -325,7 +326,8 @@ def plot(load: dict[str, Any], soak: dict[str, Any] | None, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument("--levels", type=int, nargs="*", default=list(LEVELS),
+                        help="concurrency levels; none (a bare --levels) for the soak alone")
     parser.add_argument("--seconds", type=float, default=20.0, help="per level")
     parser.add_argument("--soak", type=float, default=0.0, help="soak duration in seconds (0: none)")
     parser.add_argument("--soak-concurrency", type=int, default=4)

@@ -180,6 +180,19 @@ def test_timing_adds_up_each_stage_and_the_header_lists_decode_inference_then_to
     assert stages[-1][1] == "123.46" and float(stages[1][1]) >= 20.0
 
 
+def test_timing_records_each_stage_in_milliseconds_exactly(monkeypatch):
+    """On a fake clock: a stage's duration is end minus start in ms, and repeats add up."""
+    ticks = iter([10.0, 10.25, 20.0, 20.5, 30.0, 30.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    timing = Timing()
+    for _ in range(2):
+        with timing.measure("inference"):
+            pass
+    with timing.measure("encode"):
+        pass
+    assert timing.ms == {"inference": 750.0, "encode": 0.0}
+
+
 def test_timing_counts_a_stage_that_raised():
     timing = Timing()
     with pytest.raises(ValueError), timing.measure("decode"):
