@@ -139,8 +139,10 @@ def pixels_to_gray(pixels: Any, field: str = "pixels") -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Order statistics and moments, as numpy computes them, without its generic machinery: these run on
 # every request, and np.percentile / np.median / ndimage.center_of_mass spend ~60 us each on a 28x28
-# digit setting up what one np.partition or one dot product does (mean and std ~10 us each). The results are the same to the
-# bit (tests/unit/test_digits_preprocess_fast.py compares them over random arrays and all of MNIST).
+# digit setting up what one np.partition or one dot product does (mean and std ~10 us each). The
+# results are the same to the bit (tests/unit/test_digits_preprocess_fast.py compares them over
+# random arrays and 600 MNIST digits; a one-off run over all 140 000 MNIST images, both polarities,
+# gave the same arrays and features).
 
 _CROSS = ndimage.generate_binary_structure(2, 1)  # ndimage.label's default connectivity
 
