@@ -8,7 +8,7 @@ of 3 rounds of many calls; the prediction-log writer's thread included where it 
 
 * each stage alone: Pillow decode, the real-world preprocessing, the drift features, one LiteRT call,
   the prediction-log row (queued, then written in batches to SQLite), the access-log line and the
-  request metrics, the JSON answer;
+  request metrics, the JSON answer (each as the tree's request path does it);
 * the whole request through the ASGI app with no socket (the app's lifespan loaded), and the floor
   app (``bench/floor_app.py``) the same way;
 * what is left of the whole request after the stages: routing, middleware, admission, hand-offs.
@@ -147,17 +147,25 @@ def main() -> int:
             stages["log_row_queue"] = round((queued - started) / n * 1e6, 1)
             stages["log_row_write"] = round((time.process_time() - queued) / n * 1e6, 1)
             access = logging.getLogger("app.access")
+            import app.core.logging as app_logging
+            from app.core import pipeline
+
+            # What the tree's request path calls: the direct access-log line and orjson answers
+            # where the tree has them (issue 18), logger.info and json.dumps before.
+            direct = getattr(app_logging, "info_with_fields", None)
+            access_line = ((lambda extra: direct(access, "request", extra)) if direct is not None
+                           else (lambda extra: access.info("request", extra=extra)))
             extra = {"request_id": "0" * 32, "correlation_id": None, "method": "POST", "client": "127.0.0.1",
                      "route": "/v1/digits/predict", "path": "/v1/digits/predict", "status": 200,
                      "latency_ms": 1.0, "request_bytes": len(png), "response_bytes": 300, "model": "digits",
                      "model_version": model.version, "error": None}
             stages["access_log_and_metrics"] = best_us(
-                lambda: (access.info("request", extra=extra),
+                lambda: (access_line(extra),
                          observe_request("/v1/digits/predict", "POST", 200, "digits", 0.001)), n)
             body = {"model": "digits", "version": model.version, "request_id": "0" * 32,
                     "predictions": [{"label": "7", "digit": 7, "confidence": 0.99,
                                      "probabilities": {str(d): 0.001 for d in range(10)}}]}
-            stages["json_answer"] = best_us(lambda: json.dumps(body, separators=(",", ":")).encode(), n)
+            stages["json_answer"] = best_us(lambda: pipeline._json(body), n)
             whole = await asgi_us(app, "/v1/digits/predict", png, n)
         floor_whole = await asgi_us(floor, "/predict", png, n)
         return {"request_in_process": whole, "floor_request_in_process": floor_whole}

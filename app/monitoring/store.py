@@ -10,7 +10,9 @@ rows arriving while the buffer is full are dropped and counted (``LOG_BUFFER_SIZ
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -20,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -144,7 +147,8 @@ def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 5000,
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000},
+                               json_serializer=json_text)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -171,7 +175,7 @@ def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 5000,
     if url.get_backend_name() == "postgresql":
         connect_args["connect_timeout"] = connect_timeout_s
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_recycle=1800,
-                         connect_args=connect_args)
+                         connect_args=connect_args, json_serializer=json_text)
 
 
 def create_schema(engine: Engine) -> None:
@@ -509,12 +513,38 @@ def _erased(conn: Any, request_ids: set[str]) -> set[str]:
     return found
 
 
+def json_text(value: Any) -> str:
+    """JSON columns as text (the engines' serializer): orjson, which writes NaN and infinity as
+    ``null``; the standard library's encoder for what orjson refuses (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(_finite(value))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as ``None``, at any depth (as orjson writes them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _row_values(row: dict[str, Any]) -> dict[str, Any]:
     """Database-safe values: plain floats, JSON without NaN (PostgreSQL's jsonb refuses it)."""
     values = {**row, "confidence": clean_float(row["confidence"])}
     if "features" in row:
         features = row["features"] if isinstance(row["features"], Mapping) else {}
-        values["features"] = {str(k): clean_float(v) for k, v in features.items()}
+        numbers = list(features.values())
+        # The common row (a task's own features: str names, finite Python floats) is kept as it
+        # is; one check for all its values instead of a clean_float call for each.
+        if not (set(map(type, numbers)) <= {float} and math.isfinite(sum(numbers))
+                and all(type(k) is str for k in features)):
+            features = {str(k): clean_float(v) for k, v in features.items()}
+        values["features"] = features
     if "input" in row:
         values["input"] = bytes(row["input"]) if row["input"] is not None else None
     return values

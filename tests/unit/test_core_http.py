@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,22 @@ def test_request_id_carries_its_time_and_80_random_bits():
     assert request_id_age_s("user-42-upload-7") is None
 
 
+def test_a_forked_worker_never_hands_out_its_parents_random_bits():
+    """The random part is read from the OS in blocks; a child (a gunicorn worker is forked from the
+    master) must not reuse what was left of the parent's block."""
+    new_request_id()  # the parent holds a block, mostly unused
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then exit without running the test session's teardown
+        os.write(write, ",".join(new_request_id()[12:] for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    child = set(os.read(read, 10_000).decode().split(","))
+    os.waitpid(pid, 0)
+    parent = {new_request_id()[12:] for _ in range(20)}
+    assert len(child) == 20 and not child & parent
+
+
 def test_unsafe_correlation_id_is_dropped(empty_client):
     response = empty_client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
     assert "x-correlation-id" not in response.headers
@@ -142,3 +159,75 @@ def test_the_readme_shows_the_limits_the_code_enforces():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     shown = readme.split("<!-- limits:start -->")[1].split("<!-- limits:end -->")[0].strip()
     assert shown == limits_markdown(Settings()), "run python -m app.core.limits and paste the table"
+
+
+def run_context(app, chunks: list[bytes], timeout_s: float, more_at_end: bool) -> tuple[list[dict], float]:
+    """``app`` behind the request context, its body sent as ``chunks``; then, if ``more_at_end``,
+    the client stalls mid-body. The messages sent back, and how long it took."""
+    import asyncio
+    import time
+
+    from app.core.middleware import RequestContextMiddleware
+
+    middleware = RequestContextMiddleware(app, max_body_bytes=10_000, request_timeout_s=timeout_s,
+                                          max_in_flight=8)
+    scope = {"type": "http", "method": "POST", "path": "/v1/digits/predict", "headers": [],
+             "query_string": b"", "client": ("127.0.0.1", 1), "state": {}}
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        if pending:
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending) or more_at_end}
+        await asyncio.sleep(3600)  # a client that stopped sending
+        raise AssertionError("never")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> float:
+        started = time.monotonic()
+        await asyncio.wait_for(middleware(scope, receive, send), 5)
+        return time.monotonic() - started
+
+    return sent, asyncio.run(main())
+
+
+async def read_all_then_answer(scope, receive, send):
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"got %d" % len(body)})
+
+
+def test_a_stalled_upload_is_cut_off_at_the_deadline_with_a_408():
+    sent, took = run_context(read_all_then_answer, [b"x" * 10, b"y" * 10], 0.3, more_at_end=True)
+    assert 0.3 <= took < 1.5
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["code"] == "upload-timeout"
+
+
+def test_a_body_that_arrives_in_time_is_read_whole_and_the_timer_never_fires():
+    sent, took = run_context(read_all_then_answer, [b"x" * 10, b"y" * 10, b"z"], 0.3, more_at_end=False)
+    assert [m.get("status") for m in sent[:1]] == [200] and sent[1]["body"] == b"got 21"
+    assert took < 0.3
+
+
+def test_a_slow_app_after_the_body_is_not_an_upload_timeout():
+    """The deadline only cuts the upload; an app still working when it passes is not cancelled."""
+    import asyncio
+
+    async def slow(scope, receive, send):
+        await receive()
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    sent, took = run_context(slow, [b"x"], 0.2, more_at_end=False)
+    assert sent[0]["status"] == 200 and took >= 0.5

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from app.core import pipeline
 from app.core.config import Settings
 from app.core.errors import ProblemError
+from app.core.middleware import RequestContextMiddleware
 from app.core.pipeline import (
     CONSENT_PARAMETER,
     CORRELATION_HEADER,
@@ -824,3 +825,32 @@ def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_t
         assert passed == [("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
     finally:
         layer.app = downstream
+
+
+def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fastapi(started, app):
+    """``ServiceApp``: a POST to a prediction path skips FastAPI's outer layers (500 page, telemetry,
+    body limit) and starts at the request context FastAPI built, the same instance (one in-flight
+    count); every other request goes through them as before."""
+    entry, paths = app._find_prediction_entry()
+    outer = app.middleware_stack
+    layer = outer
+    while not isinstance(layer, RequestContextMiddleware):
+        layer = layer.app
+    assert entry is layer and layer is not outer and "/v1/digits/predict" in paths
+    downstream, passed = outer.app, []
+
+    async def recording(scope, receive, send):
+        passed.append((scope["method"], scope["path"]))
+        await downstream(scope, receive, send)
+
+    outer.app = recording
+    try:
+        answer = started.post("/v1/digits/predict", content=b"png", headers={"Content-Type": "image/png"})
+        assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
+        assert answer.headers["x-request-id"] and passed == []
+        assert started.get("/health/live").status_code == 200
+        assert started.get("/v1/digits/predict").status_code == 405
+        assert started.post("/v1/digits/predict/").status_code == 404
+        assert passed == [("GET", "/health/live"), ("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
+    finally:
+        outer.app = downstream

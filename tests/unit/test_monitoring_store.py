@@ -6,6 +6,7 @@ Every test runs on SQLite and on PostgreSQL (see tests/monitoring_db.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -208,3 +209,29 @@ def test_enqueue_never_raises_on_malformed_rows(engine):
     assert log.flush(10)
     (row,) = stored_rows(engine)
     assert (row.prediction, row.features) == ("", {})
+
+
+@pytest.mark.parametrize("features, stored", [
+    ({"a": 0.5, "b": 28.0}, {"a": 0.5, "b": 28.0}),  # the common row: kept as it is
+    ({"a": float("nan"), "b": 1.0}, {"a": None, "b": 1.0}),
+    ({"a": float("inf"), "b": -float("inf")}, {"a": None, "b": None}),
+    ({"a": 1e308, "b": 1e308}, {"a": 1e308, "b": 1e308}),  # their sum overflows: cleaned one by one
+    ({"a": 3, "b": True, "c": "x", "d": None}, {"a": 3.0, "b": 1.0, "c": None, "d": None}),
+    ({7: 0.25}, {"7": 0.25}),
+])
+def test_row_features_are_stored_as_finite_floats_or_null(features, stored):
+    import numpy as np
+
+    from app.monitoring.store import _row_values, json_text
+
+    row = {"confidence": np.float32(0.5), "features": features}
+    values = _row_values(row)
+    assert values["features"] == stored and type(values["confidence"]) is float
+    assert all(v is None or type(v) is float for v in values["features"].values())
+    assert json.loads(json_text(values["features"])) == stored
+
+
+def test_json_columns_never_hold_nan_and_take_any_integer():
+    from app.monitoring.store import json_text
+
+    assert json.loads(json_text({"x": float("nan"), "n": 2**70})) == {"x": None, "n": 2**70}

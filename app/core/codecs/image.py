@@ -11,6 +11,7 @@ applies the EXIF orientation (phone photos) and turns truncated or corrupt files
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -21,6 +22,18 @@ from app.core.limits import MAX_JPEG_SCANS
 
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 _SOS = b"\xff\xda"  # JPEG start-of-scan marker; entropy-coded data never contains it (byte stuffing)
+# Where Pillow's getexif() finds an orientation (ImageOps.exif_transpose reads it from there): EXIF
+# in ``info`` (JPEG APP1, PNG eXIf, WebP), a PNG text chunk, XMP, or a TIFF's own tags.
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+# Pillow warns between its own pixel limit and twice it; in this service that is the error it is
+# (a 413). Set once for the process: a per-call warnings.catch_warnings() costs more than the check.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@functools.lru_cache(maxsize=16)
+def _format_list(formats: frozenset[str]) -> list[str]:
+    return sorted(formats)
 
 
 def open_image(data: bytes, field: str, *, max_pixels: int,
@@ -28,19 +41,17 @@ def open_image(data: bytes, field: str, *, max_pixels: int,
     """Identify ``data`` and check its header against the limits; no pixel is decoded yet."""
     if not data:
         raise ProblemError(422, "empty-file", f"{field} is empty.", field=field)
-    supported = ", ".join(sorted(formats))
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between its own pixel limit and twice it; treat that as the error it is.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=sorted(formats))
+        image = Image.open(io.BytesIO(data), formats=_format_list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ProblemError(413, "image-too-large", f"{field}: {exc}", field=field,
                            max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
+        supported = _format_list(formats)
         raise ProblemError(415, "unsupported-image-format",
-                           f"{field} is not an image in a supported format ({supported}).",
-                           field=field, supported=sorted(formats)) from exc
+                           f"{field} is not an image in a supported format "
+                           f"({', '.join(supported)}).",
+                           field=field, supported=list(supported)) from exc
     except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
         raise ProblemError(422, "corrupt-image", f"{field} could not be read: {exc}.",
                            field=field) from exc
@@ -76,13 +87,24 @@ def load_image(image: Image.Image, field: str) -> Image.Image:
     here and not later) and apply its EXIF orientation."""
     try:
         image.load()
-        # In place: without it Pillow returns a full copy even when there is nothing to turn
-        # (another 64 MB for a 4096 x 4096 photo).
-        ImageOps.exif_transpose(image, in_place=True)
+        if _may_have_orientation(image):
+            # In place: without it Pillow returns a full copy even when there is nothing to turn
+            # (another 64 MB for a 4096 x 4096 photo).
+            ImageOps.exif_transpose(image, in_place=True)
         return image
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, ZeroDivisionError) as exc:
         raise ProblemError(422, "corrupt-image", f"{field} could not be decoded: {exc}.",
                            field=field) from exc
+
+
+def _may_have_orientation(image: Image.Image) -> bool:
+    """Whether a loaded image carries metadata an orientation could be in: most uploads (a canvas
+    PNG, a scan) carry none, and asking Pillow to parse what is not there is a fifth of decoding a
+    small image."""
+    info = image.info
+    # EXIF parsed already, a TIFF's own tags, or any of the places getexif() reads
+    return (getattr(image, "_exif", None) is not None or hasattr(image, "tag_v2")
+            or any(key in info for key in _ORIENTATION_SOURCES))
 
 
 def decode_image(data: bytes, field: str, *, max_pixels: int,

@@ -88,12 +88,13 @@ def run(job: Job) -> Outcome:
             except DigitInputError as exc:
                 raise ProblemError(422, exc.code, str(exc), field=exc.field or instance.field) from exc
     with job.timing.measure("inference"):
-        probabilities = job.model.predict(np.stack([d.array for d in digits]))
+        batch = digits[0].array[None] if len(digits) == 1 else np.stack([d.array for d in digits])
+        probabilities = job.model.predict(batch)
     predictions, rows = [], []
     labels = probabilities.argmax(axis=1).tolist()
     # 6 decimals in the answer. From float32 probabilities (the model's output) x * 1e6 is exact in
     # float64, so this rounds as Python's round(p, 6) did, in one call instead of eleven.
-    shown = np.round(probabilities.astype(np.float64), 6).tolist()
+    shown = probabilities.astype(np.float64).round(6).tolist()
     for digit, label, probs, rounded in zip(digits, labels, probabilities.tolist(), shown, strict=True):
         predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
                             "probabilities": dict(zip(LABELS, rounded, strict=True))})
