@@ -99,9 +99,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client_id, declared = "", None  # the two request headers read here (the last of each)
+        for name, value in scope["headers"]:
+            name = name.lower()
+            if name == b"x-request-id":
+                client_id = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
         request_id = new_request_id()
-        client_id = headers.get("x-request-id", "")
         correlation_id = client_id if _VALID_CORRELATION_ID.match(client_id) else None
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -205,7 +210,6 @@ class RequestContextMiddleware:
 
         limited = not str(scope.get("path", "")).startswith(_UNLIMITED_PATHS)
         try:
-            declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await send_problem(413, "payload-too-large", limit_detail)
                 return
