@@ -132,9 +132,12 @@ def main() -> int:
             model = app.state.registry.get("digits")
             batch = np.stack([digit.array])
             stages["inference"] = best_us(lambda: model.predict(batch), n)
+            import app.monitoring.store as store
             from sqlalchemy import create_engine
 
-            engine = create_engine(f"sqlite:///{tmp / 'stage-log.db'}")
+            # The engine the app makes (its JSON serializer) where the tree has make_engine.
+            url = f"sqlite:///{tmp / 'stage-log.db'}"
+            engine = store.make_engine(url) if hasattr(store, "make_engine") else create_engine(url)
             create_schema(engine)
             log = PredictionLog(engine)
             features = summary_features(digit)

@@ -393,8 +393,9 @@ def summary_features(digit: PreparedDigit) -> dict[str, float]:
         "inverted": float(digit.inverted),
         "background_std": round(digit.background_std, 6),
         "contrast": round(digit.contrast, 6),
-        "raw_ink_fraction": round(digit.raw_ink_fraction, 6),
-        "ink_ratio": round(np.count_nonzero(array > 0.5) / array.size, 6),
+        # numpy floats (a count over a size) are rounded as numpy rounds, kept as Python floats
+        "raw_ink_fraction": float(round(digit.raw_ink_fraction, 6)),
+        "ink_ratio": float(round(np.count_nonzero(array > 0.5) / array.size, 6)),
         "norm_mean": round(_mean(array), 6),
         "box_aspect": round(digit.box_aspect, 6),
         "width": float(digit.width),
