@@ -27,12 +27,14 @@ def _timestamp(seconds: float) -> str:
     micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
-    if whole != _second[0]:
-        _second[:] = [whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second[1]}.{micros // 1000:03d}+00:00"
+    global _second
+    second = _second  # one read: another thread may replace it meanwhile, never half of it
+    if whole != second[0]:
+        second = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{second[1]}.{micros // 1000:03d}+00:00"
 
 
-_second: list[Any] = [None, ""]  # the last second a timestamp was made for, and its text
+_second: tuple[float | None, str] = (None, "")  # the last second a timestamp was made for, its text
 
 
 def json_line(entry: dict[str, Any]) -> str:
