@@ -4,6 +4,7 @@ headers, the prediction log call, and the OpenAPI description an endpoint gets."
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -797,13 +798,9 @@ def test_the_handler_is_named_and_documented_after_its_operation():
     assert predict.__doc__ == "Echoes its inputs."
 
 
-def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_to_it(started, app, caplog):
-    """``PredictionRoutes``: a POST to a registered prediction path is answered by its handler
-    directly (a problem too: the digits model is not loaded here), logged under its route; any
-    other method or path goes on to FastAPI (405, 404)."""
-    layer = app.middleware_stack
-    while not isinstance(layer, pipeline.PredictionRoutes):
-        layer = layer.app
+@contextlib.contextmanager
+def passing_below(layer) -> Iterator[list[tuple[str, str]]]:
+    """(method, path) of each request that ``layer`` hands on to the app below it, while inside."""
     downstream, passed = layer.app, []
 
     async def recording(scope, receive, send):
@@ -812,6 +809,19 @@ def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_t
 
     layer.app = recording
     try:
+        yield passed
+    finally:
+        layer.app = downstream
+
+
+def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_to_it(started, app, caplog):
+    """``PredictionRoutes``: a POST to a registered prediction path is answered by its handler
+    directly (a problem too: the digits model is not loaded here), logged under its route; any
+    other method or path goes on to FastAPI (405, 404)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, pipeline.PredictionRoutes):
+        layer = layer.app
+    with passing_below(layer) as passed:
         caplog.set_level("INFO", logger="app.access")
         answer = started.post("/v1/digits/predict", content=b"png", headers={"Content-Type": "image/png"})
         assert passed == []
@@ -823,8 +833,6 @@ def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_t
         assert started.get("/v1/digits/predict").status_code == 405
         assert started.post("/v1/digits/predict/").status_code == 404
         assert passed == [("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
-    finally:
-        layer.app = downstream
 
 
 def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fastapi(started, app):
@@ -837,14 +845,7 @@ def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fast
     while not isinstance(layer, RequestContextMiddleware):
         layer = layer.app
     assert entry is layer and layer is not outer and "/v1/digits/predict" in paths
-    downstream, passed = outer.app, []
-
-    async def recording(scope, receive, send):
-        passed.append((scope["method"], scope["path"]))
-        await downstream(scope, receive, send)
-
-    outer.app = recording
-    try:
+    with passing_below(outer) as passed:
         answer = started.post("/v1/digits/predict", content=b"png", headers={"Content-Type": "image/png"})
         assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
         assert answer.headers["x-request-id"] and passed == []
@@ -852,5 +853,3 @@ def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fast
         assert started.get("/v1/digits/predict").status_code == 405
         assert started.post("/v1/digits/predict/").status_code == 404
         assert passed == [("GET", "/health/live"), ("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
-    finally:
-        outer.app = downstream
