@@ -356,11 +356,11 @@ class PredictionLog:
                 self._queue.append((self._seq, table, entry))
                 self._size += 1
                 accepted += 1
-            size = self._size
         if dropped:
             self.rows_dropped += dropped
             LOG_ROWS_DROPPED.inc(dropped)
-        LOG_BUFFERED.set(size)
+        # LOG_BUFFERED is set by the writer, after each batch and each failed attempt: a gauge
+        # read every scrape, not a write to the metrics file on every request.
         return accepted
 
     def contains(self, request_id: str) -> bool:
@@ -478,6 +478,7 @@ class PredictionLog:
     def _note_failure(self, exc: Exception) -> None:
         self.write_failures += 1
         LOG_WRITE_FAILURES.inc()
+        LOG_BUFFERED.set(self._size)
         self._failures_in_outage += 1
         if self._outage_since is None:
             self._outage_since = time.monotonic()

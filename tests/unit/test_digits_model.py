@@ -94,6 +94,27 @@ def test_endpoint_classifies_a_png_upload(client, mnist_test):
     assert list(prediction["probabilities"]) == [str(d) for d in range(10)]
 
 
+def test_each_answer_is_its_digits_model_output_rounded(client, model, mnist_test):
+    """Several images in one request: per image, the digit is the model's argmax and the
+    probabilities its outputs to 6 decimals, in the order sent (whatever path builds the answer)."""
+    images = [mnist_test[0][i] for i in (0, 1, 2, 3, 4, 7)]
+    files = []
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        files.append(("image", (f"{i}.png", buffer.getvalue(), "image/png")))
+    response = client.post("/v1/digits/predict", files=files)
+    assert response.status_code == 200, response.text
+    expected = model.predict(np.stack([prepare_image(Image.fromarray(image)).array for image in images]))
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(images)
+    for prediction, probabilities in zip(predictions, expected, strict=True):
+        assert prediction["digit"] == int(probabilities.argmax())
+        assert list(prediction["probabilities"].values()) == np.round(probabilities.astype(np.float64), 6).tolist()
+        assert prediction["confidence"] == prediction["probabilities"][prediction["label"]]
+    assert [p["digit"] for p in predictions] == [int(mnist_test[1][i]) for i in (0, 1, 2, 3, 4, 7)]
+
+
 def test_endpoint_refuses_other_media_types(client):
     response = client.post("/v1/digits/predict", content=b"7", headers={"content-type": "text/plain"})
     assert response.status_code == 415

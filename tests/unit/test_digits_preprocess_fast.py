@@ -101,3 +101,42 @@ def test_normalised_digits_and_features_are_the_library_functions(monkeypatch):
         if got is not None:
             assert np.array_equal(got[0], expected[0])
             assert got[1] == expected[1] and got[2] == expected[2]
+
+
+def _ink_box_reference(ink: np.ndarray) -> tuple[slice, slice, float]:
+    """The ink box as first written: label, drop the specks by area, the box of what is left."""
+    mask = ink > preprocess.INK_THRESHOLD
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, np.flatnonzero(areas >= preprocess.MIN_COMPONENT_FRACTION * areas.max()) + 1)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise preprocess.BlankImageError("no ink found")
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), np.count_nonzero(
+        ink > preprocess.INK_THRESHOLD) / ink.size
+
+
+def test_ink_box_is_the_box_of_the_strokes_without_specks():
+    """One stroke, a few (some of them specks) and the thousands of specks of a noisy photo: the
+    box the one-call paths give is the reference's."""
+    rng = np.random.default_rng(8)
+    seen = set()
+    for trial in range(1500):
+        h, w = (int(v) for v in rng.integers(3, 120, 2))
+        ink = np.zeros((h, w), dtype=np.float32)
+        for _ in range(int(rng.integers(0, 6))):  # strokes of random sizes: the small ones are specks
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            ink[y:y + int(rng.integers(1, h + 1)), x:x + int(rng.integers(1, 4))] = rng.random()
+        if trial % 3 == 0:  # salt noise: from a few specks to hundreds of them
+            ink[rng.random((h, w)) < rng.choice([0.002, 0.05, 0.3])] = 1.0
+        n = ndimage.label(ink > preprocess.INK_THRESHOLD)[1]
+        seen.add(0 if n == 0 else 1 if n == 1 else 2 if n <= preprocess._FEW_COMPONENTS else 3)
+        try:
+            expected = _ink_box_reference(ink)
+        except preprocess.BlankImageError:
+            with pytest.raises(preprocess.BlankImageError):
+                preprocess._ink_box(ink)
+            continue
+        assert preprocess._ink_box(ink) == expected
+    assert seen == {0, 1, 2, 3}  # no ink, one component, a few, more than _FEW_COMPONENTS

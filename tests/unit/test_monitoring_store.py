@@ -181,9 +181,11 @@ def test_an_outage_keeps_rows_buffered_and_writes_them_when_the_database_returns
             assert log.buffered == 20
             assert log.write_failures >= 1
             assert metric("prediction_log_write_failures_total") > failures_before
+            assert metric("prediction_log_buffered_rows") == 20  # set by the failed attempts
 
             restore()
             assert log.flush(15)
+            assert metric("prediction_log_buffered_rows") == 0  # and by the batch written
         finally:
             log.stop()
             app_engine.dispose()

@@ -165,14 +165,13 @@ def _percentiles(values: np.ndarray, qs: Sequence[float]) -> list[np.float64]:
 
 def _percentiles_of_sorted(ordered: np.ndarray, qs: Sequence[float]) -> list[np.float64]:
     """:func:`_percentiles` of values already in ascending order (1-D)."""
-    n = ordered.size
-    virtual = [q / 100.0 * (n - 1) for q in qs]
-    below = [math.floor(v) for v in virtual]
-    above = [min(i + 1, n - 1) for i in below]
+    last = ordered.size - 1
     out = []
-    for v, i, j in zip(virtual, below, above, strict=True):
-        a, b = ordered[i], ordered[j]
-        t = v - i
+    for q in qs:
+        virtual = q / 100.0 * last
+        i = math.floor(virtual)
+        a, b = ordered[i], ordered[min(i + 1, last)]
+        t = virtual - i
         step = float(b - a)  # in the array's dtype, as numpy's _lerp; the rest in float64
         out.append(np.float64(float(a) + step * t if t < 0.5 else float(b) - step * (1 - t)))
     return out
@@ -196,19 +195,23 @@ def _mean(values: np.ndarray) -> float:
     own (pairwise) sum, divided as its ``_mean`` divides, without the ~10 us of its Python wrapper.
     Not for integers, which numpy sums in float64."""
     total = np.add.reduce(values, axis=None)
-    return float(total.dtype.type(total / np.intp(values.size)))
+    # numpy divides the float32 sum by the count in float64, as Python does, then casts back
+    return float(total.dtype.type(float(total) / values.size))
 
 
 def _std(values: np.ndarray) -> float:
     """``float(values.std())`` of a float32 or float64 array: numpy's ``_var`` steps (sum, mean,
-    squared deviations, sum, divide, square root) in the array's dtype, without its wrappers."""
-    count = np.intp(values.size)
+    squared deviations, sum, divide, square root) in the array's dtype, without its wrappers. The
+    scalar steps in Python floats: a float32 quotient or square root worked out in float64 and
+    rounded to float32 is the correctly rounded float32 one, as numpy's."""
+    count = values.size
     mean = np.add.reduce(values, axis=None, keepdims=True)
     np.true_divide(mean, count, out=mean, casting="unsafe", subok=False)
     deviations = np.subtract(values, mean)
     np.square(deviations, out=deviations)
     total = np.add.reduce(deviations, axis=None)
-    return float(total.dtype.type(np.sqrt(total.dtype.type(total / np.maximum(count, 0)))))
+    as_dtype = total.dtype.type
+    return float(as_dtype(math.sqrt(as_dtype(float(total) / count))))
 
 
 def _center_of_mass(patch: np.ndarray) -> tuple[float, float]:
@@ -233,17 +236,27 @@ def _ink_box(ink: np.ndarray) -> tuple[slice, slice, float]:
     mask = ink > INK_THRESHOLD
     raw_fraction = np.count_nonzero(mask) / mask.size
     labels, n = ndimage.label(mask, structure=_CROSS)
-    if n > 1:
-        areas = np.bincount(labels.ravel())[1:]
-        kept = np.empty(n + 1, dtype=bool)  # by label: is this component ink (0 is the background)
-        kept[0] = False
-        np.greater_equal(areas, MIN_COMPONENT_FRACTION * areas.max(), out=kept[1:])
-        mask = kept.take(labels)
+    if n == 0:
+        raise BlankImageError("no ink found")
+    if n == 1:  # one stroke (most digits): its box, in one call
+        rows, cols = ndimage.find_objects(labels, max_label=1)[0]
+        return slice(rows.start, rows.stop), slice(cols.start, cols.stop), raw_fraction
+    areas = np.bincount(labels.ravel())[1:]
+    kept = np.empty(n + 1, dtype=bool)  # by label: is this component ink (0 is the background)
+    kept[0] = False
+    np.greater_equal(areas, MIN_COMPONENT_FRACTION * areas.max(), out=kept[1:])
+    if n <= _FEW_COMPONENTS:  # the union of the kept components' boxes
+        boxes = [box for box, keep in zip(ndimage.find_objects(labels, max_label=n), kept[1:].tolist(),
+                                          strict=True) if keep]
+        return (slice(min(r.start for r, _ in boxes), max(r.stop for r, _ in boxes)),
+                slice(min(c.start for _, c in boxes), max(c.stop for _, c in boxes)), raw_fraction)
+    mask = kept.take(labels)  # a noisy photo's thousands of specks: one pass over the pixels
     rows = mask.any(axis=1).nonzero()[0]
     cols = mask.any(axis=0).nonzero()[0]
-    if rows.size == 0:
-        raise BlankImageError("no ink found")
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), raw_fraction
+
+
+_FEW_COMPONENTS = 64  # up to this many ink components, their boxes are joined one by one
 
 
 def _fit_box(crop: np.ndarray) -> np.ndarray:
@@ -318,7 +331,8 @@ def normalize_gray(gray: np.ndarray, field: str = "image",
         raise BlankImageError(f"{field} is blank: no ink found (contrast {contrast:.2f}).", field)
     ink = np.subtract(gray, background)
     ink /= contrast
-    np.clip(ink, 0.0, 1.0, out=ink)
+    np.maximum(ink, 0.0, out=ink)  # np.clip(ink, 0, 1), without its three Python layers
+    np.minimum(ink, 1.0, out=ink)
     try:
         rows, cols, raw_fraction = _ink_box(ink)
     except BlankImageError:

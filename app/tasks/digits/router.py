@@ -23,6 +23,7 @@ from app.core.execution import checkpoint, inline_budget
 from app.core.limits import MAX_REQUEST_PIXELS
 from app.core.pipeline import Endpoint, Instance, Job, Outcome, register
 from app.tasks.digits.preprocess import (
+    SIZE,
     DigitInputError,
     prepare_image,
     prepare_pixels,
@@ -88,14 +89,13 @@ def run(job: Job) -> Outcome:
             except DigitInputError as exc:
                 raise ProblemError(422, exc.code, str(exc), field=exc.field or instance.field) from exc
     with job.timing.measure("inference"):
-        batch = digits[0].array[None] if len(digits) == 1 else np.stack([d.array for d in digits])
+        batch = (digits[0].array.reshape(1, SIZE, SIZE, 1) if len(digits) == 1
+                 else np.stack([d.array for d in digits]))
         probabilities = job.model.predict(batch)
     predictions, rows = [], []
-    labels = probabilities.argmax(axis=1).tolist()
-    # 6 decimals in the answer. From float32 probabilities (the model's output) x * 1e6 is exact in
-    # float64, so this rounds as Python's round(p, 6) did, in one call instead of eleven.
-    shown = probabilities.astype(np.float64).round(6).tolist()
-    for digit, label, probs, rounded in zip(digits, labels, probabilities.tolist(), shown, strict=True):
+    for digit, probs in zip(digits, probabilities.tolist(), strict=True):
+        label = max(range(len(probs)), key=probs.__getitem__)  # the first of the largest, as argmax
+        rounded = [round(p, 6) for p in probs]  # 6 decimals in the answer
         predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
                             "probabilities": dict(zip(LABELS, rounded, strict=True))})
         rows.append({"prediction": LABELS[label], "confidence": probs[label],
