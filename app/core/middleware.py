@@ -93,6 +93,10 @@ class RequestContextMiddleware:
         self.request_timeout_s = request_timeout_s
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.limit_detail = (f"The request body is larger than the {max_body_bytes / 1048576:g} MiB "
+                             "limit (MAX_UPLOAD_MB).")
+        self.timeout_detail = (f"The request body did not arrive within {request_timeout_s:g} s "
+                               "(REQUEST_TIMEOUT_S); send it at once, or retry on a better connection.")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,9 +141,7 @@ class RequestContextMiddleware:
                 *id_headers, *[(k.lower().encode(), v.encode()) for k, v in extra_headers.items()]]})
             await send({"type": "http.response.body", "body": body})
 
-        limit_detail = (f"The request body is larger than the {self.max_body_bytes / 1048576:g} MiB "
-                        "limit (MAX_UPLOAD_MB).")
-
+        limit_detail, timeout_detail = self.limit_detail, self.timeout_detail
         deadline: Deadline = state["deadline"]
         body_done = False
         # A body trickled in byte by byte must not hold the request past its deadline: one timer
@@ -184,9 +186,6 @@ class RequestContextMiddleware:
             if body_done:
                 timer.cancel()
             return message
-
-        timeout_detail = (f"The request body did not arrive within {self.request_timeout_s:g} s "
-                          "(REQUEST_TIMEOUT_S); send it at once, or retry on a better connection.")
 
         async def refuse_body() -> None:
             if counters["started"]:

@@ -293,6 +293,8 @@ def _frame_indices(height: int, width: int, b: int) -> np.ndarray:
 def _background_std(frame: np.ndarray, ordered: np.ndarray) -> float:
     """Spread of the (polarity-corrected) border, leaving out its brightest 10 %: strokes that touch
     the border are ink, not noise. ``ordered`` is ``frame`` sorted."""
+    if ordered[-1] == 0.0:  # a border all 0 (a clean scan, a canvas drawing): no spread, exactly
+        return 0.0
     paper = frame[frame <= _percentiles_of_sorted(ordered, (90.0,))[0]]
     return _std(paper) if paper.size else 0.0
 
