@@ -55,6 +55,12 @@ def test_mean_and_std_are_numpys():
         assert preprocess._std(image) == float(image.std())
 
 
+def _background_std_reference(frame: np.ndarray, ordered: np.ndarray) -> float:
+    """The border's paper spread with numpy's percentile and std, and no shortcut for a 0 border."""
+    paper = frame[frame <= np.percentile(frame, 90.0)]
+    return float(paper.std()) if paper.size else 0.0
+
+
 def test_background_std_is_numpys():
     """The border's spread below its 90th percentile, as numpy's std: on clean (all 0) borders,
     faint ones and noisy ones."""
@@ -65,8 +71,8 @@ def test_background_std_is_numpys():
             frame[:] = 0.0
         elif trial % 4 == 1:
             frame *= 1e-3 * (rng.random(frame.size) > 0.5)
-        expected = frame[frame <= np.percentile(frame, 90.0)]
-        assert preprocess._background_std(frame, np.sort(frame)) == float(expected.std())
+        ordered = np.sort(frame)
+        assert preprocess._background_std(frame, ordered) == _background_std_reference(frame, ordered)
 
 
 def test_center_of_mass_is_scipys():
@@ -108,12 +114,7 @@ def test_normalised_digits_and_features_are_the_library_functions(monkeypatch):
     monkeypatch.setattr(preprocess, "_center_of_mass", ndimage.center_of_mass)
     monkeypatch.setattr(preprocess, "_mean", lambda values: float(values.mean()))
     monkeypatch.setattr(preprocess, "_std", lambda values: float(values.std()))
-
-    def background_std(frame: np.ndarray, ordered: np.ndarray) -> float:  # no shortcut for a 0 border
-        paper = frame[frame <= np.percentile(frame, 90.0)]
-        return float(paper.std()) if paper.size else 0.0
-
-    monkeypatch.setattr(preprocess, "_background_std", background_std)
+    monkeypatch.setattr(preprocess, "_background_std", _background_std_reference)
     reference = run()
     assert sum(r is None for r in reference) < 10
     for got, expected in zip(fast, reference, strict=True):
