@@ -29,10 +29,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 	.venv-frameworks/bin/pip install -q -r bench/requirements-frameworks.txt
 	touch $@
 
-## serve: create the serving environment and run the service on the committed models (SQLite log)
+## serve: create the serving environment and run the service on the committed models (SQLite log);
+## the admin endpoints are open (ADMIN_OPEN=true) unless ADMIN_TOKEN is set: for local use; one job
+## worker runs beside the web workers (JOBS=embedded: Prefer: respond-async, queue in var/)
+ADMIN_OPEN ?= true
+JOBS ?= embedded
 serve: .venv/.installed
 	mkdir -p var
-	PORT=$(PORT) .venv/bin/gunicorn -c gunicorn.conf.py app.main:app
+	@[ -n "$$ADMIN_TOKEN" ] || echo "make serve: ADMIN_OPEN=$(ADMIN_OPEN): monitoring and the dataset export are open to anyone who can reach :$(PORT); set ADMIN_TOKEN to close them"
+	ADMIN_OPEN=$(ADMIN_OPEN) JOBS=$(JOBS) PORT=$(PORT) .venv/bin/gunicorn -c gunicorn.conf.py app.main:app
 
 tests/typescript/node_modules/.installed: tests/typescript/package.json tests/typescript/package-lock.json
 	cd tests/typescript && npm ci --no-audit --no-fund --loglevel=error
@@ -65,7 +70,7 @@ mutation: .venv-dev/.installed
 	.venv-dev/bin/python -m bench.mutation
 
 ## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU); the new segmentation
-## U-Net is then quantised to int8 as the next version, the one served (issue 18)
+## U-Net is then quantised to int8 as the next version, the one served
 train: .venv-train/.installed
 	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
 	.venv-train/bin/python -m training.segmentation --quantize-from latest
@@ -78,3 +83,25 @@ lock:
 
 clean:
 	rm -rf .venv .venv-dev var .pytest_cache
+
+.PHONY: docker-test dynos-test docker-tools haproxy
+
+# Debian's docker.io (the client beside dockerd drives BuildKit) and debootstrap (the base image's
+# stand-in where no registry can be reached); HAProxy routes the dynos test, whose Redis speaks TLS.
+# Installed when missing.
+docker-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq docker.io debootstrap)
+
+haproxy:
+	@command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq haproxy redis-server)
+
+## docker-test: build the Dockerfile with a Docker daemon of its own and run the image as a 512 MiB
+## dyno: health, every task, the heaviest requests' memory, docker stop (tests/deploy/check_docker.py)
+docker-test: .venv-dev/.installed docker-tools
+	.venv-dev/bin/python -m pytest -p no:cacheprovider -v -s tests/deploy/check_docker.py
+
+## dynos-test: two instances behind HAProxy sharing PostgreSQL and Redis (tests/deploy/check_dynos.py)
+dynos-test: .venv-dev/.installed haproxy
+	.venv-dev/bin/python -m pytest -p no:cacheprovider -v -s tests/deploy/check_dynos.py

@@ -16,10 +16,14 @@ before forking and marks workers dead as they exit, so /metrics sums every worke
 import ctypes
 import gc
 import os
+import resource
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -74,6 +78,25 @@ def _tune_malloc() -> None:
 
 _tune_malloc()
 
+
+def _raise_file_limit() -> None:
+    """Open files up to the hard limit (often 1 024 soft): each connection is a file, and the
+    workers cap their connections below what is left (app.core.worker)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 65536), hard))
+        except (ValueError, OSError):
+            pass
+
+
+_raise_file_limit()
+
+# Request ids carry a tag only this service can make; every worker of this master shares the key
+# (set REQUEST_ID_SECRET to the same value on every dyno so each recognises the others' ids).
+os.environ.setdefault("REQUEST_ID_SECRET", secrets.token_hex(32))
+
 # One compute thread per worker: workers are the unit of parallelism, and OpenMP/BLAS threads
 # spin-waiting on each other on a small dyno made a K-means scan 50x slower.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -86,6 +109,11 @@ _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 # run's counters, and prometheus-client needs the directory to exist.
 shutil.rmtree(_metrics_dir, ignore_errors=True)
 os.makedirs(_metrics_dir, exist_ok=True)
+
+
+# The dyno's places for big jobs (app.core.places): lock files every worker of this server shares.
+if not os.environ.get("DYNO_PLACES_DIR"):
+    os.environ["DYNO_PLACES_DIR"] = tempfile.mkdtemp(prefix="dyno-places-")
 
 
 def on_starting(server):
@@ -111,3 +139,43 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+# JOBS=embedded: one job worker (app.jobs.worker) beside the web workers, started once they are
+# up, started again if it dies (a job it was running is taken over once its lease runs out), and
+# stopped with the server. JOBS=worker leaves jobs to the Procfile's `worker` processes; JOBS=off
+# (the default) runs none.
+_job_worker: list[subprocess.Popen] = []
+_stopping = threading.Event()
+
+
+def _start_job_worker(server) -> None:
+    # At a lower priority than the web workers: a long job on the same machine yields the CPU to them.
+    _job_worker[:] = [subprocess.Popen([sys.executable, "-m", "app.jobs.worker"], preexec_fn=lambda: os.nice(10))]
+    server.log.info("job worker started (JOBS=embedded), pid %s", _job_worker[0].pid)
+
+
+def _keep_job_worker(server) -> None:
+    while True:
+        _job_worker[0].wait()  # returns when it exits (or when the arbiter has reaped it first)
+        if _stopping.wait(1.0):  # a second between restarts: no tight loop if it cannot start
+            return
+        server.log.warning("job worker exited; starting another")
+        _start_job_worker(server)
+
+
+def when_ready(server):
+    if os.environ.get("JOBS", "off").lower() == "embedded":
+        _start_job_worker(server)
+        threading.Thread(target=_keep_job_worker, args=(server,), name="job-worker-keeper", daemon=True).start()
+
+
+def on_exit(server):
+    _stopping.set()
+    for process in _job_worker:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # huey: finish the job in progress, then stop
+            try:
+                process.wait(graceful_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -6,6 +6,7 @@ builds its own app, so every worker has its own LiteRT interpreters.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi_offline import FastAPIOffline
 
 from app.core.access import Access
+from app.core.clients import TrustedProxies
 from app.core.config import Settings, get_settings
 from app.core.errors import (
     PROBLEM_MEDIA_TYPE,
@@ -25,70 +26,49 @@ from app.core.errors import (
     problem_response,
 )
 from app.core.execution import build_execution
-from app.core.limits import MAX_IN_FLIGHT, limits_for
+from app.core.limits import IDEMPOTENCY_LEASE_MARGIN_S, MAX_IN_FLIGHT
+from app.core.limits_table import limits
 from app.core.logging import configure_logging, native_stderr_as_log
-from app.core.middleware import RequestContextMiddleware
+from app.core.dispatch import ServiceApp, cors_options, cors_wrapper
+from app.core.idempotency import IdempotencyMiddleware, IdempotencyStore
+from app.core.events import Observers
+from app.core.model_routes import router as model_router
+from app.core.middleware import RequestContext, RequestContextMiddleware, Uploads, request_id_key
 from app.core.pipeline import EXTRA_SCHEMAS, REGISTERED, PredictionRoutes
 from app.core.registry import ModelRegistry, ModelSlot
-from app.core.schemas import Liveness, ModelList, Problem, Readiness
+from app.core.schemas import Liveness, Problem, Readiness
 from app.core.shadow import ShadowRunner
+from app.jobs.service import JobsMiddleware, add_job_contract, build_jobs
+from app.jobs.service import router as jobs_router
 from app.monitoring import setup_monitoring, shutdown_monitoring
 from app.monitoring.lifecycle import router as lifecycle_router
 from app.monitoring.metrics import render_metrics
+from app.monitoring.observer import DurableMonitoringObserver, MonitoringObserver
 from app.monitoring.router import router as monitoring_router
+from app.openinference.models import V2_MODELS
 from app.openinference.protocol import ErrorBody
+from app.openinference.router import INFER_ROUTES as V2_INFER_ROUTES
 from app.openinference.router import router as v2_router
-from app.tasks import load_slices
+from app.tasks import load_slices, tasks_of
+from app.web.docs import add_docs
+from app.web.router import HEADERS as PAGE_HEADERS
 from app.web.router import router as web_router
 from app.web.router import static_files as web_static
 
 API_DESCRIPTION = """Inference for four models trained offline: customer segments and ad-hoc K-means
 (clustering), handwritten digits (CNN), EM membrane masks (U-Net) and speech emotion (MFCC + CNN).
 Errors are RFC 9457 problem details; every response carries an X-Request-ID."""
-
-
-class ServiceApp(FastAPI):
-    """The FastAPI app, entered at the request context for a prediction.
-
-    FastAPI wraps every request in three layers of its own before the app's middleware: a 500 page,
-    exception telemetry (OpenTelemetry, off unless configured) and a body-size limit (unset). A
-    prediction has its own of all three in :class:`RequestContextMiddleware` (problem+json 500s,
-    the prediction metrics and log, MAX_UPLOAD_MB), so a ``POST`` to a prediction path starts
-    there, at the very instance FastAPI built (one in-flight count for the worker); anything else
-    goes through FastAPI as before. ~3 % of a digit's time in one process."""
-
-    _prediction_entry: tuple[Any, Any] | None = None  # (the request context, the prediction paths)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            entry, paths = self._prediction_entry or self._find_prediction_entry()
-            if scope["path"] in paths:
-                if self.root_path:
-                    scope["root_path"] = self.root_path
-                scope["app"] = self
-                await entry(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-    def _find_prediction_entry(self) -> tuple[Any, Any]:
-        """The request context and the prediction routes in the middleware FastAPI built (no
-        paths, so nothing is entered early, if either is missing)."""
-        if self.middleware_stack is None:
-            self.middleware_stack = self.build_middleware_stack()
-        layers, layer = [], self.middleware_stack
-        while layer is not None:
-            layers.append(layer)
-            layer = getattr(layer, "app", None)
-        context = next((m for m in layers if isinstance(m, RequestContextMiddleware)), None)
-        routes = next((m for m in layers if isinstance(m, PredictionRoutes)), None)
-        self._prediction_entry = (context, routes.routes if context and routes else {})
-        return self._prediction_entry
+log = logging.getLogger("app.main")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    slices = load_slices()
+    proxies = TrustedProxies.parse(settings.forwarded_allow_ips)
+    request_id_key.use(settings.request_id_secret.get_secret_value() if settings.request_id_secret else None)
+    slices = load_slices(settings.task_modules)
+    tasks = tasks_of(slices)
+    V2_MODELS.update({task.v2.name: task.v2 for task in tasks if task.v2 is not None})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,37 +80,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 registry.slots[s.name] = ModelSlot(
                     s.name, error=f"task code failed to import: {s.import_error}")
         app.state.registry = registry
+        warn_about_admin(settings)
         app.state.execution = build_execution(settings)
         app.state.access = Access.from_settings(settings)
-        monitoring = setup_monitoring(app, settings)
-        app.state.shadows = ShadowRunner(registry, monitoring.prediction_log)
+        setup_monitoring(app, settings)
+        app.state.shadows = ShadowRunner(registry, observers)
         app.state.shadows.start()
+        app.state.jobs = build_jobs(settings)
         try:
             yield
         finally:
+            if app.state.jobs is not None:
+                app.state.jobs.close()
             app.state.shadows.stop()
             shutdown_monitoring(app)
             app.state.execution.shutdown()
 
     # No trailing-slash redirects: they would echo the client's Host header back in a Location.
-    # /docs and /redoc from assets installed with fastapi-offline: no CDN, they work offline.
-    app = FastAPIOffline(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
-                         lifespan=lifespan, redirect_slashes=False)
-    # FastAPIOffline is a factory that returns a plain FastAPI; ServiceApp adds nothing to its state,
-    # only the entry point for predictions.
-    app.__class__ = ServiceApp
+    app = ServiceApp(title="ML inference service", version="1.0.0", description=API_DESCRIPTION,
+                     lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    # The limits table (the service's rows and each task's) and each task's kind of input, for /v1/models.
+    app.state.limits_table = limits(settings, [row for task in tasks for row in task.limits(settings)])
+    app.state.task_media = {task.name: task.media for task in tasks}
+    # The core tells observers what it does; the monitoring (metrics, the prediction log) is one.
+    observers = app.state.observers = Observers()
+    observers.add((DurableMonitoringObserver if settings.log_durable else MonitoringObserver)(app.state))
     install_error_handlers(app)
     # Innermost of our middleware: CORS and the request context still wrap every prediction.
-    app.add_middleware(PredictionRoutes, endpoints=REGISTERED)
+    context = RequestContext(max_body_bytes=settings.max_upload_bytes, request_timeout_s=settings.request_timeout_s,
+                             max_in_flight=MAX_IN_FLIGHT, proxies=proxies, uploads=Uploads(),
+                             html_headers=PAGE_HEADERS, observers=observers)
+    # Idempotency-Key on every POST: keys in the prediction log's database, shared by every dyno.
+    keys = IdempotencyStore(settings.database_url, ttl_s=settings.idempotency_ttl_h * 3600.0,
+                            lease_s=settings.request_timeout_s + IDEMPOTENCY_LEASE_MARGIN_S)
+    app.add_middleware(PredictionRoutes, endpoints=REGISTERED, patterns=V2_INFER_ROUTES)
+    app.add_middleware(IdempotencyMiddleware, store=keys)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "X-Correlation-ID", "X-Model-Version", "X-Inputs-Stored",
-                                           "Server-Timing", "Retry-After", "RateLimit-Limit",
-                                           "RateLimit-Remaining", "RateLimit-Reset"])
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
-                       request_timeout_s=settings.request_timeout_s, max_in_flight=MAX_IN_FLIGHT)
+        app.add_middleware(CORSMiddleware, **cors_options(settings))
+    app.add_middleware(RequestContextMiddleware, context=context)
+    cors = cors_wrapper(settings)
+    # Prefer: respond-async makes a prediction a job (only predictions take the fast path); inside the
+    # idempotency layer, so a retried submission gets the same job.
+    app.add_fast_path(context, REGISTERED, V2_INFER_ROUTES, lambda routes: cors(IdempotencyMiddleware(JobsMiddleware(routes), keys)))
 
     @app.get("/health/live", tags=["health"], operation_id="health_live", response_model=Liveness)
     async def live() -> dict[str, str]:
@@ -141,14 +133,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              responses={503: {"description": "a model is not loaded (`models-not-ready`) or this "
                                              "worker's heavy queue is full (`saturated`)"}})
     async def ready(request: Request) -> Response:
-        """200 when every model is loaded and this worker can take more work; else 503 naming the
-        models that are not loaded or the kinds of work whose queue is full."""
+        """200 when every model is loaded and this worker can take more work (``degraded`` when it
+        answers but the prediction log's database is down: rows wait in memory, bounded); else 503
+        naming the models that are not loaded or the kinds of work whose queue is full."""
         registry: ModelRegistry = request.app.state.registry
         execution = request.app.state.execution
         status = registry.status()
         saturated = execution.saturated
         if registry.ready and not saturated:
-            return JSONResponse({"status": "ready", "models": status, "gates": execution.status()})
+            prediction_log = getattr(request.app.state, "prediction_log", None)
+            log_status = prediction_log.status() if prediction_log is not None else None
+            degraded = log_status is not None and log_status["database"] != "ok"
+            return JSONResponse({"status": "degraded" if degraded else "ready", "models": status,
+                                 "gates": execution.status(), "places": execution.places_status(),
+                                 "prediction_log": log_status})
         if not registry.ready:
             not_ready = sorted(task for task, s in status.items() if not s["ready"])
             return problem_response(request, 503, "models-not-ready",
@@ -159,23 +157,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 saturated=saturated, gates=execution.status(),
                                 headers={"Retry-After": "2"})
 
-    @app.get("/v1/models", tags=["models"], operation_id="models_list", response_model=ModelList)
-    async def list_models(request: Request) -> dict[str, Any]:
-        """Every task: the version serving it, input/output spec, labels, training metrics, created
-        and the limits its endpoints enforce, or why it is not loaded; and its versions: which is
-        primary (answers), which shadow (predicts after the answer, logged apart) and which are
-        available to pin with MODEL_VERSIONS / SHADOW_VERSIONS."""
-        registry: ModelRegistry = request.app.state.registry
-        models = []
-        for task, slot in registry.slots.items():
-            extra = {"limits": limits_for(task, settings), "versions": registry.versions(task)}
-            if slot.model is not None:
-                models.append({**slot.model.describe(), "ready": True, **extra})
-            else:
-                models.append({"name": task, "task": task, "version": slot.version, "ready": False,
-                               "error": slot.error, **extra})
-        return {"models": models}
-
     @app.get("/metrics", tags=["monitoring"], include_in_schema=False)
     async def metrics() -> Response:
         body, content_type = render_metrics()
@@ -184,13 +165,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for s in slices:
         if s.router is not None:
             app.include_router(s.router)
+    app.include_router(model_router)
+    app.include_router(jobs_router)
     app.include_router(v2_router)
     app.include_router(monitoring_router)
     app.include_router(lifecycle_router)
     app.include_router(web_router)
     app.mount("/static", web_static, name="static")
+    add_docs(app, {k: v for k, v in PAGE_HEADERS.items() if k != "Content-Security-Policy"})
     app.openapi = lambda: contract(app)  # type: ignore[method-assign]
     return app
+
+
+def warn_about_admin(settings: Settings) -> None:
+    """Say at start-up when the admin endpoints are closed to everyone, or open to anyone."""
+    if settings.admin_closed:
+        log.warning("admin endpoints closed: set ADMIN_TOKEN to read monitoring, feedback and the "
+                    "dataset export (or ADMIN_OPEN=true for local use)")
+    elif settings.admin_open and not (settings.admin_token and settings.admin_token.get_secret_value()):
+        log.warning("admin endpoints open to anyone (ADMIN_OPEN=true): for local use only")
 
 
 def contract(app: FastAPI) -> dict[str, Any]:
@@ -221,6 +214,7 @@ def contract(app: FastAPI) -> dict[str, Any]:
             for status, response in operation.get("responses", {}).items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = error
+    add_job_contract(schema, [endpoint.path for endpoint in REGISTERED], V2_INFER_ROUTES)
     app.openapi_schema = schema
     return schema
 

@@ -27,10 +27,21 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "p99_ms": round(q[98], 3), "mean_ms": round(statistics.fmean(ordered), 3)}
 
 
+def cpu_model() -> str:
+    """The CPU the figures were measured on (a figure holds for that CPU only), with its core count."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown'} x {len(names) or '?'}"
+
+
 def write_results(name: str, results: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), **results}
+               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_model(),
+               **results}
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))

@@ -1,9 +1,9 @@
-"""Where a digit request's time goes, stage by stage, in one process (issue 18, goal 1).
+"""Where a digit request's time goes, stage by stage, in one process.
 
     .venv/bin/python bench/digits_stages.py [--tree PATH] [--requests 3000]
 
 Imports the app from ``--tree`` (this checkout by default; ``bench/digits_floor.py`` also points it
-at a worktree of the code before the change) and times, in CPU microseconds per request (the best
+at a worktree of the commit given as ``--before``) and times, in CPU microseconds per request (the best
 of 3 rounds of many calls; the prediction-log writer's thread included where it runs):
 
 * each stage alone: Pillow decode, the real-world preprocessing, the drift features, one LiteRT call,
@@ -154,7 +154,7 @@ def main() -> int:
             from app.core import pipeline
 
             # What the tree's request path calls: the direct access-log line and orjson answers
-            # where the tree has them (issue 18), logger.info and json.dumps before.
+            # where the tree has them; otherwise logger.info and json.dumps.
             direct = getattr(app_logging, "info_with_fields", None)
             access_line = ((lambda extra: direct(access, "request", extra)) if direct is not None
                            else (lambda extra: access.info("request", extra=extra)))

@@ -3,7 +3,8 @@
     .venv-train/bin/python -m bench.emotion [--requests 100] [--workers 1]
 
 1. Accuracy and unweighted average recall (UAR) on every EmoDB file of the test speakers 03+16
-   (120 clips), each uploaded as its original WAV file, exactly as a client would.
+   whose emotion the served model offers, each uploaded as its original WAV file, exactly as a
+   client would (``bench/emotion_eval.py`` scores every held-out corpus and channel).
 2. Worker RSS after warm-up (psutil on the gunicorn workers, the server process's children). The
    worker serves all four models, so this is the whole service's worker, not the emotion model alone.
 3. Latency: ``--requests`` sequential uploads of one 3.0 s clip (16 kHz WAV), end to end from the
@@ -47,8 +48,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    files = sorted(p for p in args.data.glob("*.wav") if p.name[:2] in TEST_SPEAKERS)
-    truth = [LETTER_TO_LABEL[p.name[5]] for p in files]
+    all_files = sorted(p for p in args.data.glob("*.wav") if p.name[:2] in TEST_SPEAKERS)
     waveform, sr = sf.read(args.data / LATENCY_CLIP, dtype="float32")
     buffer = io.BytesIO()
     sf.write(buffer, waveform[:3 * sr], sr, format="WAV", subtype="PCM_16")
@@ -59,13 +59,15 @@ def main() -> None:
             httpx.Client(base_url=server.base_url, timeout=60.0) as client:
         print(f"server up in {server.boot_seconds:.1f}s ({python or 'this interpreter'})", flush=True)
         models = client.get("/v1/models").json()["models"]
-        version = next(m["version"] for m in models if m["task"] == "emotion")
+        version, offered = next((m["version"], m["labels"]) for m in models if m["task"] == "emotion")
+        files = [p for p in all_files if LETTER_TO_LABEL[p.name[5]] in offered]
+        truth = [LETTER_TO_LABEL[p.name[5]] for p in files]
 
         predicted, started = [], time.perf_counter()
         for i, path in enumerate(files):
             response = client.post(URL, files={"audio": (path.name, path.read_bytes(), "audio/wav")})
             response.raise_for_status()
-            predicted.append(response.json()["emotion"])
+            predicted.append(response.json()["predictions"][0]["label"])
             if (i + 1) % 30 == 0:
                 print(f"  {i + 1:>3}/{len(files)} clips", flush=True)
         accuracy_seconds = time.perf_counter() - started
@@ -92,7 +94,8 @@ def main() -> None:
     write_results("emotion", {
         "model": "emotion", "version": version, "workers": args.workers,
         "serving_python": python or "training venv",
-        "accuracy": {"dataset": f"EmoDB speakers {'+'.join(TEST_SPEAKERS)} (held out), all files",
+        "accuracy": {"dataset": f"EmoDB speakers {'+'.join(TEST_SPEAKERS)} (held out), every file of "
+                                f"an emotion the model offers",
                      "n": len(files), "accuracy": round(accuracy, 4), "uar": round(uar, 4),
                      "per_class_recall": recall, "upload": "original WAV files, multipart",
                      "seconds": round(accuracy_seconds, 2)},

@@ -1,4 +1,4 @@
-"""The bare floor for digits (issue 18): FastAPI + Pillow decode + one LiteRT call, nothing else.
+"""The bare floor for digits: FastAPI + Pillow decode + one LiteRT call, nothing else.
 
 No preprocessing beyond a resize to 28x28, no logging, metrics, limits or validation: what serving
 this model cannot go below on this stack. Served like the project (gunicorn, one uvicorn worker) by

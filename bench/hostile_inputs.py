@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import soundfile as sf
@@ -76,3 +77,13 @@ def flat_png(side: int, colours: int = 16) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, "RGB").save(buffer, "PNG", compress_level=9)
     return buffer.getvalue()
+
+
+def padded_png(png: bytes, size: int) -> bytes:
+    """``png`` grown to ``size`` bytes by a private ancillary chunk before IEND: a valid image that
+    decodes to the same pixels, as large on the wire as wanted."""
+    end = png.rindex(b"IEND") - 4
+    pad = max(0, size - len(png) - 12)
+    kind = b"prVt"
+    chunk = struct.pack(">I", pad) + kind + bytes(pad) + struct.pack(">I", zlib.crc32(kind + bytes(pad)))
+    return png[:end] + chunk + png[end:]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -44,6 +45,23 @@ class LiveServer:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_entries(self, needle: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The access-log entries (parsed) whose line contains ``needle``, once at least ``count``
+        are written: a worker writes a request's line after its answer is sent, so a client that
+        has its answer may not see the line yet. Raises AssertionError after ``timeout`` s."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [json.loads(line) for line in self.log_text().splitlines()
+                     if needle in line and '"logger":"app.access"' in line]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} of {count} access-log lines with {needle!r} "
+                                     f"after {timeout:.0f} s")
+            time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
         import psutil
@@ -115,12 +133,25 @@ class MemorySampler:
         return max((self.peak_rss[p] - self.start_rss[p] for p in self.peak_rss), default=0.0)
 
 
+def _file_limit(files: int | None) -> Any:
+    if files is None:
+        return None
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+    return limit
+
+
 @contextlib.contextmanager
 def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready: bool = True,
                    timeout: float = 90.0, python: str | None = None,
-                   cwd: Path = REPO_ROOT) -> Iterator[LiveServer]:
+                   cwd: Path = REPO_ROOT, max_open_files: int | None = None) -> Iterator[LiveServer]:
     """Yield a :class:`LiveServer`; ``ready=True`` waits for /health/ready 200, else /health/live.
-    ``cwd``: the checkout to serve (another one than this, e.g. the code before a change, to compare)."""
+    ``cwd``: the checkout to serve (another one than this, e.g. an earlier commit, to compare).
+    ``max_open_files``: the server's file limit (soft and hard), as a small dyno might have."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="liveserver-"))
     server_env = {
@@ -132,6 +163,9 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
         "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
+        # As `make serve` does: the admin endpoints open without a token. A caller that sets
+        # ADMIN_TOKEN (or ADMIN_OPEN=false) gets the production behaviour.
+        "ADMIN_OPEN": "true",
         **(env or {}),
     }
     bin_dir = Path(python or sys.executable).parent
@@ -141,7 +175,7 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
         process = subprocess.Popen(
             [str(bin_dir / "gunicorn"), "-c", "gunicorn.conf.py", "app.main:app"],
             cwd=cwd, env=server_env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_file_limit(max_open_files))
     base_url = f"http://127.0.0.1:{port}"
     server = LiveServer(base_url, process, log_path, 0.0, server_env["DATABASE_URL"])
     try:
@@ -180,3 +214,19 @@ def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def serving_version(task: str, version: str, python: str | None = None) -> Iterator[httpx.Client]:
+    """A client of a real server that serves ``version`` of ``task`` (``MODEL_VERSIONS``), once that
+    model is loaded; exits if the server serves another version."""
+    import json
+
+    from bench.common import wait_for_model
+
+    with running_server({"MODEL_VERSIONS": json.dumps({task: version})}, python=python, ready=False) as server, \
+            httpx.Client(base_url=server.base_url, timeout=120.0) as client:
+        served = wait_for_model(client, task)
+        if served != version:
+            raise SystemExit(f"asked for {task} {version}, the server serves {served}")
+        yield client

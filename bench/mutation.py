@@ -1,7 +1,12 @@
 """Mutation testing of the pure core with mutmut: preprocessing, drift, the request pipeline, errors.
 
-    python -m bench.mutation [--max-children 1] [--resume]
+    python -m bench.mutation [--max-children 1] [--all] [--resume]
     python -m bench.mutation --recheck    # after explaining survivors in mutation-survivors.md
+
+Each module's result records the sha256 of the source it was measured on (and the commit, in
+``code_at``). A run mutates only the modules whose source changed since (``--all``: every module)
+and keeps the others' results, so the file stays current at the cost of the changed modules only;
+``tests/unit/test_mutation_current.py`` fails when a module in scope no longer matches its hash.
 
 mutmut needs its configuration in a ``pyproject.toml`` and runs the tests from a ``mutants/`` copy
 of the sources. The repository has no ``pyproject.toml`` on purpose (Heroku's Python buildpack
@@ -22,6 +27,7 @@ file does not mention are listed at the end. Slow (about 15 minutes on two cores
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -50,6 +56,7 @@ TESTS = [
     "tests/unit/test_digits_image_modes.py",
     "tests/unit/test_emotion_preprocess.py",
     "tests/unit/test_emotion_feature_params.py",
+    "tests/unit/test_emotion_vad.py",
     "tests/unit/test_segmentation_preprocess.py",
     "tests/unit/test_segmentation_image_modes.py",
     "tests/unit/test_monitoring_drift.py",
@@ -101,7 +108,16 @@ def lay_out(resume: bool) -> None:
         shared.symlink_to((REPO_ROOT.parent / "shared").resolve(), target_is_directory=True)
 
 
-def run_mutmut(max_children: int) -> float:
+def source_sha256(path: str) -> str:
+    return hashlib.sha256((REPO_ROOT / path).read_bytes()).hexdigest()
+
+
+def mutant_pattern(path: str) -> str:
+    """The mutants of one module, as mutmut names them (``app.core.pipeline.x_name__mutmut_3``)."""
+    return path.removesuffix(".py").replace("/", ".") + ".*"
+
+
+def run_mutmut(max_children: int, patterns: list[str]) -> float:
     mutmut = Path(sys.executable).with_name("mutmut")
     log_path = WORK / "mutmut.log"
     print(f"mutmut run in {WORK} (log: {log_path})", flush=True)
@@ -111,7 +127,7 @@ def run_mutmut(max_children: int) -> float:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
     with open(log_path, "w") as log:
-        code = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=WORK,
+        code = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *patterns], cwd=WORK,
                               stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall_s = time.monotonic() - started
     if code != 0:
@@ -120,13 +136,13 @@ def run_mutmut(max_children: int) -> float:
     return wall_s
 
 
-def read_results() -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Per module the counts, and every mutant that was not killed (with its diff)."""
+def read_results(paths: list[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Per module of ``paths`` the counts, and every mutant that was not killed (with its diff)."""
     from mutmut.stats import status_by_exit_code
 
     modules: dict[str, dict[str, Any]] = {}
     not_killed: list[dict[str, Any]] = []
-    for path in SCOPE:
+    for path in paths:
         meta = json.loads((WORK / "mutants" / f"{path}.meta").read_text())
         statuses = {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
         counts = Counter(statuses.values())
@@ -134,7 +150,8 @@ def read_results() -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         modules[path] = {"mutants": total, "killed": counts["killed"], "survived": counts["survived"],
                          "timeout": counts["timeout"], "no_tests": counts["no tests"],
                          "other": total - sum(counts[s] for s in ("killed", "survived", "timeout", "no tests")),
-                         "score": round(counts["killed"] / total, 4) if total else None}
+                         "score": round(counts["killed"] / total, 4) if total else None,
+                         "sha256": source_sha256(path)}
         not_killed += [{"name": name, "module": path, "status": status}
                        for name, status in sorted(statuses.items()) if status != "killed"]
     diffs = mutant_diffs([m["name"] for m in not_killed])
@@ -175,6 +192,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="keep var/mutation/mutants and test only the mutants without a result")
+    parser.add_argument("--all", action="store_true", help="mutate every module, also those whose result is current")
     parser.add_argument("--recheck", action="store_true",
                         help="run nothing: re-read the survivors note and update mutation.json's list of "
                              "survivors it does not explain yet")
@@ -189,20 +207,34 @@ def main() -> None:
         print(f"{len(payload['not_explained_in_survivors_note'])} of {len(payload['not_killed'])} not explained")
         return
 
+    path = RESULTS_DIR / "mutation.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = {} if args.all else {m: r for m, r in previous.get("modules", {}).items()
+                                if m in SCOPE and r.get("sha256") == source_sha256(m)}
+    stale = [m for m in SCOPE if m not in kept]
+    if not stale:
+        print("every module's result matches its source (sha256); --all to run them again")
+        return
+    print(f"mutating {len(stale)} module(s) whose source changed: {', '.join(stale)}", flush=True)
     lay_out(args.resume)
-    wall_s = run_mutmut(args.max_children)
-    modules, not_killed = read_results()
+    wall_s = run_mutmut(args.max_children, [mutant_pattern(m) for m in stale])
+    fresh, fresh_not_killed = read_results(stale)
+    modules = {m: fresh[m] if m in fresh else kept[m] for m in SCOPE}
+    not_killed = [m for m in previous.get("not_killed", []) if m["module"] in kept] + fresh_not_killed
     overall = total_row(modules)
     from importlib.metadata import version
 
     explained = SURVIVORS_NOTE.read_text() if SURVIVORS_NOTE.exists() else ""
     unexplained = [m["name"] for m in not_killed if m["name"] not in explained]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     payload = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "tool": f"mutmut {version('mutmut')}",
         "max_children": args.max_children,
+        "code_at": commit,
+        "mutated_now": stale,
         "wall_s": round(wall_s, 1),
         "resumed": args.resume,
         "score": "killed / mutants (a timeout, a mutant no test reaches and a survivor all count against it)",
@@ -214,7 +246,7 @@ def main() -> None:
         "not_explained_in_survivors_note": unexplained,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "mutation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     print_table(modules, overall)
     print(f"\n{len(not_killed)} not killed; wall time {wall_s / 60:.1f} min; bench/results/mutation.json")
     if unexplained:

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from bench import deploy_figures
 from bench.common import REPO_ROOT, serving_python, write_results
 from bench.liveserver import MemorySampler, running_server
 
@@ -120,6 +121,8 @@ def main() -> None:
                                     if f.is_file()) / 2**20, 2),
     }
     write_results("startup", results)
+    if (deploy_figures.RESULTS_DIR / "docker.json").exists():
+        deploy_figures.write()  # app.json's and docs/deploy.md's memory figures
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
 
 class TcpProxy:
     """A TCP relay to PostgreSQL that a test can cut (``stop``) and restore (``start``) on the same
-    port: from the app's side, exactly a database server going away and coming back."""
+    port: from the app's side, exactly a database server going away and coming back. ``hang``
+    keeps every connection open and accepts new ones but relays nothing until ``resume``: a server
+    that has stopped answering."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -90,6 +92,14 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._relaying = threading.Event()
+        self._relaying.set()
+
+    def hang(self) -> None:
+        self._relaying.clear()
+
+    def resume(self) -> None:
+        self._relaying.set()
 
     def url_for(self, url: str) -> str:
         parsed = make_url(url)
@@ -134,10 +144,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._relaying.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -4,7 +4,8 @@ serves only that model (so a task's tests need no other task's artifact)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,16 @@ def committed_version(task: str) -> Path:
 
 
 @contextlib.contextmanager
-def single_task_client(root: Path, task: str) -> Iterator[TestClient]:
+def single_task_client(root: Path, task: str, **settings: object) -> Iterator[TestClient]:
     """A TestClient on an app whose models dir holds only ``task``'s committed version and whose
-    prediction log is a SQLite file under ``root``."""
+    prediction log is a SQLite file under ``root``; its admin endpoints open, as for local use;
+    ``settings`` override the rest."""
     version = committed_version(task)
     (root / "models" / task).mkdir(parents=True)
     (root / "models" / task / version.name).symlink_to(version)
-    settings = Settings(models_dir=root / "models", database_url=f"sqlite:///{root / 'log.db'}")
-    with TestClient(create_app(settings)) as client:
+    values = {"models_dir": root / "models", "database_url": f"sqlite:///{root / 'log.db'}",
+              "admin_open": True, **settings}
+    with TestClient(create_app(Settings(**values))) as client:
         yield client
 
 
@@ -57,3 +60,27 @@ def mall_rows() -> list[list[float]]:
 
     with open(MALL, newline="") as f:
         return [[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in csv.DictReader(f)]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` (checked every ``interval``): for an
+    event the test cannot be told of (a row written by a background flush)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def rows(url: str, sql: str, **params: object) -> list:
+    """The rows ``sql`` reads from the database at ``url`` (the server's prediction log), on a
+    connection of its own."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql), params).all())
+    finally:
+        engine.dispose()

@@ -167,3 +167,15 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 1)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE: the share-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)

@@ -4,7 +4,8 @@
         [--production-data export.zip] [--tolerance 0.003] [--out var/compare/...]
 
 Both versions are loaded by the serving code (``app.tasks.<task>.model``, LiteRT) and scored on
-the fixed held-out set (MNIST test; EmoDB speakers 03 and 16; membrane slices 25-29; for clustering,
+the fixed held-out set (MNIST test; EmoDB speakers 03 and 16 and nEMO speakers KD0 and SM0, on
+the emotions both versions offer; membrane slices 25-29; for clustering,
 which has no labels, the silhouette on the Mall customers) and, with ``--production-data``, on the
 export's labelled production inputs (clustering: its rows) decoded as serving decodes them. Writes
 ``compare.json``, ``compare.md`` (a table) and ``compare.png``, and exits 1 when the candidate is
@@ -84,21 +85,36 @@ def digits_accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 # ---- emotion ----------------------------------------------------------------------------------
-def emotion_sets(production: Path | None, limit: int) -> list[tuple[str, list[tuple[np.ndarray, int]], list[str]]]:
+def emotion_sets(production: Path | None, limit: int) -> list[tuple[str, list[tuple[tuple[np.ndarray, int], str]]]]:
+    import csv
+
     import soundfile as sf
 
-    from training.emotion import LABELS, LETTER_TO_LABEL, TEST_SPEAKERS
+    from training.emotion import (
+        LETTER_TO_LABEL,
+        NEMO_TEST_SPEAKERS,
+        NEMO_TO_LABEL,
+        TEST_SPEAKERS,
+    )
 
     clips = []
     for path in sorted((SHARED_DATA / "emodb" / "wav").glob("*.wav")):
         if path.name[:2] in TEST_SPEAKERS:
             waveform, rate = sf.read(path, dtype="float32", always_2d=False)
             clips.append(((waveform, rate), LETTER_TO_LABEL[path.name[5]]))
+    nemo = []
+    with open(SHARED_DATA / "nemo" / "data.tsv", newline="", encoding="utf-8") as handle:
+        rows = sorted(csv.DictReader(handle, delimiter="\t"), key=lambda r: r["file"])
+    for row in rows:
+        if row["speaker_id"] in NEMO_TEST_SPEAKERS:
+            waveform, rate = sf.read(SHARED_DATA / "nemo" / "ogg" / row["file"], dtype="float32",
+                                     always_2d=False)
+            nemo.append(((waveform, rate), NEMO_TO_LABEL[row["emotion"]]))
     if limit:
-        clips = clips[:limit]
-    sets = [("EmoDB speakers 03+16 (held out)", clips)]
+        clips, nemo = clips[:limit], nemo[:limit]
+    sets = [("EmoDB speakers 03+16 (held out)", clips), ("nEMO speakers KD0+SM0 (held out)", nemo)]
     if production is not None:
-        from training.emotion import load_production
+        from training.emotion import LABELS, load_production
 
         prod, _ = load_production(production)
         from app.tasks.emotion.preprocess import FEATURES
@@ -107,13 +123,15 @@ def emotion_sets(production: Path | None, limit: int) -> list[tuple[str, list[tu
     return sets
 
 
-def emotion_accuracy(model: Any, clips: list) -> float:
+def emotion_accuracy(model: Any, clips: list, labels: set[str]) -> float:
+    """Accuracy on the clips whose emotion is in ``labels`` (the classes both versions offer:
+    a version cannot be right on a class it does not answer)."""
+    clips = [c for c in clips if c[1] in labels]
     if not clips:
         return float("nan")
     return float(np.mean([model.classify(wav, rate).emotion == label for (wav, rate), label in clips]))
 
 
-# ---- segmentation -----------------------------------------------------------------------------
 def segmentation_sets(limit: int) -> list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]:
     from PIL import Image
 
@@ -169,8 +187,10 @@ def score(task: str, baseline: Any, candidate: Any, production: Path | None, lim
         for name, x, y in digits_sets(production, limit):
             scorers.append((name, len(y), lambda m, x=x, y=y: digits_accuracy(m, x, y)))
     elif task == "emotion":
+        shared = set(baseline.labels) & set(candidate.labels)
         for name, clips in emotion_sets(production, limit):
-            scorers.append((name, len(clips), lambda m, clips=clips: emotion_accuracy(m, clips)))
+            n = sum(label in shared for _, label in clips)
+            scorers.append((name, n, lambda m, clips=clips: emotion_accuracy(m, clips, shared)))
     elif task == "segmentation":
         if production is not None:
             print("segmentation: production data has no masks; scored on the held-out slices only")

@@ -1,54 +1,46 @@
-"""Speech-emotion recognition on EmoDB: MFCC windows -> 2-D log-mel CNN ensemble -> LiteRT.
+"""Speech-emotion recognition on EmoDB (German) and nEMO (Polish): MFCC windows -> 1-D log-mel CNNs +
+functionals logistic regression -> calibrated probabilities -> LiteRT.
 
-    cd /work/main && .venv-train/bin/python -m training.emotion [--data ../shared/data/emodb/wav]
+    cd /work/main && .venv-train/bin/python -m training.emotion [--cache var/emotion-features.npz]
 
-Pipeline (the course's "dataset -> MFCC features -> CNN -> evaluation -> deployment"):
-1. Data: the 535 EmoDB utterances; label = 6th character of the file name, speaker = first two.
-   Speakers 03 and 16 are the held-out test speakers: they are used once, at the end, for the
-   report and the drift reference; never for training, tuning or early stopping.
-2. Features: ``app/tasks/emotion/preprocess.py`` (the same code serving runs): 3 s windows with a
-   1.5 s hop, 40 MFCCs from 64 Slaney mel bands (librosa-equal), c0 mean removed per window;
-   the model standardises each coefficient with training-set statistics (a Normalization layer).
-   Augmented copies of every training clip: speed 0.9-1.1 (pitch moves with it), gain +-6 dB,
-   white noise at 15-40 dB SNR, and a random start trim that shifts where windows fall.
-3. Models: a small 2-D CNN over the 64-band log-mel map and a functionals model (mean/std/max/
-   min/slope of the MFCCs and their deltas, std/max/min/slope of the log-mel bands, log-mel mean
-   and std over the louder frames -> standardised -> logistic regression, C=0.005), the
-   classic SER baseline, which joins the ensemble only if it raises the out-of-fold UAR. The
-   log-mel map is computed inside the graph as the inverse orthonormal DCT of the 40 MFCCs
-   (zero-padded to 64; a fixed matrix), i.e. the cepstrally smoothed log-mel spectrogram, so the
-   served input and the numpy feature code are unchanged; it is standardised per band and stacked
-   with its delta; SpecAugment masking (time and frequency) on top of the waveform augmentation.
-   History on the same folds (out-of-fold accuracy / UAR): 1.0.0 1-D CNN (40 MFCC channels,
-   kernels 7/5/3) + Keras functionals softmax 0.655 / 0.660; 1.1.0 slopes + scikit-learn
-   logistic regression, weights 0.3/0.7: 0.684 / 0.691 (its 1-D CNN alone: UAR 0.628);
-   1.2.0 this 2-D CNN: alone 0.675 / 0.684; CNN 0.7 + functionals 0.3:
-   0.716 / 0.724 (UAR 0.709-0.724 for CNN weights 0.3-0.7); 1.3.0 adds the log-mel band
-   functionals (functionals alone 0.682 / 0.684 -> 0.728 / 0.726), CNN 0.6 + functionals 0.4:
-   0.754 / 0.758 (UAR 0.743-0.758 for CNN weights 0.2-0.8). Screened and rejected on
-   the same CV: skewness/kurtosis and delta-delta functionals; log-mel delta functionals;
-   10/50/90th percentiles; log-F0 functionals (librosa.yin over the louder frames: +0.004 UAR,
-   not worth a second model input); a 1-D CNN with SpecAugment but
-   no speed augmentation (CNN UAR 0.579 vs 0.628); a 2-D CNN with 8/16/32/64 filters, no time averaging,
-   heavier masking (2x30 frames, 2x10 bands), 12 epochs (CNN UAR 0.532 on folds 1-2: underfit).
-   The CNN weight is chosen on the out-of-fold UAR among 0.2-0.8 (``--cnn-weight`` overrides).
-4. Selection: four speaker-grouped folds over the eight development speakers (one male + one
-   female speaker held out per fold), each trained for a fixed number of epochs; the out-of-fold
-   accuracy and UAR are the selection estimate (choices made on it: MFCC count, normalisation,
-   fixed epochs instead of early stopping on ~130 noisy validation clips). The served model then
-   averages the probabilities of ``--final-models`` CNNs (seeds) trained on all eight
-   development speakers, and (if selected) mixes them with the functionals model,
-   ``--cnn-weight`` : 1 - ``--cnn-weight`` (one .tflite).
-5. Evaluation on speakers 03+16 (clip = mean of its windows' probabilities, as served), optional
-   cross-corpus check on the RAVDESS subset (evaluation only), report, reference.json, export.
+1. Data: EmoDB (535 utterances, 10 German actors; label = 6th character of the file name, speaker =
+   first two) and nEMO (4 481 utterances, 9 Polish actors; ``data.tsv``). Held out, used once at the
+   end for the report, the card and the drift reference, never for training or for any choice:
+   EmoDB speakers 03 and 16, nEMO speakers KD0 and SM0. The RAVDESS subset (English) is scored once,
+   at the end, and never chosen on.
+2. Channels: every development clip is used clean and as ``--copies`` copies through
+   ``training/audio_channels.random_channel`` (speed 0.9-1.1, a synthetic room, noise at 5-20 dB SNR,
+   telephone band with mu-law, Opus at 8-32 kbit/s or a muffled microphone, gain -30..+10 dB), each
+   copy seeded by its clip, so the features are the same on every run.
+3. Features: ``app/tasks/emotion/preprocess.py`` (the code serving runs): 3 s windows of 40 MFCCs,
+   c0 mean removed per window, over the clip's speech span (``app/tasks/emotion/model.speech_span``:
+   leading and trailing pauses cut, as serving cuts them). Inside the graph the MFCCs become the
+   cepstrally smoothed 64-band log-mel map (inverse orthonormal DCT, a fixed matrix).
+4. Models: a 1-D CNN over time on the log-mel map with each band's window mean removed and its
+   delta (three Conv1D blocks, mean and standard-deviation pooling over time), SpecAugment
+   masking; and the utterance-functionals logistic regression (MFCC, delta and log-mel band
+   statistics). Trained on all eight candidate classes, each (corpus, class) weighted equally so
+   the 415 EmoDB clips count as much as the 3 400 nEMO ones.
+5. Selection and calibration on speaker-grouped folds over the development speakers only (each fold
+   validates on two or three speakers of each corpus): the out-of-fold probabilities choose the
+   CNN's weight in the mix, which classes beyond the five both corpora share (anger, fear,
+   happiness, neutral, sadness) the model offers (boredom, disgust, surprise: only with an
+   out-of-fold recall of at least ``MIN_EXTRA_RECALL`` in every corpus that has the class), and the
+   temperature (minimum out-of-fold log loss of the clip probabilities). The served model is
+   ``--final-models`` CNNs plus the functionals model trained on all development speakers; the
+   graph keeps the offered classes, renormalises and applies the temperature.
+6. Evaluation with the exported LiteRT model on the held-out speakers of each corpus (clean, and
+   EmoDB 03+16 through telephone, Opus 24 kbit/s, noise at 15 dB SNR and 30 dB quieter), and on
+   RAVDESS; report, reference.json, metadata with the model card.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -64,6 +56,7 @@ from training.common import (
     MODELS_DIR,
     SHARED_DATA,
     Stopwatch,
+    expected_calibration_error,
     export_tflite,
     model_dir,
     output_version,
@@ -76,21 +69,35 @@ from training.production import read_export, summary
 
 LETTER_TO_LABEL = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happiness",
                    "T": "sadness", "N": "neutral"}
-LABELS = ["anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"]
-TEST_SPEAKERS = ("03", "16")
-# (male, female) validation pairs over the eight development speakers.
-FOLDS = [("10", "08"), ("11", "09"), ("12", "13"), ("15", "14")]
+NEMO_TO_LABEL = {"anger": "anger", "fear": "fear", "happiness": "happiness", "neutral": "neutral",
+                 "sadness": "sadness", "surprised": "surprise"}
 RAVDESS_TO_LABEL = {"01": "neutral", "03": "happiness", "04": "sadness", "05": "anger",
-                    "06": "fear", "07": "disgust"}  # 02 calm and 08 surprised have no EmoDB class
-# Chosen on the speaker-grouped CV (never on the test speakers).
+                    "06": "fear", "07": "disgust", "08": "surprise"}  # 02 calm has no class here
+# Every class the model is trained on; the served labels are a subset (CORE + extras that pass).
+LABELS = ["anger", "boredom", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+CORE = ("anger", "fear", "happiness", "neutral", "sadness")
+MIN_EXTRA_RECALL = 0.5
+TEST_SPEAKERS = ("03", "16")            # EmoDB
+NEMO_TEST_SPEAKERS = ("KD0", "SM0")     # nEMO (female, male)
+HELD_OUT = {"emodb": TEST_SPEAKERS, "nemo": NEMO_TEST_SPEAKERS}
+# Validation speakers per fold: (EmoDB, nEMO), both genders in each.
+FOLDS = [(("08", "10", "11"), ("KS0", "IC0")),
+         (("09", "12", "13"), ("WR0", "EB0")),
+         (("14", "15"), ("TP0", "MK0", "MP0"))]
+CNN_WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TEMPERATURES = tuple(np.round(np.arange(0.5, 3.01, 0.05), 2))
 STATS_C = 0.005
-CNN_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-SPEEDS = ((10, 9), (20, 19), (20, 21), (10, 11))  # resample_poly (up, down): speed 0.9 .. 1.1
+CMN = True  # per-window band means removed in the CNN (speaker and microphone colour)
+EMODB_CHANNELS = ("telephone", "opus 24 kbit/s", "noise 15 dB SNR", "30 dB quieter")
+CORPUS_NAMES = {"emodb": "EmoDB speakers 03+16 (German, held out)",
+                "nemo": "nEMO speakers KD0+SM0 (Polish, held out)",
+                "ravdess": "RAVDESS speech subset (English, evaluation only)"}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=SHARED_DATA / "emodb" / "wav")
+    parser.add_argument("--emodb", type=Path, default=SHARED_DATA / "emodb" / "wav")
+    parser.add_argument("--nemo", type=Path, default=SHARED_DATA / "nemo")
     parser.add_argument("--ravdess", type=Path, default=SHARED_DATA / "ravdess_speech_subset")
     parser.add_argument("--version", default=None, help="default: the next free version; an existing "
                         "one is refused")
@@ -98,24 +105,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--production-data", type=Path, default=None,
                         help="a /v1/monitoring/dataset export: its labelled clips join the development "
                              "set as one more speaker that is never a validation fold")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="an .npz to keep the development windows in (written if absent, read if "
+                             "present and made with the same copies and seed)")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--final-models", type=int, default=3, help="CNN ensemble size (seeds)")
-    parser.add_argument("--stats-c", type=float, default=STATS_C,
-                        help="inverse L2 strength of the functionals' logistic regression")
-    parser.add_argument("--cnn-weight", type=float, default=None,
-                        help="weight of the CNN ensemble against the functionals model "
-                             f"(default: the best out-of-fold UAR among {CNN_WEIGHTS})")
-    parser.add_argument("--min-cv-uar", type=float, default=0.0,
-                        help="stop before the final models (nothing written) unless the selected "
-                             "out-of-fold UAR beats this (e.g. the committed model's)")
-    parser.add_argument("--copies", type=int, default=4, help="augmented copies per training clip")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--final-models", type=int, default=1, help="CNN ensemble size (seeds)")
+    parser.add_argument("--stats-c", type=float, default=STATS_C)
+    parser.add_argument("--copies", type=int, default=3, help="channel copies per training clip")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--folds", type=int, default=len(FOLDS), help="use the first N folds")
+    parser.add_argument("--workers", type=int, default=2, help="processes computing features")
     return parser.parse_args()
 
 
 # ---------------------------------------------------------------- data
+def speech_only(wav: np.ndarray) -> np.ndarray:
+    """The clip from its first to its last speech frame, as serving scores it."""
+    from app.tasks.emotion.model import speech_span
+
+    start, end = speech_span(wav, FEATURES)
+    return wav[start:end]
+
+
 def load_production(path: Path) -> tuple[list[dict], dict]:
     """The export's labelled clips, decoded as serving decodes them, as development clips of a
     speaker "production" (trained on in every fold, never validated on, never a test speaker)."""
@@ -136,51 +148,98 @@ def load_production(path: Path) -> tuple[list[dict], dict]:
         except ProblemError:
             skipped += 1
             continue
-        clips.append({"path": Path(example.file), "speaker": "production",
-                      "label": LABELS.index(example.label), "wav": wav})
+        clips.append({"path": Path(example.file), "corpus": "production", "speaker": "production",
+                      "label": LABELS.index(example.label), "wav": speech_only(wav)})
     return clips, {**summary(examples, len(clips), path), "skipped": skipped}
+
+
 
 
 def load_emodb(root: Path) -> list[dict]:
     clips = []
     for path in sorted(root.glob("*.wav")):
         waveform, sr = sf.read(path, dtype="float32", always_2d=False)
-        clips.append({"path": path, "speaker": path.name[:2],
+        clips.append({"path": path, "corpus": "emodb", "speaker": path.name[:2],
                       "label": LABELS.index(LETTER_TO_LABEL[path.name[5]]),
-                      "wav": prepare_waveform(waveform, sr)})
+                      "wav": speech_only(prepare_waveform(waveform, sr))})
     return clips
 
 
-def augment(wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    import scipy.signal
-
-    out = wav
-    if rng.random() < 0.6:
-        up, down = SPEEDS[rng.integers(len(SPEEDS))]
-        out = scipy.signal.resample_poly(out, up, down).astype(np.float32)
-    trim = int(rng.integers(0, int(0.25 * FEATURES.sample_rate)))
-    if out.size - trim > FEATURES.sample_rate:
-        out = out[trim:]
-    out = out * np.float32(10 ** (rng.uniform(-6, 6) / 20))
-    if rng.random() < 0.6:
-        rms = float(np.sqrt(np.mean(out ** 2))) + 1e-8
-        snr_db = rng.uniform(15, 40)
-        out = out + rng.normal(0, rms / 10 ** (snr_db / 20), out.size).astype(np.float32)
-    return np.clip(out, -1.0, 1.0).astype(np.float32)
+def load_nemo(root: Path) -> list[dict]:
+    with open(root / "data.tsv", newline="", encoding="utf-8") as handle:
+        rows = sorted(csv.DictReader(handle, delimiter="\t"), key=lambda r: r["file"])
+    clips = []
+    for row in rows:
+        path = root / "ogg" / row["file"]
+        waveform, sr = sf.read(path, dtype="float32", always_2d=False)
+        clips.append({"path": path, "corpus": "nemo", "speaker": row["speaker_id"],
+                      "label": LABELS.index(NEMO_TO_LABEL[row["emotion"]]),
+                      "wav": speech_only(prepare_waveform(waveform, sr))})
+    return clips
 
 
-def windows_of(clips: list[dict], copies: int, rng: np.random.Generator
+def load_ravdess(root: Path) -> list[dict]:
+    clips = []
+    for path in sorted(root.glob("Actor_*/*.wav")):
+        emotion = path.name.split("-")[2]
+        if emotion in RAVDESS_TO_LABEL:
+            waveform, sr = sf.read(path, dtype="float32", always_2d=False)
+            clips.append({"path": path, "corpus": "ravdess", "speaker": path.parent.name,
+                          "label": LABELS.index(RAVDESS_TO_LABEL[emotion]),
+                          "wav": speech_only(prepare_waveform(waveform, sr))})
+    return clips
+
+
+def _clip_versions(job: tuple[np.ndarray, int, int]) -> list[np.ndarray]:
+    """The windows of a clip and of its channel copies (the copies seeded by the clip's index)."""
+    from training.audio_channels import random_channel
+
+    wav, copies, seed = job
+    rng = np.random.default_rng(seed)
+    return [clip_windows(w)[0] for w in [wav] + [random_channel(wav, rng) for _ in range(copies)]]
+
+
+def windows_of(clips: list[dict], copies: int, seed: int, workers: int = 1
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Model inputs, labels and clip index for every window of every (augmented) clip."""
+    """Model inputs, labels and clip index for every window of every clip and its copies."""
+    jobs = [(c["wav"], copies, seed * 100_003 + i) for i, c in enumerate(clips)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_clip_versions, jobs, chunksize=16)
+    else:
+        results = [_clip_versions(job) for job in jobs]
     xs, ys, owners = [], [], []
-    for index, clip in enumerate(clips):
-        versions = [clip["wav"]] + [augment(clip["wav"], rng) for _ in range(copies)]
-        for wav in versions:
-            batch, _ = clip_windows(wav)
+    for index, (clip, versions) in enumerate(zip(clips, results)):
+        for batch in versions:
             xs.append(batch)
             ys += [clip["label"]] * len(batch)
             owners += [index] * len(batch)
     return np.concatenate(xs), np.array(ys), np.array(owners)
+
+
+def cached_windows(clips: list[dict], args: argparse.Namespace):
+    key = f"copies={args.copies} seed={args.seed} clips={len(clips)} trimmed " \
+          f"{sha256_files(c['path'] for c in clips)}"
+    if args.cache is not None and args.cache.exists():
+        with np.load(args.cache) as data:
+            if str(data["key"]) == key:
+                print(f"windows from {args.cache}", flush=True)
+                return data["x"], data["y"], data["owner"]
+    x, y, owner = windows_of(clips, args.copies, args.seed, args.workers)
+    if args.cache is not None:
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.cache, x=x, y=y, owner=owner, key=np.array(key))
+    return x, y, owner
+
+
+def group_weights(corpora: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample weights that give every (corpus, class) pair the same total weight, mean 1."""
+    groups = np.array([f"{c}/{y}" for c, y in zip(corpora, labels)])
+    names, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    weights = len(groups) / (len(names) * counts[inverse])
+    return weights.astype(np.float32)
 
 
 # ---------------------------------------------------------------- model
@@ -231,18 +290,22 @@ def spec_mask_layer():
     return SpecMask()
 
 
+
+
 def build_model(x_train: np.ndarray, n_classes: int):
-    """A small 2-D CNN over the log-mel map, computed inside the graph from the MFCC input.
+    """A 1-D CNN over time on the log-mel map, computed inside the graph from the MFCC input.
 
     The inverse orthonormal DCT of the 40 MFCCs (zero-padded to 64) is the cepstrally smoothed
-    64-band log-mel spectrogram (a fixed matrix product, so the served input and the numpy feature
-    code stay as they are). Bands are standardised with training-set statistics; the map and its
-    delta (9-frame Savitzky-Golay slope) are two channels; SpecAugment masking in training; time
-    averaged 2x (20 ms frames), then 3x(Conv2D-BN-ReLU-MaxPool 2x2) with 16/32/64 filters, a
-    128-filter Conv2D, global average pooling, dropout, softmax.
+    64-band log-mel spectrogram; with ``CMN`` each band's mean over the window is removed (a
+    voice's and a microphone's colour is a constant offset per band; what is left is how the
+    spectrum moves), then bands are standardised with training-set statistics, the map and
+    its delta (9-frame Savitzky-Golay slope) are stacked as 128 features per frame; SpecAugment in
+    training; 4x time average (40 ms frames); Conv1D 64 (k5) - 96 (k5) - 128 (k3), each with batch
+    normalisation and ReLU, max pooling 2x between them; mean and standard deviation over time;
+    dropout; softmax.
     """
     import keras
-    from keras import layers
+    from keras import layers, ops
 
     n_frames, n_mfcc = x_train.shape[1:]
     inverse = mfcc_to_log_mel(n_mfcc)
@@ -250,7 +313,10 @@ def build_model(x_train: np.ndarray, n_classes: int):
     to_mel = layers.Dense(IDCT_BANDS, use_bias=False, trainable=False)
     log_mel = to_mel(inputs)
     to_mel.set_weights([inverse])
-    sample = x_train[::4] @ inverse
+    sample = x_train[::8] @ inverse
+    if CMN:
+        log_mel = layers.Lambda(lambda t: t - ops.mean(t, axis=1, keepdims=True))(log_mel)
+        sample = sample - sample.mean(axis=1, keepdims=True)
     log_mel = layers.Normalization(axis=-1, mean=sample.mean(axis=(0, 1)),
                                    variance=sample.std(axis=(0, 1)) ** 2)(log_mel)
     delta_layer = layers.DepthwiseConv1D(9, padding="same", use_bias=False, trainable=False)
@@ -259,23 +325,28 @@ def build_model(x_train: np.ndarray, n_classes: int):
     x = layers.Concatenate()([layers.Reshape((n_frames, IDCT_BANDS, 1))(log_mel),
                               layers.Reshape((n_frames, IDCT_BANDS, 1))(deltas)])
     x = spec_mask_layer()(x)
-    x = layers.AveragePooling2D((2, 1))(x)
-    for filters in (16, 32, 64):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.Reshape((n_frames, 2 * IDCT_BANDS))(x)
+    x = layers.AveragePooling1D(4)(x)
+    for filters, kernel in ((64, 5), (96, 5), (128, 3)):
+        x = layers.Conv1D(filters, kernel, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         x = layers.ReLU()(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.SpatialDropout2D(0.1)(x)
-    x = layers.Conv2D(128, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.ReLU()(x)
-    x = layers.GlobalAveragePooling2D()(x)
+        if filters != 128:
+            x = layers.MaxPooling1D(2)(x)
+            x = layers.SpatialDropout1D(0.1)(x)
+
+    def mean_std(t):
+        mean = ops.mean(t, axis=1)
+        std = ops.sqrt(ops.maximum(ops.mean(ops.square(t - mean[:, None, :]), axis=1), 1e-6))
+        return ops.concatenate([mean, std], axis=-1)
+
+    x = layers.Lambda(mean_std)(x)
     x = layers.Dropout(0.4)(x)
     outputs = layers.Dense(n_classes, activation="softmax")(x)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(2e-3),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
-                  metrics=["accuracy"])
+                  weighted_metrics=["accuracy"])
     return model
 
 
@@ -330,11 +401,14 @@ def functionals_model(input_shape: tuple[int, int]):
     return keras.Model(inputs, outputs, name="functionals")
 
 
-def build_stats_model(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, c: float):
+
+
+def build_stats_model(x_train: np.ndarray, y_train: np.ndarray, weights: np.ndarray,
+                      n_classes: int, c: float):
     """The classic SER baseline: utterance functionals -> standardisation -> multinomial logistic
-    regression (L2, inverse strength ``c``, balanced class weights), fitted with scikit-learn and
-    written into a Keras graph so it joins the CNNs in one .tflite. Its errors differ from the
-    CNN's, which is what an ensemble needs."""
+    regression (L2, inverse strength ``c``, the (corpus, class) weights), fitted with scikit-learn
+    and written into a Keras graph so it joins the CNNs in one .tflite. Its errors differ from
+    the CNN's, which is what an ensemble needs."""
     import keras
     from keras import layers
     from sklearn.linear_model import LogisticRegression
@@ -345,50 +419,76 @@ def build_stats_model(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
     # c0's window mean is zero by construction (normalise() removes it): its spread across windows
     # is float32 noise (~1e-6), which standardisation would blow up into a LiteRT-vs-Keras mismatch.
     std[std < 1e-3] = 1.0
-    classifier = LogisticRegression(C=c, max_iter=300, class_weight="balanced")
-    classifier.fit((features - mean) / std, y_train)
+    classifier = LogisticRegression(C=c, max_iter=300)
+    classifier.fit((features - mean) / std, y_train, sample_weight=weights)
+    coef = np.zeros((n_classes, features.shape[1]), np.float32)
+    intercept = np.full(n_classes, -30.0, np.float32)  # a class absent from training: never
+    coef[classifier.classes_] = classifier.coef_
+    intercept[classifier.classes_] = classifier.intercept_
     inputs = keras.Input(x_train.shape[1:], name="mfcc")
     standardise = layers.Normalization(axis=-1, mean=mean, variance=std ** 2)
     dense = layers.Dense(n_classes, activation="softmax")
     outputs = dense(standardise(functionals(inputs)))
-    dense.set_weights([classifier.coef_.T.astype(np.float32),
-                       classifier.intercept_.astype(np.float32)])
+    dense.set_weights([coef.T, intercept])
     return keras.Model(inputs, outputs, name="stats")
-
-
-def balanced_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
-    counts = np.bincount(labels, minlength=n_classes)
-    return {i: float(len(labels) / (n_classes * max(c, 1))) for i, c in enumerate(counts)}
 
 
 def mix(cnn: np.ndarray, stats: np.ndarray, cnn_weight: float) -> np.ndarray:
     return cnn_weight * cnn + (1.0 - cnn_weight) * stats
 
 
-def clip_probabilities(predict, clips: list[dict]) -> np.ndarray:
-    """One probability row per clip: the mean over its windows, exactly as served."""
-    rows = []
-    for clip in clips:
-        batch, _ = clip_windows(clip["wav"])
-        rows.append(np.asarray(predict(batch)).mean(axis=0))
-    return np.stack(rows)
+def calibrated(probabilities: np.ndarray, offered: list[int], temperature: float) -> np.ndarray:
+    """Window probabilities over the offered classes, renormalised, at ``temperature``."""
+    p = np.maximum(np.asarray(probabilities, np.float64)[..., offered], 1e-7) ** (1.0 / temperature)
+    return p / p.sum(axis=-1, keepdims=True)
 
 
-def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        recall_score,
-    )
+def calibration_layer(offered: list[int], temperature: float):
+    """:func:`calibrated` as a Keras layer (in the exported graph)."""
+    from keras import layers, ops
+
+    index = np.array(offered, dtype=np.int32)
+
+    def calibrate(p):
+        kept = ops.take(p, index, axis=-1)
+        scaled = ops.exp(ops.log(ops.maximum(kept, 1e-7)) / temperature)
+        return scaled / ops.sum(scaled, axis=-1, keepdims=True)
+
+    return layers.Lambda(calibrate, name="calibration")
+
+
+def window_probabilities(predict, clips: list[dict]) -> list[np.ndarray]:
+    """Each clip's window probabilities ``(windows, classes)``, predicted in batches of 256."""
+    batches = [clip_windows(c["wav"])[0] for c in clips]
+    windows = np.concatenate(batches)
+    probs = np.concatenate([np.asarray(predict(windows[i:i + 256]))
+                            for i in range(0, len(windows), 256)])
+    return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
+
+
+def clip_mean(windows: list[np.ndarray]) -> np.ndarray:
+    """One row per clip: the mean over its windows, as served."""
+    return np.stack([w.mean(axis=0) for w in windows])
+
+
+def scores(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, UAR over the classes present, per-class recall, ECE, confusion matrix;
+    ``y_true`` indexes ``labels`` (the columns of ``probabilities``)."""
+    from sklearn.metrics import confusion_matrix
 
     y_pred = probabilities.argmax(axis=1)
-    labels = list(range(len(LABELS)))
-    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    return {"n": int(len(y_true)), "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-            "uar": round(float(balanced_accuracy_score(y_true, y_pred)), 4),
-            "per_class_recall": {LABELS[i]: round(float(r), 4) for i, r in enumerate(recall)},
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
+    present = sorted(set(y_true.tolist()))
+    recall = {labels[i]: round(float((y_pred[y_true == i] == i).mean()), 4) for i in present}
+    return {"n": len(y_true), "accuracy": round(float((y_pred == y_true).mean()), 4),
+            "uar": round(float(np.mean(list(recall.values()))), 4),
+            "ece": round(expected_calibration_error(probabilities.max(axis=1), y_pred == y_true), 4),
+            "mean_confidence": round(float(probabilities.max(axis=1).mean()), 4),
+            "per_class_recall": recall,
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(len(labels)))).tolist()}
+
+
+def log_loss(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(probabilities[np.arange(len(y_true)), y_true], 1e-7))))
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], title: str, path: Path) -> None:
@@ -423,10 +523,9 @@ def plot_history(histories: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for k, history in enumerate(histories):
         for ax, key in zip(axes, ("loss", "accuracy")):
-            ax.plot(history[key], color=f"C{k}", alpha=0.5)
-            ax.plot(history[f"val_{key}"], color=f"C{k}", label=f"fold {k + 1} val")
-    for ax, key in zip(axes, ("loss", "window accuracy")):
-        ax.set_title(f"{key} (faint: train)")
+            ax.plot(history[key], color=f"C{k}", label=f"fold {k + 1}")
+    for ax, key in zip(axes, ("training loss", "training window accuracy (weighted)")):
+        ax.set_title(key)
         ax.set_xlabel("epoch")
     axes[1].legend()
     fig.tight_layout()
@@ -434,36 +533,54 @@ def plot_history(histories: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def load_ravdess(root: Path) -> list[dict]:
-    clips = []
-    for path in sorted(root.glob("Actor_*/*.wav")):
-        emotion = path.name.split("-")[2]
-        if emotion in RAVDESS_TO_LABEL:
-            waveform, sr = sf.read(path, dtype="float32", always_2d=False)
-            clips.append({"path": path, "label": LABELS.index(RAVDESS_TO_LABEL[emotion]),
-                          "wav": prepare_waveform(waveform, sr)})
-    return clips
 
 
-# ---------------------------------------------------------------- main
+def channel_copies(clips: list[dict], seed: int) -> dict[str, list[dict]]:
+    """The held-out EmoDB clips through each evaluation channel (as ``bench/emotion_eval.py``
+    sends them, decoded as the server decodes them)."""
+    from training import audio_channels as ch
+
+    rng = np.random.default_rng(seed)
+    make = {"telephone": ch.upsampled_telephone, "opus 24 kbit/s": lambda w: ch.opus(w, 24_000),
+            "noise 15 dB SNR": lambda w: ch.add_noise(w, 15.0, rng),
+            "30 dB quieter": lambda w: ch.gain(w, -30.0)}
+    return {name: [{**c, "wav": make[name](c["wav"])} for c in clips] for name in EMODB_CHANNELS}
+
+
+def cnn_members(count: int) -> str:
+    return "a 1-D log-mel CNN" if count == 1 else f"the mean of {count} 1-D log-mel CNNs"
+
+
+def emotion_card(offered: list[str], held_out: dict[str, dict], channels: dict[str, dict]
+                 ) -> dict[str, Any]:
+    """What GET /v1/models says the model is: languages, corpora, licence, held-out figures."""
+    figures = ("n", "accuracy", "uar", "ece")
+    return {
+        "languages": ["de", "pl"],
+        "trained_on": ["EmoDB: German acted speech, 8 of its 10 actors, studio recordings",
+                       "nEMO: Polish acted speech, 7 of its 9 actors"],
+        "labels": offered,
+        "licence": "CC BY-NC-SA 4.0, non-commercial use only (inherited from nEMO, CC BY-NC-SA 4.0; "
+                   "EmoDB is CC0 1.0 as published by audEERING)",
+        "intended_use": "acted-style emotional speech in a quiet or phone-quality channel; "
+                        "research and non-commercial use",
+        "held_out": {CORPUS_NAMES[corpus]: {k: s[k] for k in figures} for corpus, s in held_out.items()},
+        "channels": {f"EmoDB speakers 03+16 through {name}": {k: s[k] for k in figures}
+                     for name, s in channels.items()},
+        "model_card": "docs/models/emotion.md"}
+
+
 def main() -> None:
     args = parse_args()
     args.version = output_version("emotion", args.version, args.models_dir)
     clock = Stopwatch()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(2)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    seed_everything(args.seed)
-    rng = np.random.default_rng(args.seed)
-
-    clips = load_emodb(args.data)
-    dev = [c for c in clips if c["speaker"] not in TEST_SPEAKERS]
-    test = [c for c in clips if c["speaker"] in TEST_SPEAKERS]
-    print(f"{len(clips)} clips: {len(dev)} development (8 speakers), {len(test)} test "
-          f"(speakers {'+'.join(TEST_SPEAKERS)}) [{clock.seconds}s]", flush=True)
+    clips = load_emodb(args.emodb) + load_nemo(args.nemo)
+    dev = [c for c in clips if c["speaker"] not in HELD_OUT[c["corpus"]]]
+    test = {corpus: [c for c in clips if c["corpus"] == corpus and c["speaker"] in speakers]
+            for corpus, speakers in HELD_OUT.items()}
+    print(f"{len(clips)} clips: {len(dev)} development, held out: "
+          + ", ".join(f"{k} {len(v)}" for k, v in test.items()) + f" [{clock.seconds}s]", flush=True)
     production = None
     if args.production_data is not None:
         production_clips, production = load_production(args.production_data)
@@ -471,182 +588,229 @@ def main() -> None:
         print(f"production data: {production['used']} labelled clips added to development "
               f"({production['skipped']} skipped)", flush=True)
 
-    # Features once for all development clips (clean + augmented copies); folds slice by speaker.
-    x_dev, y_dev, owner = windows_of(dev, args.copies, rng)
-    print(f"{len(x_dev)} development windows ({args.copies} augmented copies) [{clock.seconds}s]",
+    # Features once for all development clips (clean + channel copies); folds slice by speaker.
+    x_dev, y_dev, owner = cached_windows(dev, args)
+    corpus_dev = np.array([dev[i]["corpus"] for i in owner])
+    w_dev = group_weights(corpus_dev, y_dev)
+    print(f"{len(x_dev)} development windows ({args.copies} channel copies) [{clock.seconds}s]",
           flush=True)
+    # TensorFlow only now: the feature processes above are forked, which a running TF runtime
+    # does not survive.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    seed_everything(args.seed)
     n_classes = len(LABELS)
     histories = []
-    oof = np.zeros((len(dev), n_classes))
-    oof_stats = np.zeros((len(dev), n_classes))
-    for k, val_speakers in enumerate(FOLDS[:args.folds]):
+    oof_cnn: dict[int, np.ndarray] = {}
+    oof_stats: dict[int, np.ndarray] = {}
+    for k, (emodb_val, nemo_val) in enumerate(FOLDS[:args.folds]):
+        val_speakers = set(emodb_val) | set(nemo_val)
         val_index = [i for i, c in enumerate(dev) if c["speaker"] in val_speakers]
         val_clips = [dev[i] for i in val_index]
-        in_val = np.isin(owner, val_index)
-        x_train, y_train = x_dev[~in_val], y_dev[~in_val]
-        x_val, y_val, _ = windows_of(val_clips, 0, rng)
-        class_weight = balanced_weights(y_train, n_classes)
-        print(f"fold {k + 1}/{args.folds}: validate on speakers {'+'.join(val_speakers)}; "
-              f"{len(x_train)} train windows, {len(x_val)} val windows [{clock.seconds}s]", flush=True)
+        train = ~np.isin(owner, val_index)
+        print(f"fold {k + 1}/{args.folds}: validate on {'+'.join(sorted(val_speakers))}; "
+              f"{int(train.sum())} train windows, {len(val_clips)} val clips [{clock.seconds}s]",
+              flush=True)
         keras.utils.set_random_seed(args.seed + k)
-        model = build_model(x_train, n_classes)
-        # Validation is watched (curves), never used to stop or pick weights: the epochs are fixed.
-        history = model.fit(
-            x_train, keras.utils.to_categorical(y_train, n_classes),
-            validation_data=(x_val, keras.utils.to_categorical(y_val, n_classes)),
-            epochs=args.epochs, batch_size=args.batch_size, class_weight=class_weight, verbose=2)
+        model = build_model(x_dev[train], n_classes)
+        # Validation is not watched at all: the epochs are fixed; the folds only give
+        # out-of-fold probabilities.
+        history = model.fit(x_dev[train], keras.utils.to_categorical(y_dev[train], n_classes),
+                            sample_weight=w_dev[train], epochs=args.epochs,
+                            batch_size=args.batch_size, verbose=2)
         histories.append({key: [float(v) for v in vals] for key, vals in history.history.items()})
-        oof[val_index] = clip_probabilities(lambda b: model(b, training=False), val_clips)
-        stats_model = build_stats_model(x_train, y_train, n_classes, args.stats_c)
-        oof_stats[val_index] = clip_probabilities(lambda b: stats_model(b, training=False), val_clips)
-        y_val_clips = np.array([c["label"] for c in val_clips])
-        for name, probs in (("CNN", oof[val_index]), ("functionals", oof_stats[val_index]),
-                            ("CNN+functionals",
-                             mix(oof[val_index], oof_stats[val_index], args.cnn_weight or 0.5))):
-            fold = scores(y_val_clips, probs)
-            print(f"fold {k + 1} {name}: val clip accuracy {fold['accuracy']:.3f} "
-                  f"UAR {fold['uar']:.3f} [{clock.seconds}s]", flush=True)
+        stats_model = build_stats_model(x_dev[train], y_dev[train], w_dev[train], n_classes,
+                                        args.stats_c)
+        for i, probs in zip(val_index, window_probabilities(lambda b, m=model: m(b, training=False),
+                                                           val_clips)):
+            oof_cnn[i] = probs
+        for i, probs in zip(val_index, window_probabilities(lambda b, m=stats_model: m(b, training=False),
+                                                           val_clips)):
+            oof_stats[i] = probs
+        y_val = np.array([c["label"] for c in val_clips])
+        for name, source in (("CNN", oof_cnn), ("functionals", oof_stats)):
+            fold = scores(y_val, clip_mean([source[i] for i in val_index]), LABELS)
+            print(f"fold {k + 1} {name}: val accuracy {fold['accuracy']:.3f} UAR {fold['uar']:.3f} "
+                  f"[{clock.seconds}s]", flush=True)
 
-    covered = [i for i, c in enumerate(dev) if any(c["speaker"] in f for f in FOLDS[:args.folds])]
-    y_covered = np.array([dev[i]["label"] for i in covered])
-    if args.cnn_weight is None:
-        by_weight = {w: scores(y_covered, mix(oof[covered], oof_stats[covered], w))["uar"]
-                     for w in CNN_WEIGHTS}
-        print(f"out-of-fold UAR by CNN weight: {by_weight}", flush=True)
-        args.cnn_weight = max(by_weight, key=by_weight.get)
-    cv_by_model = {"cnn": scores(y_covered, oof[covered]),
-                   "functionals": scores(y_covered, oof_stats[covered]),
-                   "cnn+functionals": scores(y_covered, mix(oof[covered], oof_stats[covered],
-                                                        args.cnn_weight))}
-    for name, result in cv_by_model.items():
-        print(f"out-of-fold {name} (speaker-grouped CV): accuracy {result['accuracy']:.3f} "
-              f"UAR {result['uar']:.3f}", flush=True)
-    # Rule fixed before the test speakers are scored: add the functionals model only if it
-    # raises the out-of-fold UAR.
-    use_stats = cv_by_model["cnn+functionals"]["uar"] >= cv_by_model["cnn"]["uar"]
-    chosen = "cnn+functionals" if use_stats else "cnn"
-    cv = cv_by_model[chosen]
-    print(f"selected: {chosen} (CNN weight {args.cnn_weight:g}): out-of-fold UAR {cv['uar']:.3f}",
+    covered = sorted(oof_cnn)
+    y_cov = np.array([dev[i]["label"] for i in covered])
+    corpus_cov = np.array([dev[i]["corpus"] for i in covered])
+    cnn_windows = [oof_cnn[i] for i in covered]
+    stats_windows = [oof_stats[i] for i in covered]
+
+    def corpus_uar(probs: np.ndarray) -> float:
+        """Mean over the corpora of each corpus's UAR: EmoDB counts as much as nEMO."""
+        return float(np.mean([scores(y_cov[corpus_cov == c], probs[corpus_cov == c], LABELS)["uar"]
+                              for c in ("emodb", "nemo")]))
+
+    by_weight = {w: round(corpus_uar(mix(clip_mean(cnn_windows), clip_mean(stats_windows), w)), 4)
+                 for w in CNN_WEIGHTS + (1.0, 0.0)}
+    print(f"out-of-fold UAR (mean of the corpora) by CNN weight: {by_weight}", flush=True)
+    cnn_weight = max(CNN_WEIGHTS, key=by_weight.get)
+    mixed_windows = [mix(c, s, cnn_weight) for c, s in zip(cnn_windows, stats_windows)]
+    oof_all = clip_mean(mixed_windows)
+
+    # Which classes beyond the shared five the model offers: out-of-fold recall in every corpus
+    # that has the class.
+    extra_recall = {}
+    for label in LABELS:
+        if label in CORE:
+            continue
+        index = LABELS.index(label)
+        extra_recall[label] = {c: scores(y_cov[corpus_cov == c], oof_all[corpus_cov == c],
+                                         LABELS)["per_class_recall"][label]
+                               for c in ("emodb", "nemo") if (y_cov[corpus_cov == c] == index).any()}
+    offered_names = [label for label in LABELS if label in CORE
+                     or min(extra_recall[label].values()) >= MIN_EXTRA_RECALL]
+    offered = [LABELS.index(label) for label in offered_names]
+    print(f"out-of-fold recall of the other classes: {extra_recall}; offered: {offered_names}",
           flush=True)
-    if cv["uar"] <= args.min_cv_uar:
-        print(f"out-of-fold UAR {cv['uar']:.3f} does not beat {args.min_cv_uar:.3f}: stopping "
-              "before the final models; nothing written", flush=True)
-        return
 
-    # The served model: CNNs trained on all eight development speakers, probabilities averaged
-    # inside the graph.
+    keep = np.isin(y_cov, offered)
+    y_off = np.searchsorted(offered, y_cov[keep])
+    kept_windows = [w for w, k in zip(mixed_windows, keep) if k]
+    by_temperature = {float(t): log_loss(y_off, clip_mean([calibrated(w, offered, t)
+                                                           for w in kept_windows]))
+                      for t in TEMPERATURES}
+    temperature = min(by_temperature, key=by_temperature.get)
+    cv = {}
+    for name, t in (("uncalibrated", 1.0), ("calibrated", temperature)):
+        probs = clip_mean([calibrated(w, offered, t) for w in kept_windows])
+        cv[name] = {c: scores(y_off[corpus_cov[keep] == c], probs[corpus_cov[keep] == c],
+                              offered_names) for c in ("emodb", "nemo")}
+        print(f"out-of-fold ({name}, T={t:g}): " + "; ".join(
+            f"{c} accuracy {s['accuracy']:.3f} UAR {s['uar']:.3f} ECE {s['ece']:.3f}"
+            for c, s in cv[name].items()), flush=True)
+
+    # The served model: CNNs and the functionals model trained on every development speaker.
     final_models = []
     for k in range(args.final_models):
         print(f"final model {k + 1}/{args.final_models} on all {len(dev)} development clips "
               f"[{clock.seconds}s]", flush=True)
         keras.utils.set_random_seed(args.seed + 100 + k)
         model = build_model(x_dev, n_classes)
-        model.fit(x_dev, keras.utils.to_categorical(y_dev, n_classes), epochs=args.epochs,
-                  batch_size=args.batch_size, class_weight=balanced_weights(y_dev, n_classes),
-                  verbose=2)
+        model.fit(x_dev, keras.utils.to_categorical(y_dev, n_classes), sample_weight=w_dev,
+                  epochs=args.epochs, batch_size=args.batch_size, verbose=2)
         final_models.append(model)
+    keras.utils.set_random_seed(args.seed + 200)
+    stats_model = build_stats_model(x_dev, y_dev, w_dev, n_classes, args.stats_c)
     inputs = keras.Input((FEATURES.n_frames, FEATURES.n_mfcc), name="mfcc")
     outputs = [m(inputs) for m in final_models]
     output = keras.layers.Average()(outputs) if len(outputs) > 1 else outputs[0]
-    if use_stats:
-        keras.utils.set_random_seed(args.seed + 200)
-        stats_model = build_stats_model(x_dev, y_dev, n_classes, args.stats_c)
-        stats_output = keras.layers.Rescaling(1.0 - args.cnn_weight)(stats_model(inputs))
-        output = keras.layers.Add()([keras.layers.Rescaling(args.cnn_weight)(output), stats_output])
-    ensemble = keras.Model(inputs, output)
+    output = keras.layers.Add()([keras.layers.Rescaling(cnn_weight)(output),
+                                 keras.layers.Rescaling(1.0 - cnn_weight)(stats_model(inputs))])
+    ensemble = keras.Model(inputs, calibration_layer(offered, temperature)(output))
 
     out_dir = model_dir("emotion", args.version, args.models_dir)
-    sample, _ = clip_windows(test[0]["wav"])
+    sample, _ = clip_windows(test["emodb"][0]["wav"])
     export = export_tflite(ensemble, out_dir / "model.tflite", np.concatenate([sample, sample]))
 
-    # Test speakers, once, with the LiteRT model that serving loads.
+    # Held-out speakers, once, with the LiteRT model that serving loads; classes it offers.
     from app.core.runtime import TFLiteRunner
 
     runner = TFLiteRunner(out_dir / "model.tflite")
-    y_test = np.array([c["label"] for c in test])
-    test_probs = clip_probabilities(runner.run, test)
-    test_scores = scores(y_test, test_probs)
-    print(f"TEST speakers {'+'.join(TEST_SPEAKERS)}: accuracy {test_scores['accuracy']:.3f} "
-          f"UAR {test_scores['uar']:.3f} (n={len(test)})", flush=True)
-    print("per-class recall:", json.dumps(test_scores["per_class_recall"]), flush=True)
 
-    cross_corpus = None
+    def evaluate(corpus_clips: list[dict]) -> tuple[dict, np.ndarray, list[dict]]:
+        kept = [c for c in corpus_clips if c["label"] in offered]
+        probs = clip_mean(window_probabilities(runner.run, kept))
+        truth = np.searchsorted(offered, [c["label"] for c in kept])
+        return scores(truth, probs, offered_names), probs, kept
+
+    held_out, held_probs, held_clips = {}, {}, {}
+    for corpus, corpus_clips in test.items():
+        held_out[corpus], held_probs[corpus], held_clips[corpus] = evaluate(corpus_clips)
     if args.ravdess.is_dir():
-        ravdess = load_ravdess(args.ravdess)
-        rav_scores = scores(np.array([c["label"] for c in ravdess]),
-                            clip_probabilities(runner.run, ravdess))
-        present = sorted(set(RAVDESS_TO_LABEL.values()))
-        rav_scores["uar_over_present_classes"] = round(float(np.mean(
-            [rav_scores["per_class_recall"][label] for label in present])), 4)
-        cross_corpus = {"data": "RAVDESS speech subset (English), emotions 01,03,04,05,06,07 mapped to "
-                                "neutral, happiness, sadness, anger, fear, disgust; evaluation only",
-                        **rav_scores}
-        print(f"cross-corpus RAVDESS ({len(ravdess)} clips): accuracy {rav_scores['accuracy']:.3f} "
-              f"UAR(6 classes) {rav_scores['uar_over_present_classes']:.3f}", flush=True)
+        held_out["ravdess"], _, _ = evaluate(load_ravdess(args.ravdess))
+    channels = {name: evaluate(copies)[0]
+                for name, copies in channel_copies(test["emodb"], args.seed).items()}
+    for name, result in [*((CORPUS_NAMES[c], s) for c, s in held_out.items()),
+                         *((f"EmoDB 03+16 through {n}", s) for n, s in channels.items())]:
+        print(f"{name}: accuracy {result['accuracy']:.3f} UAR {result['uar']:.3f} "
+              f"ECE {result['ece']:.3f} (n={result['n']})", flush=True)
 
     report = out_dir / "report"
-    plot_confusion(test_scores["confusion_matrix"], LABELS,
-                   f"EmoDB speakers 03+16: acc {test_scores['accuracy']:.1%}, UAR {test_scores['uar']:.1%}",
-                   report / "confusion_matrix_test.png")
-    plot_confusion(cv["confusion_matrix"], LABELS,
-                   f"Out-of-fold (8 dev speakers): acc {cv['accuracy']:.1%}, UAR {cv['uar']:.1%}",
-                   report / "confusion_matrix_cv.png")
+    for corpus, result in held_out.items():
+        plot_confusion(result["confusion_matrix"], offered_names,
+                       f"{CORPUS_NAMES[corpus]}: acc {result['accuracy']:.1%}, UAR {result['uar']:.1%}",
+                       report / f"confusion_matrix_{corpus}.png")
     plot_history(histories, report / "training_curves.png")
-    metrics = {"test": {"speakers": list(TEST_SPEAKERS), **test_scores},
-               "cross_validation": {"folds": [list(f) for f in FOLDS[:args.folds]], "selected": chosen,
-                                    **cv, "by_model": {name: {k: v for k, v in r.items()
-                                                              if k in ("accuracy", "uar")}
-                                                       for name, r in cv_by_model.items()}},
-               "cross_corpus_ravdess": cross_corpus,
+    metrics = {"held_out": held_out, "channels": channels,
+               "cross_validation": {"folds": [list(a) + list(b) for a, b in FOLDS[:args.folds]],
+                                    "uar_by_cnn_weight": by_weight, "cnn_weight": cnn_weight,
+                                    "other_class_recall": extra_recall, "offered": offered_names,
+                                    "temperature": temperature, **cv},
                "epochs_run": [len(h["loss"]) for h in histories]}
     write_json(report / "metrics.json", metrics)
 
-    test_features = [summary_features(c["wav"]) for c in test]
+    reference_clips = held_clips["emodb"] + held_clips["nemo"]
+    reference_probs = np.concatenate([held_probs["emodb"], held_probs["nemo"]])
+    features = [summary_features(c["wav"]) for c in reference_clips]
     reference = build_reference(
-        {name: [f[name] for f in test_features] for name in test_features[0]},
-        [LABELS[i] for i in test_probs.argmax(axis=1)], LABELS,
-        true_labels=[LABELS[i] for i in y_test],
-        source=f"EmoDB speakers {'+'.join(TEST_SPEAKERS)} (held out), {len(test)} clips",
+        {name: [f[name] for f in features] for name in features[0]},
+        [offered_names[i] for i in reference_probs.argmax(axis=1)], offered_names,
+        true_labels=[LABELS[c["label"]] for c in reference_clips],
+        source=f"EmoDB speakers {'+'.join(TEST_SPEAKERS)} and nEMO speakers "
+               f"{'+'.join(NEMO_TEST_SPEAKERS)} (held out), {len(reference_clips)} clips",
         seed=args.seed)
     write_json(out_dir / "reference.json", reference)
 
+    data_files = [c["path"] for c in clips]
     write_metadata(
         out_dir, name="emotion", task="emotion", version=args.version,
-        description=f"Speech-emotion recognition (7 EmoDB classes): {FEATURES.n_mfcc} MFCCs on "
-                    f"{FEATURES.window_s:g} s windows, mean of {args.final_models} 2-D log-mel CNNs "
-                    f"(weight {args.cnn_weight:g}) + MFCC-functionals logistic regression "
-                    f"(weight {1 - args.cnn_weight:g}); "
-                    "clip = mean over its windows.",
+        description=f"Speech-emotion recognition ({len(offered)} classes) trained on German (EmoDB) "
+                    f"and Polish (nEMO) acted speech through simulated phone and browser channels: "
+                    f"{FEATURES.n_mfcc} MFCCs on {FEATURES.window_s:g} s windows, "
+                    f"{cnn_members(args.final_models)} (weight {cnn_weight:g}) + MFCC-functionals "
+                    f"logistic regression (weight {1 - cnn_weight:g}), temperature-calibrated; "
+                    "clip = mean over its windows. Non-commercial use only (CC BY-NC-SA 4.0).",
         artifact={"file": "model.tflite", "format": "tflite fp32", **export},
-        data={"path": "../shared/data/emodb/wav", "files": len(clips),
-              "sha256": sha256_files(c["path"] for c in clips),
-              "test_speakers": list(TEST_SPEAKERS), "production": production},
+        data={"path": ["../shared/data/emodb/wav", "../shared/data/nemo"], "files": len(clips),
+              "sha256": sha256_files(data_files),
+              "test_speakers": {"emodb": list(TEST_SPEAKERS), "nemo": list(NEMO_TEST_SPEAKERS)},
+              "production": production},
         input={"name": "mfcc", "shape": [-1, FEATURES.n_frames, FEATURES.n_mfcc], "dtype": "float32",
                "description": "per-window normalised MFCC map (frames x coefficients), "
                               "app/tasks/emotion/preprocess.py"},
-        output={"shape": [-1, n_classes], "dtype": "float32", "kind": "probabilities",
-                "aggregation": "mean over the clip's windows"},
-        labels=LABELS,
-        metrics={"test_accuracy": test_scores["accuracy"], "test_uar": test_scores["uar"],
-                 "cv_accuracy": cv["accuracy"], "cv_uar": cv["uar"],
-                 "ravdess_accuracy": cross_corpus["accuracy"] if cross_corpus else None},
+        output={"shape": [-1, len(offered)], "dtype": "float32", "kind": "probabilities",
+                "aggregation": "mean over the clip's windows", "calibration": {
+                    "method": "temperature scaling on out-of-fold development speakers",
+                    "temperature": temperature}},
+        labels=offered_names,
+        card=emotion_card(offered_names, held_out, channels),
+        metrics={"held_out_accuracy": round(float(np.mean(np.concatenate(
+                     [held_probs[c].argmax(axis=1) == np.searchsorted(offered, [x["label"] for x in held_clips[c]])
+                      for c in ("emodb", "nemo")]))), 4),
+                 "test_accuracy": held_out["emodb"]["accuracy"], "test_uar": held_out["emodb"]["uar"],
+                 "test_ece": held_out["emodb"]["ece"],
+                 "nemo_accuracy": held_out["nemo"]["accuracy"], "nemo_uar": held_out["nemo"]["uar"],
+                 "nemo_ece": held_out["nemo"]["ece"],
+                 "ravdess_uar": held_out["ravdess"]["uar"] if "ravdess" in held_out else None,
+                 "cv_uar_emodb": cv["calibrated"]["emodb"]["uar"],
+                 "cv_uar_nemo": cv["calibrated"]["nemo"]["uar"]},
         params={"preprocessing": FEATURES.to_dict(), "sample_rate": FEATURES.sample_rate,
                 "window_s": FEATURES.window_s, "hop_s": FEATURES.hop_s,
-                "augmentation": {"copies": args.copies, "speed": [0.9, 0.95, 1.05, 1.1],
-                                 "gain_db": [-6, 6], "noise_snr_db": [15, 40], "start_trim_s": 0.25},
+                "speech_span": True,  # clips cut to app.tasks.emotion.model.speech_span
+                "augmentation": {"copies": args.copies, "channels": "training/audio_channels.py "
+                                 "random_channel: speed 0.9-1.1 (p 0.5), room RT60 0.2-0.8 s (p 0.3), "
+                                 "white/pink/brown noise 5-20 dB SNR (p 0.5), telephone 300-3400 Hz "
+                                 "8 kHz mu-law (p 0.25), Opus 8-32 kbit/s (p 0.25), muffled "
+                                 "microphone (p 0.1), gain -30..+10 dB with 16-bit quantisation"},
                 "model": "in-graph inverse DCT of the 40 MFCCs -> 64-band log-mel (standardised "
-                         "per band) + its delta as 2 channels; SpecAugment (2 time masks <= 20 "
-                         "frames, 1 frequency mask <= 8 bands, training only); 2x time average; "
-                         "3x(Conv2D 16/32/64-BN-ReLU-MaxPool 2x2) + Conv2D 128 + global average "
-                         "pool + dropout 0.4 + softmax; Adam 2e-3, label smoothing 0.1, balanced "
-                         "class weights", "ensemble": args.final_models, "members": chosen,
+                         "per band) + its delta; SpecAugment (training only); 4x time average; "
+                         "Conv1D 64/96/128 with BN-ReLU, max pool 2x; mean+std pooling; dropout "
+                         "0.4; softmax over 8 classes; Adam 2e-3, label smoothing 0.1, equal weight "
+                         "per (corpus, class)", "ensemble": args.final_models,
                 "functionals": "mean, std, max, min, slope of the MFCCs and their deltas; std, "
                                "max, min, slope of the 64 log-mel bands; log-mel mean and std "
                                "over the frames with c0 > 0 -> standardisation -> logistic "
-                               "regression (scikit-learn, balanced)",
-                "stats_c": args.stats_c, "cnn_weight": args.cnn_weight,
-                "ensemble_training": "all eight development speakers, fixed epochs",
-                "batch_size": args.batch_size},
+                               "regression (scikit-learn, equal weight per (corpus, class))",
+                "stats_c": args.stats_c, "cnn_weight": cnn_weight, "temperature": temperature,
+                "trained_labels": LABELS, "batch_size": args.batch_size},
         training={"seed": args.seed, "epochs": args.epochs, "epochs_run": metrics["epochs_run"],
                   "duration_s": clock.seconds},
     )

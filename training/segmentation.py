@@ -16,15 +16,15 @@ a 576 px tile, one per 512 x 512 image, needs 2.9x the interpreter memory for 20
 probabilities. ``--quantize-from`` trains nothing: it quantises a committed version to full integer
 (int8 weights per channel and int8 activations, float32 input and output) with Google's
 ``ai-edge-quantizer``, calibrated on the server's own tiles of the training slices, which XNNPACK
-runs as QS8 (dynamic-range int8, float activations, made the U-Net 3x slower instead). Evaluation
+runs as QS8 (dynamic-range int8 would keep the activations in float, which runs slower). Evaluation
 runs the exported ``.tflite`` through the same overlap-tiling code as the server, and chooses the
 threshold on the validation slices, whichever way the model was made.
 
     cd /work/main && .venv-train/bin/python -m training.segmentation  # ~35 min on 2 shared cores
-    # 1.1.0, the light one (issue 18): 8 filters, distilled from 1.0.0 (~31 min on one core)
+    # 1.1.0, the light one: 8 filters, distilled from 1.0.0 (~31 min on one core)
     .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
         --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
-    # 1.2.0, the served one (issue 18): 1.0.0 quantised to int8 (under a minute)
+    # 1.2.0, the served one: 1.0.0 quantised to int8 (under a minute)
     .venv-train/bin/python -m training.segmentation --quantize-from 1.0.0 --threads 1 --version 1.2.0
 """
 

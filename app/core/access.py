@@ -4,10 +4,13 @@
   key itself: ``printf %s "$KEY" | sha256sum``). When set, a prediction needs
   ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; otherwise a 401 problem.
 * ``RATE_LIMIT`` (e.g. ``60/minute``, the ``limits`` library's notation): per key, or per client IP
-  when keys are off (the address uvicorn resolved, i.e. Heroku's ``X-Forwarded-For`` when the router
-  is trusted through ``FORWARDED_ALLOW_IPS``). Beyond it a 429 problem with ``Retry-After`` and the
-  ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers. The counters live in Redis when ``REDIS_URL``
-  is set, shared by every worker and dyno; in this process's memory otherwise.
+  when keys are off (the address the trusted proxy appended to ``X-Forwarded-For``: see
+  :mod:`app.core.clients`; a client cannot reset its count by writing that header). Beyond it a 429
+  problem with ``Retry-After`` and the ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers. The
+  counters live in Redis when ``REDIS_URL`` is set, shared by every worker and dyno (and needed for
+  a limit that holds across them); in this process's memory otherwise, for at most
+  ``RATE_LIMIT_KEYS`` clients: expired entries are dropped, and beyond that the clients idle the
+  longest are forgotten first.
 
 If Redis cannot be reached (``REDIS_TIMEOUT_S`` per call), predictions are served unmetered rather
 than refused, a warning is logged, and Redis is tried again after ``REDIS_RETRY_S``: one outage costs
@@ -27,11 +30,52 @@ from limits import RateLimitItem, parse, storage, strategies
 from starlette.requests import Request
 
 from app.core.errors import ProblemError
+from app.core.limits import RATE_LIMIT_KEYS
 
 log = logging.getLogger("app.access_control")
 
 REDIS_TIMEOUT_S = 0.25  # connect and read timeout of one rate-limit call to Redis
 REDIS_RETRY_S = 10.0  # after a failed call, serve unmetered this long before trying Redis again
+
+
+class BoundedMemoryStorage(storage.MemoryStorage):
+    """The ``limits`` library's memory storage, for at most ``max_keys`` clients.
+
+    Its moving-window entries expire, but the emptied keys stay; here they are swept every
+    ``sweep_s`` and, when a new client would pass ``max_keys``, at once, the clients whose last hit
+    is oldest going first."""
+
+    def __init__(self, max_keys: int = RATE_LIMIT_KEYS, sweep_s: float = 10.0) -> None:
+        super().__init__()
+        self.max_keys = max_keys
+        self.sweep_s = sweep_s
+        self._swept_at = time.monotonic()
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        now = time.monotonic()
+        if now - self._swept_at >= self.sweep_s or (key not in self.events and len(self.events) >= self.max_keys):
+            self.sweep()
+        return super().acquire_entry(key, limit, expiry, amount)
+
+    def sweep(self) -> None:
+        """Drop the keys with no live entry; then, over the bound, the least recently hit."""
+        self._swept_at = time.monotonic()
+        now = time.time()
+        for key in list(self.events):
+            entries = self.events.get(key)
+            if not entries or entries[0].expiry <= now:  # newest first: all expired
+                self.events.pop(key, None)
+                self.locks.pop(key, None)
+        excess = len(self.events) - self.max_keys + 1
+        if excess > 0:
+            by_last_hit = sorted(self.events, key=lambda k: self.events[k][0].atime if self.events[k] else 0.0)
+            for key in by_last_hit[:excess]:
+                self.events.pop(key, None)
+                self.locks.pop(key, None)
+
+    @property
+    def keys(self) -> int:
+        return len(self.events)
 
 
 def key_digest(key: str) -> str:
@@ -50,9 +94,12 @@ class Access:
         digests = tuple(d.strip().lower().removeprefix("sha256:") for d in settings.api_keys if d.strip())
         if not settings.rate_limit:
             return cls(digests, None, None)
-        backend = storage.storage_from_string(
-            settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-        ) if settings.redis_url else storage.MemoryStorage()
+        options: dict[str, float | str] = {"socket_timeout": REDIS_TIMEOUT_S,
+                                           "socket_connect_timeout": REDIS_TIMEOUT_S}
+        if settings.redis_url and settings.redis_url.startswith("rediss://") and not settings.redis_tls_verify:
+            options["ssl_cert_reqs"] = "none"  # Heroku Key-Value Store's certificate is self-signed
+        backend = storage.storage_from_string(settings.redis_url, **options) \
+            if settings.redis_url else BoundedMemoryStorage()
         return cls(digests, parse(settings.rate_limit), strategies.MovingWindowRateLimiter(backend))
 
     def _key(self, request: Request) -> str | None:

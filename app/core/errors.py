@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-PROBLEM_BASE = "https://problems.inference.local/"  # identifiers, documented in README; not fetched
+PROBLEM_BASE = "https://problems.inference.local/"  # identifiers, documented in docs/api.md; not fetched
 
 _TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
@@ -101,9 +101,10 @@ def _field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
-def problem_from_validation(errors: list[dict[str, Any]]) -> ProblemError:
+def problem_from_validation(errors: list[dict[str, Any]], codes: dict[str, str] | None = None) -> ProblemError:
     """A pydantic validation error as the problem a client can act on: 400 for JSON that cannot be
-    parsed, else 422 naming the first field (and listing up to 20)."""
+    parsed, else 422 naming the first field (and listing up to 20). ``codes`` gives an endpoint's
+    own code for a kind of error (``missing``, ``extra_forbidden``...) instead of invalid-request."""
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     field = _field_from_loc(first.get("loc", ()))
     if first.get("type") == "json_invalid":
@@ -114,7 +115,8 @@ def problem_from_validation(errors: list[dict[str, Any]]) -> ProblemError:
     detail = f"{field}: {first.get('msg', 'invalid value')}"
     issues = [{"field": _field_from_loc(e.get("loc", ())), "message": e.get("msg", "")}
               for e in errors[:20]]
-    return ProblemError(422, "invalid-request", detail, field=field, errors=issues)
+    code = (codes or {}).get(str(first.get("type")), "invalid-request")
+    return ProblemError(422, code, detail, field=field, errors=issues)
 
 
 def install_error_handlers(app: FastAPI) -> None:

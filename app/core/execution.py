@@ -44,13 +44,26 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from app.core.errors import ProblemError
-from app.core.limits import INLINE_MAX_INSTANCES, INLINE_MAX_PIXELS, QUEUE_MAX_WAIT_S
+from app.core.limits import (
+    BIG_JOB_BYTES,
+    INLINE_MAX_INSTANCES,
+    INLINE_MAX_PIXELS,
+    QUEUE_MAX_WAIT_S,
+)
+from app.core.places import (
+    DynoPlaces,
+    Place,
+    default_count,
+    give_back_heap,
+    memory_limit_bytes,
+)
 
 log = logging.getLogger("app.execution")
 T = TypeVar("T")
 
 _deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("deadline", default=None)
 _inline: contextvars.ContextVar[bool] = contextvars.ContextVar("inline", default=False)
+_job_place: contextvars.ContextVar[JobPlace | None] = contextvars.ContextVar("job_place", default=None)
 
 
 class Cancelled(Exception):
@@ -102,6 +115,46 @@ def inline_budget(pixels: int = 0, instances: int = 1) -> None:
         raise Offload()
 
 
+class JobPlace:
+    """The dyno place (:mod:`app.core.places`) one job holds, if any, until the job ends."""
+
+    def __init__(self, places: DynoPlaces, deadline: Deadline) -> None:
+        self.places = places
+        self.deadline = deadline
+        self.place: Place | None = None
+        self.declared = 0  # bytes the job has said it decodes
+
+    def release(self) -> None:
+        if self.place is not None:
+            self.place.release()
+            self.place = None
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the job's thread; after a big job, the heap's free pages go back."""
+        try:
+            return fn(*args)
+        finally:
+            if self.place is not None:
+                give_back_heap()
+
+
+def memory_budget(nbytes: int) -> None:
+    """Call as a job learns how much more it decodes (an image's pixels from its header, a clip's
+    samples as they come), before decoding it: once the job's total reaches ``BIG_JOB_BYTES``, it
+    takes one of the dyno's places for big jobs, waiting for one like a queued job (503
+    ``overloaded`` when none comes free in time). On the event loop (an ``inline`` job) it raises
+    :class:`Offload` instead; outside a request it does nothing."""
+    holder = _job_place.get()
+    if holder is None or holder.place is not None or not holder.places.count:
+        return
+    holder.declared += nbytes
+    if holder.declared < BIG_JOB_BYTES:
+        return
+    if _inline.get():
+        raise Offload()
+    holder.place = holder.places.take_blocking(holder.deadline.remaining(), holder.deadline.check)
+
+
 def deadline_problem(seconds: float) -> ProblemError:
     return ProblemError(503, "deadline-exceeded",
                         f"The request did not finish within {seconds:g} s (REQUEST_TIMEOUT_S) and was "
@@ -118,7 +171,7 @@ class GateSpec:
     description: str
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """Thread initializer: on Linux each thread has its own nice value."""
     if nice > 0 and hasattr(os, "setpriority"):
         try:
@@ -135,7 +188,7 @@ class Gate:
         self.deadline_s = deadline_s  # a request's whole deadline (REQUEST_TIMEOUT_S)
         self.executor = ThreadPoolExecutor(max_workers=spec.concurrency,
                                            thread_name_prefix=f"gate-{spec.name}",
-                                           initializer=_lower_priority, initargs=(spec.nice,))
+                                           initializer=lower_priority, initargs=(spec.nice,))
         self._semaphore: asyncio.Semaphore | None = None
         self.running = 0
         self.waiting = 0
@@ -154,7 +207,6 @@ class Gate:
 
     def expected_wait(self) -> float:
         """Rough seconds before a new job would start: the queue ahead of it, then itself."""
-        # ``waiting`` also counts requests still reading their bodies while a slot is free.
         ahead = self.running + self.waiting - self.spec.concurrency + 1
         return max(0, ahead) * self.pace() / self.spec.concurrency
 
@@ -181,8 +233,8 @@ class Gate:
             self._semaphore = asyncio.Semaphore(self.spec.concurrency)
         return self._semaphore
 
-    def enter(self, deadline: Deadline) -> None:
-        """Take a place in the queue, or refuse at once (503) when there is none worth having."""
+    def check(self, deadline: Deadline) -> None:
+        """Refuse at once (503) when there is no place worth having; take none."""
         why = self.refusal(deadline.remaining())
         if why is not None:
             wait = self.expected_wait()
@@ -193,6 +245,10 @@ class Gate:
                 f"{self.waiting} waiting: {why}); retry shortly.",
                 headers={"Retry-After": str(max(1, min(30, round(wait or 2))))},
                 gate=self.spec.name)
+
+    def enter(self, deadline: Deadline) -> None:
+        """Take a place in the queue, or refuse at once (503) when there is none worth having."""
+        self.check(deadline)
         self.waiting += 1
 
     def leave(self) -> None:
@@ -248,9 +304,10 @@ async def _client_gone(request: Request) -> None:
 class Execution:
     """The gates of one worker process (built in the lifespan, after the fork)."""
 
-    def __init__(self, specs: list[GateSpec], timeout_s: float) -> None:
+    def __init__(self, specs: list[GateSpec], timeout_s: float, places: DynoPlaces | None = None) -> None:
         self.gates = {spec.name: Gate(spec, timeout_s) for spec in specs}
         self.timeout_s = timeout_s
+        self.places = places if places is not None else DynoPlaces(0)
 
     def deadline(self, request: Request) -> Deadline:
         """The request's deadline, started when its first byte arrived (set by the middleware)."""
@@ -260,13 +317,24 @@ class Execution:
             deadline = state["deadline"] = Deadline(self.timeout_s)
         return deadline
 
+    def admissible(self, request: Request, gate_name: str) -> None:
+        """Refuse now (503) when the gate would refuse this request, before its body is read: a full
+        worker does not read uploads it would never process. Takes no place."""
+        gate, deadline = self.gates[gate_name], self.deadline(request)
+        if deadline.remaining() <= 0:
+            raise deadline_problem(deadline.seconds)
+        gate.check(deadline)
+
     def ticket(self, request: Request, gate_name: str) -> Ticket:
-        """A place in the gate's queue, taken (or refused with a 503) before the request's body is
-        read, so a full worker refuses without reading uploads it would never process."""
+        """A place in the gate's queue (or a 503 at once), taken once the request's body is in: a
+        client still sending its body holds no place."""
         return Ticket(self, request, self.gates[gate_name])
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: gate.status() for name, gate in self.gates.items()}
+
+    def places_status(self) -> dict[str, int]:
+        return self.places.status()
 
     @property
     def saturated(self) -> list[str]:
@@ -283,8 +351,10 @@ class Ticket:
     def __init__(self, execution: Execution, request: Request, gate: Gate) -> None:
         self.request = request
         self.gate = gate
+        self.places = execution.places
         self.deadline = execution.deadline(request)
         self._state = "new"
+        self._place = JobPlace(self.places, self.deadline)
 
     async def __aenter__(self) -> Ticket:
         if self.deadline.remaining() <= 0:
@@ -294,15 +364,17 @@ class Ticket:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._place.release()  # after the job's thread has stopped, like the gate's slot
         if self._state == "queued":
             self.gate.leave()
         elif self._state == "running":
             self.gate.release()
         self._state = "done"
 
-    async def run(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, inline: bool = False, big: bool = False) -> T:
         """``fn(*args)`` on the gate's thread (or, ``inline``, on the event loop while it stays within
-        :func:`inline_budget`) within the request's deadline; its result, or a 503 problem."""
+        :func:`inline_budget`) within the request's deadline; its result, or a 503 problem. A ``big``
+        job first takes one of the dyno's places for big jobs (:mod:`app.core.places`)."""
         gate, deadline, request = self.gate, self.deadline, self.request
         self._state = "starting"
         try:
@@ -311,6 +383,8 @@ class Ticket:
             self._state = "done"  # start() gave the queue place back
             raise
         self._state = "running"
+        if big:
+            self._place.place = await self.places.take(deadline.remaining())
         if gate.pace() >= deadline.remaining():
             # It waited its turn, but at the gate's recent pace it could not finish in time.
             raise deadline_problem(deadline.seconds)
@@ -320,6 +394,7 @@ class Ticket:
                 return result
         context = contextvars.copy_context()
         context.run(_deadline.set, deadline)
+        context.run(_job_place.set, self._place)
         loop = asyncio.get_running_loop()
         token = object()
         started = gate.started[id(token)] = time.monotonic()
@@ -329,7 +404,7 @@ class Ticket:
             if not future.cancelled() and future.exception() is None:  # stopped or refused
                 gate.record(time.monotonic() - started)  # jobs say nothing about the pace
 
-        job = loop.run_in_executor(gate.executor, functools.partial(context.run, fn, *args))
+        job = loop.run_in_executor(gate.executor, functools.partial(context.run, self._place.run, fn, *args))
         job.add_done_callback(finished)
         watcher = asyncio.ensure_future(_client_gone(request))
         try:
@@ -354,17 +429,55 @@ class Ticket:
         raised :class:`Offload` and must run on the gate's thread instead."""
         started = time.monotonic()
         deadline_token, inline_token = _deadline.set(self.deadline), _inline.set(True)
+        place_token = _job_place.set(self._place)
         try:
             result = fn(*args)
         except Offload:
+            self._place.declared = 0  # declared again on the thread
             return False, None
         except Cancelled:
             raise deadline_problem(self.deadline.seconds) from None
         finally:
             _deadline.reset(deadline_token)
             _inline.reset(inline_token)
+            _job_place.reset(place_token)
         self.gate.record(time.monotonic() - started)
         return True, result
+
+
+class BlockingCalls:
+    """Blocking calls (a database) on a few threads of their own, each bounded in time.
+
+    At most ``threads`` run and ``queue`` wait; beyond that a call is refused at once. A caller
+    waits at most ``timeout_s`` and never past its request's deadline, then gets ``unavailable()``
+    while the thread finishes on its own; a thread stuck on a hung server keeps its place, so a hang
+    fills the pool and further calls are refused at once rather than piling up."""
+
+    def __init__(self, threads: int, queue: int, timeout_s: float, name: str) -> None:
+        self.threads, self.queue, self.timeout_s = threads, queue, timeout_s
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.pending = 0  # running or waiting for a thread
+
+    async def run(self, deadline: Deadline | None, unavailable: Callable[[str], Exception],
+                  fn: Callable[..., T], *args: Any) -> T:
+        if self.pending >= self.threads + self.queue:
+            raise unavailable("busy")
+        timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline.remaining())
+        self.pending += 1
+        future = asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        future.add_done_callback(self._done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise unavailable("timeout") from None
+
+    def _done(self, future: asyncio.Future) -> None:
+        self.pending -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved: a caller that gave up must not leave it unreported
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def build_execution(settings: Any) -> Execution:
@@ -376,7 +489,9 @@ def build_execution(settings: Any) -> Execution:
         if name == "heavy":
             concurrency, queue = settings.heavy_concurrency, settings.heavy_queue
         specs.append(GateSpec(name, concurrency, queue, nice, description))
-    return Execution(specs, settings.request_timeout_s)
+    count = settings.big_jobs_per_dyno
+    places = DynoPlaces(default_count(memory_limit_bytes()) if count is None else count)
+    return Execution(specs, settings.request_timeout_s, places)
 
 
 def execution_of(request: Request) -> Execution:

@@ -7,25 +7,30 @@ that decodes, predicts and encodes each instance. The core owns everything aroun
 
 1. the model (503 while it is not loaded) and the parameters (query string or multipart text
    fields, validated by the endpoint's schema: 422 naming the parameter);
-2. a place in the admission gate's queue, taken before the body is read (503 ``overloaded``);
-3. reading the body by its media type: ``multipart/form-data`` (repeated file fields, one instance
-   each, in order), ``application/json`` (the endpoint's schema) or one raw upload
+2. the body, read by its media type: ``multipart/form-data`` (repeated file fields, one instance
+   each, in order), ``application/json`` (the endpoint's schema; at most ``MAX_JSON_MB``, its values
+   counted before any is parsed, large bodies parsed off the event loop) or one raw upload
    (``Content-Type: image/png``, ``audio/wav``..., or ``application/octet-stream``: the codecs read
    the format from the bytes); anything else is the same 415 everywhere;
    more instances than the endpoint takes is a 422, never a silently dropped file;
+3. a place in the admission gate's queue, taken once the body has arrived (503 ``overloaded``; a
+   gate already full refuses before the body is read), so a slow upload never holds a place;
 4. ``run(job)`` on the gate's thread within the request's deadline (:mod:`app.core.execution`);
-5. the prediction log (the raw inputs too when the client sent ``X-Data-Consent: granted`` and
+5. the predictions told to the observers (:mod:`app.core.events`; the monitoring keeps the
+   prediction log there, the raw inputs too when the client sent ``X-Data-Consent: granted`` and
    ``STORE_INPUTS`` is ``consented``), then the envelope ``{"model", "version", "request_id", "predictions"}`` (or
    one binary image) with ``X-Request-ID``, ``X-Model-Version`` and ``Server-Timing`` headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
@@ -39,26 +44,31 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.errors import ProblemError, problem_answer, problem_from_validation
-from app.core.execution import Offload, execution_of
-from app.core.limits import STORED_INPUT_MAX_BYTES
+from app.core.events import Observers
+from app.core.execution import Deadline, Offload, execution_of
+from app.core.limits import DB_CALL_TIMEOUT_S as SETTLE_MAX_S
+from app.core.idempotency import IDEMPOTENCY_PARAMETER
+from app.core.limits import BIG_JOB_BYTES, JSON_INLINE_MAX_BYTES, JSON_VALUES_SLACK, MAX_CLIENT_VERSIONS
 from app.core.registry import ServedModel
 from app.core.uploads import read_upload
-from app.monitoring.log import log_predictions
 
+T = TypeVar("T")
 RAW_MEDIA_TYPE = "application/octet-stream"  # a raw upload of any accepted format
 CONSENT_HEADER = "X-Data-Consent"  # "granted": the service may keep this request's raw inputs
 CONSENT_VALUES = ("granted", "denied")
 PROBLEM_STATUSES = {
-    400: "malformed JSON or multipart body",
+    400: "malformed JSON or multipart body, or a malformed Idempotency-Key",
+    409: "a request with this Idempotency-Key is still running (`idempotency-key-in-use`)",
     401: "API_KEYS is set and no valid key was sent (Authorization: Bearer <key> or X-API-Key)",
     408: "the request body was still arriving at the request's deadline (`upload-timeout`)",
     429: "over RATE_LIMIT for this key or client; see Retry-After and the RateLimit headers",
     413: "a body, file, image or request over its limit (see the limits table)",
     415: "a media type this endpoint does not take, or a file in an unsupported format",
-    422: "well-formed but invalid input (or an X-Data-Consent other than granted/denied); the "
-         "problem's `field` names it",
-    503: "the model is not loaded, the worker is busy (`overloaded`, with Retry-After) or the request "
-         "ran out of time (`deadline-exceeded`)",
+    422: "well-formed but invalid input (or an X-Data-Consent other than granted/denied, or an "
+         "Idempotency-Key used for another request); the problem's `field` names it",
+    503: "the model is not loaded, the worker is busy (`overloaded`, with Retry-After), the request "
+         "ran out of time (`deadline-exceeded`) or, with LOG_DURABLE, could not be recorded "
+         "(`log-unavailable`)",
 }
 
 
@@ -119,6 +129,7 @@ class Job:
     # The client consented to its inputs being kept (and the server keeps them): a run whose
     # instances are not files (JSON pixels) builds ``Outcome.raw_inputs`` only then.
     store_inputs: bool = False
+    body_bytes: int = 0  # the request body's size
 
 
 @dataclass
@@ -155,6 +166,12 @@ class Endpoint:
     raw_media: tuple[str, ...] = ()  # media-type prefixes of a single raw upload: ("image/",)
     json_schema: type[BaseModel] | None = None
     json_instances: Callable[[Any], list[Instance]] | None = None
+    # Numbers and strings one JSON instance holds at most: with max_instances, bounds a JSON body's
+    # size in values before it is parsed.
+    json_values_per_instance: int = 1
+    # The endpoint's own problem code for a kind of JSON validation error (pydantic's error type,
+    # e.g. {"missing": "missing-feature"}); others are invalid-request.
+    json_error_codes: dict[str, str] = field(default_factory=dict)
     params_schema: type[BaseModel] | None = None
     max_instances: int = 1
     binary_media: tuple[str, ...] = ()  # media types of a binary answer (documented)
@@ -211,7 +228,8 @@ async def read_multipart(request: Request, endpoint: Endpoint,
     params = set(endpoint.params_schema.model_fields) if endpoint.params_schema else set()
     try:
         form = await request.form(max_files=endpoint.max_instances + 1,
-                                  max_fields=len(params) + endpoint.max_instances + 8)
+                                  max_fields=len(params) + endpoint.max_instances + 8,
+                                  max_part_size=max_bytes)
     except (MultiPartException, HTTPException) as exc:
         # Inside an app Starlette re-raises the parser's MultiPartException as a 400 HTTPException.
         reason = exc.detail if isinstance(exc, HTTPException) else exc.message
@@ -231,10 +249,13 @@ async def read_multipart(request: Request, endpoint: Endpoint,
     instances = []
     for i, upload in enumerate(uploads):
         name = f"{endpoint.file_field}[{i}]" if endpoint.max_instances > 1 else endpoint.file_field
-        if not isinstance(upload, UploadFile):
-            raise ProblemError(422, "not-a-file", f"{name} must be a file upload, not a text value.",
-                               field=name)
-        instances.append(Instance(name, data=await read_upload(upload, name, max_bytes)))
+        if isinstance(upload, UploadFile):
+            data = await read_upload(upload, name, max_bytes)
+        else:  # a part without a file name (generated clients send them): the file all the same
+            data = part_bytes(upload)
+            if not data:
+                raise ProblemError(422, "empty-file", f"{name} is empty.", field=name)
+        instances.append(Instance(name, data=data))
     for key, value in form.multi_items():
         if key in params and not isinstance(value, str):  # a parameter sent as a file is not ignored
             raise ProblemError(422, "not-a-value", f"{key} is a parameter: send it as a text field or in "
@@ -243,15 +264,50 @@ async def read_multipart(request: Request, endpoint: Endpoint,
     return instances, text
 
 
-async def read_json(request: Request, endpoint: Endpoint) -> list[Instance]:
+def part_bytes(text: str) -> bytes:
+    """The bytes of a multipart part that came without a file name. Starlette hands such a part
+    over as text: decoded as UTF-8 when it is valid UTF-8, else as Latin-1, which maps every byte to
+    one character. Images and audio are never valid UTF-8 (their first bytes alone are not), so
+    encoding back as Latin-1 restores them exactly; text that was UTF-8 goes back the same way."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
+def too_many_values(found: int, allowed: int) -> ProblemError:
+    return ProblemError(413, "too-many-values", f"The JSON body holds about {found:,} values; this "
+                        f"endpoint reads at most {allowed:,} (its instance limit).", field="body",
+                        max_values=allowed)
+
+
+def json_values_bound(raw: bytes) -> int:
+    """At least as many as the values (numbers, strings, arrays, objects) a JSON text holds: every
+    one after the first in an array or object is preceded by a comma. Counted in C, unparsed."""
+    return raw.count(b",") + 1
+
+
+async def parse_json(raw: bytes, parse: Callable[[bytes], T]) -> T:
+    """``parse(raw)``, off the event loop when the body is large: parsing allocates and takes time
+    in proportion to the body, and the loop serves every other connection meanwhile."""
+    if len(raw) <= JSON_INLINE_MAX_BYTES:
+        return parse(raw)
+    return await asyncio.to_thread(parse, raw)
+
+
+async def read_json(request: Request, endpoint: Endpoint, max_bytes: int) -> list[Instance]:
     assert endpoint.json_schema is not None and endpoint.json_instances is not None
-    raw = await read_body(request)
+    raw = await read_body(request, max_bytes)
     if not raw.strip():
         raise ProblemError(422, "empty-body", "The request body is empty.", field="body")
+    allowed = endpoint.max_instances * endpoint.json_values_per_instance + JSON_VALUES_SLACK
+    found = json_values_bound(raw)
+    if found > allowed:
+        raise too_many_values(found, allowed)
     try:
-        body = endpoint.json_schema.model_validate_json(raw)
+        body = await parse_json(raw, endpoint.json_schema.model_validate_json)
     except ValidationError as exc:
-        raise problem_from_validation(exc.errors(include_url=False)) from None
+        raise problem_from_validation(exc.errors(include_url=False), endpoint.json_error_codes) from None
     except (RecursionError, ValueError) as exc:
         raise ProblemError(400, "malformed-json", "The body's JSON could not be read.",
                            field="body") from exc
@@ -261,24 +317,31 @@ async def read_json(request: Request, endpoint: Endpoint) -> list[Instance]:
     return instances
 
 
-async def read_body(request: Request) -> bytes:
-    """``await request.body()``, without Starlette's stream generator: for a small upload, which
-    arrives in one message, that generator and its ``aclosing`` are most of the cost of reading it.
-    The body is kept where ``request.body()`` finds it, so a later call reads the same bytes."""
-    if hasattr(request, "_body") or getattr(request, "_stream_consumed", True):
-        return await request.body()  # read already (or not Starlette's request)
-    chunks = []
+async def read_body(request: Request, max_bytes: int | None = None) -> bytes:
+    """The whole body, refused (413) as soon as it passes ``max_bytes`` (the JSON limit; the
+    middleware applies MAX_UPLOAD_MB to every body). Read with ``receive`` directly: for a small
+    upload, which arrives in one message, Starlette's stream generator is most of the cost."""
+    if max_bytes is not None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise json_too_large(max_bytes)
+    chunks, size = [], 0
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            request._is_disconnected = True
             raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise json_too_large(max_bytes)
         if not message.get("more_body", False):
-            break
-    request._stream_consumed = True
-    request._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return request._body
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def json_too_large(max_bytes: int) -> ProblemError:
+    return ProblemError(413, "json-too-large", f"A JSON body is limited to {max_bytes / 1048576:g} MiB "
+                        "(MAX_JSON_MB); send large inputs as files or binary tensors.", field="body")
 
 
 async def read_raw(request: Request, endpoint: Endpoint, max_bytes: int) -> list[Instance]:
@@ -345,24 +408,79 @@ async def read_v1(request: Request, endpoint: Endpoint, settings: Any) -> Read:
         return Read(instances, parse_params(endpoint, {**query, **text}))
     if media_type == "application/json" and endpoint.json_schema is not None:
         params = parse_params(endpoint, query)
-        return Read(await read_json(request, endpoint), params)
+        return Read(await read_json(request, endpoint, settings.max_json_bytes), params)
     if endpoint.raw_media and (media_type.startswith(endpoint.raw_media) or media_type == RAW_MEDIA_TYPE):
         params = parse_params(endpoint, query)
         return Read(await read_raw(request, endpoint, settings.max_upload_bytes), params)
     raise unsupported_media_type(endpoint, media_type)
 
 
+def observers_of(request: Request) -> Observers:
+    """The app's observers (the monitoring registers there); none in an app that has not any."""
+    observers = getattr(request.app.state, "observers", None)
+    return observers if observers is not None else NO_OBSERVERS
+
+
+NO_OBSERVERS = Observers()
+
+
+def job_deadline(request: Request) -> Deadline:
+    return execution_of(request).deadline(request)
+
+
+def body_bytes(request: Request) -> int:
+    """The request body's size as received (counted by the request context)."""
+    return int(request.scope.get("state", {}).get("body_bytes", 0))
+
+
+CLIENT_VERSION_HEADER = "X-Client-Version"  # the app's release, e.g. "app/1.4.2": drift per release
+_CLIENT_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+\-]{0,39}$")
+
+
+class ClientReleases:
+    """The releases a worker has seen, bounded: the first ``MAX_CLIENT_VERSIONS`` distinct values
+    are kept as sent, later new ones are logged as ``other``, malformed ones as ``invalid`` and
+    requests without the header as null. Reports then group by a bounded set."""
+
+    def __init__(self, limit: int = MAX_CLIENT_VERSIONS) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def of(self, request: Request) -> str | None:
+        value = request.headers.get(CLIENT_VERSION_HEADER)
+        if value is None:
+            return None
+        value = value.strip()
+        if not _CLIENT_VERSION.match(value):
+            return "invalid"
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return "other"
+        self.seen.add(value)
+        return value
+
+
+client_releases = ClientReleases()
+
+
 def consent(request: Request) -> bool:
     """Whether the client allowed this request's raw inputs to be kept: ``X-Data-Consent: granted``.
-    No header (or ``denied``) is no; any other value is a 422, never a guess either way."""
-    value = request.headers.get(CONSENT_HEADER)
-    if value is None:
+    No header is no. Sent more than once (or as a list), every value must be ``granted`` for a yes
+    and every value ``denied`` for a no; any other value, or values that disagree, is a 422: never
+    a guess either way."""
+    values = request.headers.getlist(CONSENT_HEADER)
+    if not values:
         return False
-    word = value.strip().lower()
-    if word not in CONSENT_VALUES:
+    words = {word.strip().lower() for value in values for word in value.split(",")}
+    if not words <= set(CONSENT_VALUES):
+        shown = ", ".join(values)
         raise ProblemError(422, "invalid-consent", f"{CONSENT_HEADER} must be 'granted' or 'denied'; "
-                           f"got {value[:64]!r}.", field=CONSENT_HEADER)
-    return word == "granted"
+                           f"got {shown[:64]!r}.", field=CONSENT_HEADER)
+    if len(words) > 1:
+        raise ProblemError(422, "invalid-consent", f"{CONSENT_HEADER} was sent with values that "
+                           "disagree ('granted' and 'denied'); send it once.", field=CONSENT_HEADER)
+    return words == {"granted"}
 
 
 async def execute(request: Request, endpoint: Endpoint, read: Reader) -> Served:
@@ -394,21 +512,30 @@ async def _execute(request: Request, endpoint: Endpoint, read: Reader, shadows: 
     name = endpoint.model or endpoint.name or endpoint.tag
     version = model.version if model is not None else str(endpoint.version)
     access_headers = request.app.state.access.check(request)  # 401 / 429 before any work
-    async with execution_of(request).ticket(request, endpoint.gate) as ticket:
-        got = await read(request, endpoint, settings)
-        job = Job(model, got.instances, got.params, Timing(), settings, got.tensors, keep_inputs)
-        outcome = await ticket.run(endpoint.run, job, inline=endpoint.inline)
+    execution = execution_of(request)
+    execution.admissible(request, endpoint.gate)  # a full gate refuses before the body is read
+    got = await read(request, endpoint, settings)
+    async with execution.ticket(request, endpoint.gate) as ticket:
+        job = Job(model, got.instances, got.params, Timing(), settings, got.tensors, keep_inputs,
+                  body_bytes(request))
+        outcome = await ticket.run(endpoint.run, job, inline=endpoint.inline,
+                                   big=job.body_bytes >= BIG_JOB_BYTES)
     total_ms = (time.perf_counter() - started) * 1000.0
-    log_predictions(request, _LogAs(name, version), outcome.log_rows, latency_ms=total_ms,
-                    raw_inputs=outcome.raw_inputs if keep_inputs else None)
-    kept = keep_inputs and any(raw is not None and len(raw) <= STORED_INPUT_MAX_BYTES
-                               for raw in outcome.raw_inputs or [])
+    observers = observers_of(request)
+    kept = observers.predictions(request.state.request_id, name, version, outcome.log_rows,
+                                 total_ms, outcome.raw_inputs if keep_inputs else None,
+                                 client_releases.of(request)) > 0
+    if observers.settles and not await observers.settle(request.state.request_id,
+                                                        min(SETTLE_MAX_S, job_deadline(request).remaining())):
+        raise ProblemError(503, "log-unavailable", "The prediction could not be recorded in time "
+                           "(LOG_DURABLE is set, so it is not answered unrecorded); retry shortly.",
+                           headers={"Retry-After": "5"})
     headers = {"X-Model-Version": version, "Server-Timing": job.timing.header(total_ms),
                "X-Inputs-Stored": "true" if kept else "false", **access_headers, **outcome.headers}
     after = None
     if shadows is not None and model is not None:
         request_id = request.state.request_id
-        after = lambda: shadows.submit(endpoint, job, request_id)  # noqa: E731
+        after = lambda: shadows.submit(endpoint, job, request_id)
     return Served(job, outcome, name, version, headers, after)
 
 
@@ -428,14 +555,6 @@ def handler(endpoint: Endpoint) -> Callable[[Request], Any]:
     predict.__name__ = endpoint.operation_id
     predict.__doc__ = endpoint.description
     return predict
-
-
-@dataclass(frozen=True)
-class _LogAs:
-    """What ``log_predictions`` reads of a model: the name and version the rows are logged under."""
-
-    task: str
-    version: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,9 +613,11 @@ def register(router: APIRouter, endpoint: Endpoint) -> None:
         success["description"] += "; " + endpoint.binary_description
     if endpoint.response_example is not None:
         success.setdefault("content", {})["application/json"] = {"example": endpoint.response_example}
+    success["headers"] = ANSWER_HEADERS
     responses[200] = success
     openapi_extra: dict[str, Any] = {"requestBody": request_body_doc(endpoint),
-                                     "parameters": [CORRELATION_HEADER, CONSENT_PARAMETER]}
+                                     "parameters": [CORRELATION_HEADER, CONSENT_PARAMETER,
+                                                    CLIENT_VERSION_PARAMETER, IDEMPOTENCY_PARAMETER]}
     if endpoint.params_schema is not None:
         openapi_extra["parameters"] += [
             {"name": name, "in": "query", "required": False, "schema": schema,
@@ -512,30 +633,68 @@ def register(router: APIRouter, endpoint: Endpoint) -> None:
     REGISTERED.append(endpoint)
 
 
+@dataclass(frozen=True)
+class PathRoute:
+    """A prediction path with parameters, e.g. ``/v2/models/{name}/infer``, and its handler."""
+
+    path: str  # the template: what logs and metrics read as the route
+    handler: Callable[[Request], Awaitable[Response]]
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The path's parameters when ``path`` fits the template (each ``{name}`` one segment)."""
+        want, got = self.path.split("/"), path.split("/")
+        if len(want) != len(got):
+            return None
+        params = {}
+        for w, g in zip(want, got, strict=True):
+            if w.startswith("{"):
+                if not g:
+                    return None
+                params[w[1:-1]] = g
+            elif w != g:
+                return None
+        return params
+
+
 class PredictionRoutes:
     """Pure ASGI, innermost of the app's own middleware: ``POST`` to a prediction endpoint's path
-    goes straight to its :func:`handler`, the same function FastAPI's route calls.
+    (or to a :class:`PathRoute`, the V2 protocol's inference paths) goes straight to its handler,
+    the same function FastAPI's route calls.
 
     The routes stay registered with FastAPI (the contract, any other method on those paths), but a
     prediction skips the framework's per-request work it has no use for: matching the path against
-    every route, the dependency solver, two exception-handling layers and an exit stack (~0.15 ms of
-    a digit's ~1 ms, measured by ``bench/digits_floor.py``). Problems are answered by the same
-    :func:`problem_answer` as FastAPI's exception handler; anything else propagates to
-    :class:`~app.core.middleware.RequestContextMiddleware` (logged, 500), as it does from a route."""
+    every route, the dependency solver, two exception-handling layers and an exit stack. Problems
+    are answered by the same :func:`problem_answer` as FastAPI's exception handler; anything else
+    propagates to :class:`~app.core.middleware.RequestContextMiddleware` (logged, 500), as it does
+    from a route."""
 
-    def __init__(self, app: ASGIApp, endpoints: list[Endpoint]) -> None:
+    def __init__(self, app: ASGIApp, endpoints: list[Endpoint], patterns: tuple[PathRoute, ...] = ()) -> None:
         self.app = app
         # path -> (what logs and metrics read as the route: its path; the handler)
         self.routes = {e.path: (_Route(e.path), HANDLERS[e.path]) for e in endpoints}
+        self.patterns = patterns
+
+    def find(self, path: str) -> tuple[Any, Callable[[Request], Awaitable[Response]], dict[str, str]] | None:
+        """The route, handler and path parameters of a prediction POST to ``path``, if it is one."""
+        found = self.routes.get(path)
+        if found is not None:
+            return found[0], found[1], {}
+        for pattern in self.patterns:
+            params = pattern.match(path)
+            if params is not None:
+                return pattern, pattern.handler, params
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        found = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        found = self.find(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if found is None:
             await self.app(scope, receive, send)
             return
-        route, predict = found
+        route, predict, params = found
         scope["route"] = route
         scope["endpoint"] = predict
+        if params:
+            scope["path_params"] = params
         request = Request(scope, receive, send)
         try:
             response = await predict(request)
@@ -544,6 +703,21 @@ class PredictionRoutes:
         await response(scope, receive, send)
 
 
+ANSWER_HEADERS = {
+    "X-Request-ID": {"schema": {"type": "string"}, "description": "the request id (also request_id in "
+                     "the body): the key for feedback and erasure"},
+    "X-Model-Version": {"schema": {"type": "string"}, "description": "the version that answered"},
+    "X-Inputs-Stored": {"schema": {"type": "string", "enum": ["true", "false"]},
+                        "description": "whether the raw inputs were kept (X-Data-Consent: granted)"},
+    "Server-Timing": {"schema": {"type": "string"}, "description": "decode, inference and total, in ms"},
+    "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
+                            "description": "the stored answer to an earlier request with this Idempotency-Key"},
+}
+CLIENT_VERSION_PARAMETER = {
+    "name": CLIENT_VERSION_HEADER, "in": "header", "required": False,
+    "schema": {"type": "string", "pattern": _CLIENT_VERSION.pattern},
+    "description": "your app's release (e.g. app/1.4.2): logged with the prediction, so drift and "
+                   "accuracy can be split by release (client_version on the monitoring endpoints)."}
 CORRELATION_HEADER = {
     "name": "X-Request-ID", "in": "header", "required": False,
     "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:\-]{1,128}$"},
@@ -555,7 +729,8 @@ CONSENT_PARAMETER = {
     "description": "'granted' lets the service keep this request's raw inputs (files, pixels, rows) "
                    "for retraining, up to INPUT_RETENTION_DAYS, unless the operator set "
                    "STORE_INPUTS=never; without it only a summary row (prediction, confidence, "
-                   "numeric features) is logged. DELETE /v1/predictions/{request_id} erases both."}
+                   "numeric features) is logged. Sent more than once, the values must agree (else "
+                   "422). DELETE /v1/predictions/{request_id} erases both."}
 REGISTERED: list[Endpoint] = []  # every endpoint declared, for the OpenAPI components
 HANDLERS: dict[str, Callable[[Request], Awaitable[Response]]] = {}  # path -> the route's function
 

@@ -9,6 +9,8 @@ routes answer 503, while the other tasks serve.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import re
@@ -74,6 +76,58 @@ class ServedModel:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    # ---- on-device use: the artifact an app can run itself, and a parity set to check its runtime
+
+    PARITY_SAMPLES: ClassVar[int] = 4
+    PARITY_SEED: ClassVar[int] = 20261205
+
+    def artifact(self) -> Path | None:
+        """The file an app can run on the device: the ``.tflite`` its LiteRT runner loaded (a model
+        with another kind of artifact overrides this); None when there is none."""
+        runner = getattr(self, "runner", None)
+        return Path(runner.path) if runner is not None else None
+
+    def artifact_media_type(self) -> str:
+        return "application/octet-stream"
+
+    @functools.cached_property
+    def artifact_sha256(self) -> str | None:
+        path = self.artifact()
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What an app must do to its input before the artifact sees it (the task says; by default
+        the input spec of the model's metadata and where the shared code lives)."""
+        return {"input": self.metadata.get("input"), "code": f"app/tasks/{self.task}/preprocess.py"}
+
+    def parity_inputs(self) -> list[np.ndarray]:
+        """A few inputs in the artifact's own input space, the same every time (seeded): uniform in
+        [0, 1] for a LiteRT model, one sample per call as an app makes them."""
+        runner = getattr(self, "runner", None)
+        if runner is None:
+            return []
+        rng = np.random.default_rng(self.PARITY_SEED)
+        shape = [1 if d < 0 else d for d in runner.input_shape]
+        shape[0] = 1
+        return [rng.random(shape, dtype=np.float32) for _ in range(self.PARITY_SAMPLES)]
+
+    def parity_outputs(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """What the server's runtime answers for ``inputs`` (the artifact's raw output)."""
+        runner = getattr(self, "runner", None)
+        return [runner.run(x) for x in inputs] if runner is not None else []
+
+    def on_device(self) -> dict[str, Any] | None:
+        """What ``GET /v1/models/{name}`` says an app needs to run this model itself."""
+        path = self.artifact()
+        if path is None:
+            return None
+        return {"artifact": {"url": f"/v1/models/{self.task}/artifact", "file": path.name,
+                             "sha256": self.artifact_sha256, "bytes": path.stat().st_size,
+                             "media_type": self.artifact_media_type(),
+                             "runtime": "LiteRT (TensorFlow Lite)" if path.suffix == ".tflite" else "JSON"},
+                "parity": f"/v1/models/{self.task}/parity", "preprocessing": self.preprocessing(),
+                "output": self.metadata.get("output")}
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` shows: name, version, task, specs, training metrics, created."""
         md = self.metadata
@@ -87,6 +141,7 @@ class ServedModel:
             "output": md.get("output"),
             "labels": md.get("labels"),
             "metrics": md.get("metrics"),
+            "card": md.get("card"),  # what the model is for: languages, data, licence, held-out figures
             "has_reference": self.reference is not None,
         }
 

@@ -22,6 +22,16 @@ class Envelope(BaseModel):
     predictions: list[Any]
 
 
+class ClassProbability(BaseModel):
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+def class_list(probabilities: dict[str, float]) -> list[dict[str, Any]]:
+    """``{label: probability}`` as ``[{"label", "probability"}]``, in the model's label order."""
+    return [{"label": label, "probability": p} for label, p in probabilities.items()]
+
+
 class Problem(BaseModel):
     """An RFC 9457 problem (``application/problem+json``)."""
 
@@ -49,9 +59,15 @@ class Readiness(BaseModel):
         "models": {"digits": {"ready": True, "version": "1.0.1", "error": None, "load_seconds": 0.01}},
         "gates": {"heavy": {"running": 0, "waiting": 0, "concurrency": 1, "queue": 2, "saturated": False}}}]})
 
-    status: str
+    status: str = Field(description="`ready`, or `degraded` while the prediction log's database is "
+                        "down (predictions are answered; their rows wait in memory, bounded)")
     models: dict[str, dict[str, Any]] = Field(description="per task: ready, version, error, load_seconds")
     gates: dict[str, dict[str, Any]] = Field(description="per kind of work: running, waiting, saturated")
+    places: dict[str, int] | None = Field(None, description="the dyno's places for big requests (0: not "
+                                          "bounded), those this worker holds, and its refusals for want "
+                                          "of one")
+    prediction_log: dict[str, Any] | None = Field(None, description="database (`ok` or `unavailable`), "
+                                                  "buffered_rows, buffered_input_bytes")
 
 
 class LimitRow(BaseModel):
@@ -73,7 +89,13 @@ class ModelVersions(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), json_schema_extra={"examples": [{
+        "name": "digits", "task": "digits", "version": "1.0.1", "ready": True, "labels": [str(d) for d in range(10)],
+        "limits": [], "on_device": {"artifact": {"url": "/v1/models/digits/artifact", "file": "model.tflite",
+                                                 "sha256": "9f2c...", "bytes": 796000,
+                                                 "media_type": "application/octet-stream",
+                                                 "runtime": "LiteRT (TensorFlow Lite)"},
+                                    "parity": "/v1/models/digits/parity", "preprocessing": {}}}]})
 
     name: str
     task: str
@@ -81,8 +103,14 @@ class ModelInfo(BaseModel):
     ready: bool
     error: str | None = None
     labels: list[str] | None = None
+    card: dict[str, Any] | None = Field(None, description="what the model is for, where the version says: "
+                                        "languages, the data it was trained on, its licence, its figures "
+                                        "on held-out data per data set, and its model card")
     limits: list[LimitRow] = Field(description="the limits this task's endpoints enforce (as in the README)")
     versions: ModelVersions | None = None
+    on_device: dict[str, Any] | None = Field(None, description="GET /v1/models/{name} only: the artifact an "
+                                             "app can run itself (url, file, sha256, bytes, media_type, "
+                                             "runtime), the preprocessing to reproduce and the parity set's url")
 
 
 class ModelList(BaseModel):
@@ -93,3 +121,27 @@ class ModelList(BaseModel):
                     "refusal": "422 `too-many-instances`", "setting": ""}]}]}]})
 
     models: list[ModelInfo]
+
+
+class ParityTensor(BaseModel):
+    shape: list[int]
+    dtype: str
+    data: list[float] = Field(description="the values, row-major")
+
+
+class ParityCase(BaseModel):
+    input: ParityTensor
+    output: ParityTensor
+
+
+class ParitySet(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
+        "model": "digits", "version": "1.0.1", "artifact_sha256": "9f2c...", "tolerance": 1e-5,
+        "cases": [{"input": {"shape": [1, 28, 28, 1], "dtype": "float32", "data": [0.0, 0.1]},
+                   "output": {"shape": [1, 10], "dtype": "float32", "data": [0.01, 0.9]}}]}]})
+
+    model: str
+    version: str
+    artifact_sha256: str | None
+    tolerance: float = Field(description="the largest difference an app's runtime should show")
+    cases: list[ParityCase]

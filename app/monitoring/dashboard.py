@@ -164,6 +164,12 @@ def render_dashboard(sections: Sequence[Mapping[str, Any]], *, generated_at: str
                      f"{escape(status)}</span></h2>")
         parts.append(f"<p>{report['n']} predictions in the window; drift score (largest PSI): "
                      f"{'&ndash;' if report['drift_score'] is None else _fmt(report['drift_score'])}.</p>")
+        releases = report.get("client_versions") or []
+        if "client_version" in report:
+            parts.append(f"<p>Client release: {escape(str(report['client_version'] or 'none'))}.</p>")
+        elif releases:
+            parts.append("<p>Client releases in the window: " + ", ".join(
+                f"{escape(str(r['client_version'] or 'none'))} ({r['n']})" for r in releases) + ".</p>")
         reference = section.get("reference") or {}
         if report.get("features"):
             parts.append("<table><tr><th>feature</th><th>PSI</th><th>KS D</th><th>KS p</th>"

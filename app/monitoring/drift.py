@@ -2,7 +2,7 @@
 
 Each numeric summary feature of a window of recent predictions is compared with the reference
 distribution saved at training time (see :mod:`app.monitoring.reference`), and the predicted-class
-distribution with the reference prior. Thresholds (documented in the README):
+distribution with the reference prior. Thresholds (documented in docs/monitoring.md):
 
 =====================  ===========================  ==========================
 test                   warning                      drift

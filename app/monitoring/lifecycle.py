@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import tempfile
@@ -26,21 +27,21 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, and_, select
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ProblemError
 from app.core.limits import EXPORT_BATCH_ROWS
-from app.monitoring.drift import MAX_WINDOW_COUNT, Window, parse_window
+from app.monitoring.drift import parse_window
+from app.monitoring.reports import shadow_report
 from app.monitoring.router import (
     ADMIN_RESPONSES,
     Admin,
-    _database_down,
-    _find_prediction,
-    _unknown_request,
-    _window,
     admin_responses,
+    find_prediction,
+    in_database,
+    known_model,
     monitoring_state,
+    parse_window_param,
+    unknown_request,
 )
 from app.monitoring.service import Monitoring
 from app.monitoring.store import (
@@ -48,7 +49,6 @@ from app.monitoring.store import (
     erase_request,
     feedback,
     predictions,
-    shadow_predictions,
     utcnow,
 )
 
@@ -61,20 +61,17 @@ router = APIRouter(tags=["monitoring"])
                responses={404: {"description": "nothing is logged under that request id"},
                           503: {"description": "the prediction-log database is unavailable"}})
 async def erase_prediction(
-        monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+        request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
         request_id: Annotated[str, Path(min_length=1, max_length=128,
                                         description="the request_id returned with the prediction")]) -> Response:
     """Erase everything logged for one request: its stored inputs, summary rows (prediction,
     confidence, features), shadow predictions and feedback. A prediction made a moment ago may still
     be in a worker's buffer: it is waited for, and anything of that request written later (another
     worker's buffer, a shadow version) is dropped instead of stored."""
-    try:
-        rows = await _find_prediction(monitoring, request_id)
-        if not rows:
-            raise _unknown_request(request_id)
-        await run_in_threadpool(erase_request, monitoring.engine, request_id)
-    except SQLAlchemyError as exc:
-        raise _database_down(exc) from None
+    rows = await find_prediction(request, monitoring, request_id)
+    if not rows:
+        raise unknown_request(request_id)
+    await in_database(request, monitoring, erase_request, monitoring.engine, request_id)
     task = asyncio.get_running_loop().create_task(_erase_again(monitoring, request_id))
     _rechecks.add(task)
     task.add_done_callback(_rechecks.discard)
@@ -89,8 +86,9 @@ async def _erase_again(monitoring: Monitoring, request_id: str) -> None:
     """A row inserted by a writer transaction that raced the erasure is deleted here; the hourly
     purge catches any this misses (the process stopping in between)."""
     await asyncio.sleep(ERASE_RECHECK_S)
-    with contextlib.suppress(SQLAlchemyError):
-        await run_in_threadpool(erase_request, monitoring.engine, request_id, remember=False)
+    with contextlib.suppress(Exception):  # a failure here is caught by the hourly purge
+        await in_database(None, monitoring, functools.partial(erase_request, remember=False),
+                          monitoring.engine, request_id)
 
 
 # ---- the dataset export ------------------------------------------------------------------------
@@ -238,15 +236,15 @@ async def export_dataset(
     --production-data export.zip``): ``manifest.jsonl`` has one line per stored input
     (``request_id``, ``instance``, ``model``, ``version``, ``created_at``, ``prediction``,
     ``confidence``, ``label`` or null, ``file``) and the zip holds the files it names."""
-    registry = getattr(request.app.state, "registry", None)
-    if model is not None and registry is not None and model not in registry.slots:
-        raise ProblemError(404, "unknown-model", f"model: no model named {model!r}.", field="model")
+    if model is not None:
+        known_model(request, model)
     moment = _since(since)
-    try:
-        await run_in_threadpool(monitoring.prediction_log.flush, 1.0)
-        last_id = await run_in_threadpool(_last_id, monitoring.engine)  # also: the database answers
-    except SQLAlchemyError as exc:
-        raise _database_down(exc) from None
+
+    def last_written() -> int:  # also: the database answers
+        monitoring.prediction_log.flush(1.0)
+        return _last_id(monitoring.engine)
+
+    last_id = await in_database(request, monitoring, last_written)
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
     filename = f"dataset-{model or 'all'}-{stamp}.zip"
     return StreamingResponse(export_zip(monitoring.engine, model, moment, labelled, last_id),
@@ -279,64 +277,25 @@ class ShadowReport(BaseModel):
     shadow: VersionScore
 
 
-def shadow_report(engine: Engine, model: str, window: Window, shadow_version: str | None) -> dict[str, Any]:
-    """Pairs (primary row, shadow row) of the same request and instance, newest first."""
-    if shadow_version is None:  # none configured now: the most recent one logged
-        with engine.connect() as conn:
-            shadow_version = conn.execute(
-                select(shadow_predictions.c.version).where(shadow_predictions.c.model == model)
-                .order_by(shadow_predictions.c.id.desc()).limit(1)).scalar()
-    query = (select(predictions.c.version, predictions.c.prediction,
-                    shadow_predictions.c.prediction.label("shadow_prediction"), feedback.c.label)
-             .join(predictions, and_(predictions.c.request_id == shadow_predictions.c.request_id,
-                                     predictions.c.instance == shadow_predictions.c.instance,
-                                     predictions.c.model == shadow_predictions.c.model))
-             .outerjoin(feedback, and_(feedback.c.request_id == shadow_predictions.c.request_id,
-                                       feedback.c.instance == shadow_predictions.c.instance))
-             .where(shadow_predictions.c.model == model, shadow_predictions.c.version == shadow_version))
-    if window.seconds is not None:
-        query = (query.where(shadow_predictions.c.created_at >= utcnow() - window.since)
-                 .order_by(shadow_predictions.c.created_at.desc()))
-    else:
-        query = query.order_by(shadow_predictions.c.id.desc())
-    query = query.limit(window.count or MAX_WINDOW_COUNT)
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
-    n = len(rows)
-    labelled = [r for r in rows if r.label is not None]
-    versions = sorted({r.version for r in rows})
-
-    def score(version: str | None, column: str) -> dict[str, Any]:
-        correct = sum(1 for r in labelled if getattr(r, column) == r.label)
-        return {"version": version, "n": n, "labelled": len(labelled),
-                "accuracy": round(correct / len(labelled), 6) if labelled else None}
-
-    agreement = sum(1 for r in rows if r.prediction == r.shadow_prediction) / n if n else None
-    return {"model": model, "window": window.describe(), "n": n,
-            "agreement": round(agreement, 6) if agreement is not None else None,
-            "primary": score(", ".join(versions) or None, "prediction"),
-            "shadow": score(shadow_version, "shadow_prediction")}
-
-
 @router.get("/v1/monitoring/shadow", dependencies=[Admin], operation_id="monitoring_shadow",
             response_model=ShadowReport,
             responses=admin_responses(ShadowReport.model_config["json_schema_extra"]["examples"][0]))
-def get_shadow(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
-               model: Annotated[str, Query(description="the task whose versions to compare")],
-               window: str | None = None) -> dict[str, Any]:
+async def get_shadow(request: Request, monitoring: Annotated[Monitoring, Depends(monitoring_state)],
+                     model: Annotated[str, Query(description="the task whose versions to compare")],
+                     window: str | None = None) -> dict[str, Any]:
     """How the shadow version (``SHADOW_VERSIONS``) compares with the primary one over ``window``
     (a count of recent shadowed instances, e.g. ``500``, or a duration, e.g. ``1h``): how often both
     predicted the same, and the accuracy of each on the instances that have feedback."""
+    known_model(request, model)
     registry = getattr(request.app.state, "registry", None)
-    if registry is not None and model not in registry.slots:
-        raise ProblemError(404, "unknown-model", f"model: no model named {model!r}.", field="model")
-    win = _window(window, monitoring)
+    win = parse_window_param(window, monitoring)
     shadow = registry.shadows.get(model) if registry is not None else None
-    try:
-        shadows = getattr(request.app.state, "shadows", None)
+    shadows = getattr(request.app.state, "shadows", None)
+
+    def read() -> dict[str, Any]:
         if shadows is not None:
             shadows.drain(1.0)
         monitoring.prediction_log.flush(1.0)
         return shadow_report(monitoring.engine, model, win, shadow.version if shadow is not None else None)
-    except SQLAlchemyError as exc:
-        raise _database_down(exc) from None
+
+    return await in_database(request, monitoring, read)

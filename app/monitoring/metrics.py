@@ -4,6 +4,9 @@ Under gunicorn each worker is its own process, so ``gunicorn.conf.py`` points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers fork and marks dead workers;
 ``GET /metrics`` then aggregates every worker's files with ``MultiProcessCollector``. Without that
 variable (unit tests, a plain ``uvicorn`` run) the default in-process registry is served.
+
+Every sample carries the instance's name in a ``dyno`` label when ``DYNO`` is set (Heroku sets it:
+``web.1``, ``web.2``...), so whoever scrapes or receives the metrics can tell the dynos apart.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     generate_latest,
 )
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 
@@ -31,7 +36,7 @@ REQUEST_LATENCY = Histogram("http_request_duration_seconds", "Request latency by
 PREDICTIONS = Counter("predictions_total", "Predictions served, by model, version and predicted class",
                       ["model", "version", "prediction"])
 INFERENCE_LATENCY = Histogram("inference_duration_seconds",
-                              "Handler time per request as reported to log_predictions (decode, "
+                              "Handler time per request as told to the prediction log (decode, "
                               "preprocess, model)",
                               ["model"], buckets=LATENCY_BUCKETS)
 DRIFT_SCORE = Gauge("model_drift_score", "Largest drift score (PSI) over the model's features in the "
@@ -72,12 +77,43 @@ def observe_request(route: str, method: str, status: int, model: str, seconds: f
     labelled(REQUEST_LATENCY, route, method, model).observe(seconds)
 
 
-def render_metrics() -> tuple[bytes, str]:
-    """The exposition text for ``GET /metrics`` and its content type."""
+def instance_labels() -> dict[str, str]:
+    """Labels naming this instance on every sample: ``dyno`` from ``DYNO``, when it is set."""
+    dyno = os.environ.get("DYNO", "").strip()
+    return {"dyno": dyno} if dyno else {}
+
+
+class Labelled(Collector):
+    """Another collector's metrics with constant labels added to every sample."""
+
+    def __init__(self, source: Collector, labels: dict[str, str]) -> None:
+        self.source = source
+        self.labels = labels
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for family in self.source.collect():
+            labelled_family = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled_family.samples = [sample._replace(labels={**sample.labels, **self.labels})
+                                       for sample in family.samples]
+            yield labelled_family
+
+
+def exposition_registry() -> Collector:
+    """What ``GET /metrics`` and the metrics pusher send: every worker's metrics under gunicorn
+    (``PROMETHEUS_MULTIPROC_DIR``), this process's otherwise, with :func:`instance_labels`."""
+    source: Collector = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        source = multiprocess.MultiProcessCollector(None)
+    labels = instance_labels()
+    if not labels and source is REGISTRY:
+        return REGISTRY
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Labelled(source, labels) if labels else source)
+    return registry
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The exposition text for ``GET /metrics`` and its content type."""
+    return generate_latest(exposition_registry()), CONTENT_TYPE_LATEST

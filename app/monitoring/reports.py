@@ -6,6 +6,7 @@ and every instance that shares ``DATABASE_URL``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 
 from app.core.registry import ServedModel
 from app.monitoring import drift
-from app.monitoring.drift import Window
+from app.monitoring.drift import MAX_WINDOW_COUNT, Window
 from app.monitoring.metrics import DRIFT_DETECTED, DRIFT_SCORE
-from app.monitoring.store import as_utc, feedback, predictions, utcnow
+from app.monitoring.store import as_utc, feedback, predictions, shadow_predictions, utcnow
 
 TIMELINE_MAX_ROWS = 10_000
 
@@ -32,22 +33,27 @@ class WindowRows:
     latency_ms: list[float]
     predictions: list[str]
     features: dict[str, list[float | None]]
+    client_versions: list[str | None]
 
     @property
     def n(self) -> int:
         return len(self.predictions)
 
 
+ANY_CLIENT = object()  # no filter on the client's release (None filters the rows without one)
+
+
 def window_rows(engine: Engine, model: str, window: Window, *, version: str | None = None,
                 limit: int = drift.MAX_WINDOW_COUNT, feature_names: Sequence[str] | None = None,
-                drift_only: bool = False) -> WindowRows:
+                drift_only: bool = False, client_version: Any = ANY_CLIENT) -> WindowRows:
     """The window's rows of ``model`` (newest first in the query, returned oldest first).
 
     With ``feature_names`` (a reference's features) the database extracts those values from the
-    JSON column itself, as floats: decoding every row's JSON in Python was half of a 100 000-row
-    report's time. Without, every feature found in the rows is read. ``drift_only`` leaves out what
-    a drift report does not read (request ids, instances and latencies come back empty)."""
-    cols = [predictions.c.created_at, predictions.c.prediction]
+    JSON column itself, as floats, rather than decoding every row's JSON in Python, which would take
+    much of a large report's time. Without, every feature found in the rows is read. ``drift_only`` leaves out what
+    a drift report does not read (request ids, instances and latencies come back empty).
+    ``client_version`` keeps the rows of one client release (X-Client-Version) only."""
+    cols = [predictions.c.created_at, predictions.c.prediction, predictions.c.client_version]
     if not drift_only:
         cols += [predictions.c.request_id, predictions.c.instance, predictions.c.latency_ms]
     first_feature = len(cols)
@@ -59,6 +65,9 @@ def window_rows(engine: Engine, model: str, window: Window, *, version: str | No
     query = select(*cols).where(predictions.c.model == model)
     if version is not None:
         query = query.where(predictions.c.version == version)
+    if client_version is not ANY_CLIENT:
+        query = query.where(predictions.c.client_version.is_(None) if client_version is None
+                            else predictions.c.client_version == client_version)
     if window.seconds is not None:
         # Newest first by time, so the (model, created_at) index is read from the cutoff on; by id,
         # PostgreSQL walks the primary key back through the whole table looking for more rows.
@@ -80,9 +89,10 @@ def window_rows(engine: Engine, model: str, window: Window, *, version: str | No
     return WindowRows(
         created_at=[as_utc(t) for t in columns[0]],
         predictions=list(columns[1]),
-        request_ids=[] if drift_only else list(columns[2]),
-        instances=[] if drift_only else list(columns[3]),
-        latency_ms=[] if drift_only else list(columns[4]),
+        client_versions=list(columns[2]),
+        request_ids=[] if drift_only else list(columns[3]),
+        instances=[] if drift_only else list(columns[4]),
+        latency_ms=[] if drift_only else list(columns[5]),
         features=features,
     )
 
@@ -94,23 +104,30 @@ def reference_features(model: ServedModel) -> list[str] | None:
 
 
 def model_drift_report(engine: Engine, model: ServedModel, window: Window, *, min_samples: int,
-                       rows: WindowRows | None = None) -> dict[str, Any]:
-    """Drift of the model's current version over the window (and the gauges updated)."""
+                       rows: WindowRows | None = None, client_version: Any = ANY_CLIENT) -> dict[str, Any]:
+    """Drift of the model's current version over the window, and the client releases the window
+    holds; for one release when ``client_version`` is given (the gauges follow the pooled report)."""
     if rows is None:
         rows = window_rows(engine, model.task, window, version=model.version,
-                           feature_names=reference_features(model), drift_only=True)
+                           feature_names=reference_features(model), drift_only=True,
+                           client_version=client_version)
     report = drift.model_drift(model.reference, rows.features, rows.predictions, min_samples=min_samples)
-    update_gauges(model.task, report)
+    if client_version is ANY_CLIENT:
+        update_gauges(model.task, report)
+    releases = Counter(rows.client_versions)
     return {"model": model.task, "version": model.version, "window": window.describe(),
+            **({} if client_version is ANY_CLIENT else {"client_version": client_version}),
+            "client_versions": [{"client_version": v, "n": n} for v, n in releases.most_common()],
             "from": rows.created_at[0].isoformat() if rows.n else None,
             "to": rows.created_at[-1].isoformat() if rows.n else None, **report}
 
 
 def drift_report(engine: Engine, models: Iterable[ServedModel], window: Window, *,
-                 min_samples: int) -> dict[str, Any]:
+                 min_samples: int, client_version: Any = ANY_CLIENT) -> dict[str, Any]:
     return {"generated_at": utcnow().isoformat(timespec="seconds"), "window": window.describe(),
             "min_samples": min_samples, "thresholds": drift.THRESHOLDS,
-            "models": [model_drift_report(engine, m, window, min_samples=min_samples) for m in models]}
+            "models": [model_drift_report(engine, m, window, min_samples=min_samples,
+                                          client_version=client_version) for m in models]}
 
 
 def update_gauges(model: str, report: dict[str, Any]) -> None:
@@ -168,13 +185,18 @@ def list_feedback(engine: Engine, model: str | None, limit: int) -> list[dict[st
              "correct": r.prediction == r.label} for r in rows]
 
 
-def accuracy(engine: Engine, model: str, window: Window) -> dict[str, Any]:
+def accuracy(engine: Engine, model: str, window: Window, client_version: Any = ANY_CLIENT) -> dict[str, Any]:
     """Live accuracy of ``model`` over the window's labelled predictions (by count: the last N
-    predictions that have feedback; by time: predictions made within the duration)."""
-    query = (select(predictions.c.prediction, feedback.c.label, predictions.c.version)
+    predictions that have feedback; by time: predictions made within the duration), of one client
+    release when ``client_version`` is given."""
+    query = (select(predictions.c.prediction, feedback.c.label, predictions.c.version,
+                    predictions.c.client_version)
              .join(feedback, and_(predictions.c.request_id == feedback.c.request_id,
                                   predictions.c.instance == feedback.c.instance))
              .where(predictions.c.model == model))
+    if client_version is not ANY_CLIENT:
+        query = query.where(predictions.c.client_version.is_(None) if client_version is None
+                            else predictions.c.client_version == client_version)
     if window.seconds is not None:  # by time on the (model, created_at) index, as in window_rows
         query = (query.where(predictions.c.created_at >= utcnow() - window.since)
                  .order_by(predictions.c.created_at.desc()))
@@ -192,6 +214,9 @@ def accuracy(engine: Engine, model: str, window: Window) -> dict[str, Any]:
         entry["correct"] += int(r.prediction == r.label)
     return {"model": model, "window": window.describe(), "labelled": labelled, "correct": correct,
             "accuracy": round(correct / labelled, 6) if labelled else None,
+            **({} if client_version is ANY_CLIENT else {"client_version": client_version}),
+            "client_versions": [{"client_version": v, "n": n}
+                                for v, n in Counter(r.client_version for r in rows).most_common()],
             "versions": sorted({r.version for r in rows}),
             "per_class": {k: {**v, "accuracy": round(v["correct"] / v["labelled"], 6)}
                           for k, v in sorted(per_class.items())}}
@@ -242,3 +267,42 @@ def timeline(engine: Engine, model: ServedModel, window: Window, *, buckets: int
 
 def feature_values(rows: WindowRows, name: str) -> Sequence[float]:
     return [v for v in rows.features.get(name, []) if v is not None]
+
+
+def shadow_report(engine: Engine, model: str, window: Window, shadow_version: str | None) -> dict[str, Any]:
+    """Pairs (primary row, shadow row) of the same request and instance, newest first."""
+    if shadow_version is None:  # none configured now: the most recent one logged
+        with engine.connect() as conn:
+            shadow_version = conn.execute(
+                select(shadow_predictions.c.version).where(shadow_predictions.c.model == model)
+                .order_by(shadow_predictions.c.id.desc()).limit(1)).scalar()
+    query = (select(predictions.c.version, predictions.c.prediction,
+                    shadow_predictions.c.prediction.label("shadow_prediction"), feedback.c.label)
+             .join(predictions, and_(predictions.c.request_id == shadow_predictions.c.request_id,
+                                     predictions.c.instance == shadow_predictions.c.instance,
+                                     predictions.c.model == shadow_predictions.c.model))
+             .outerjoin(feedback, and_(feedback.c.request_id == shadow_predictions.c.request_id,
+                                       feedback.c.instance == shadow_predictions.c.instance))
+             .where(shadow_predictions.c.model == model, shadow_predictions.c.version == shadow_version))
+    if window.seconds is not None:
+        query = (query.where(shadow_predictions.c.created_at >= utcnow() - window.since)
+                 .order_by(shadow_predictions.c.created_at.desc()))
+    else:
+        query = query.order_by(shadow_predictions.c.id.desc())
+    query = query.limit(window.count or MAX_WINDOW_COUNT)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    n = len(rows)
+    labelled = [r for r in rows if r.label is not None]
+    versions = sorted({r.version for r in rows})
+
+    def score(version: str | None, column: str) -> dict[str, Any]:
+        correct = sum(1 for r in labelled if getattr(r, column) == r.label)
+        return {"version": version, "n": n, "labelled": len(labelled),
+                "accuracy": round(correct / len(labelled), 6) if labelled else None}
+
+    agreement = sum(1 for r in rows if r.prediction == r.shadow_prediction) / n if n else None
+    return {"model": model, "window": window.describe(), "n": n,
+            "agreement": round(agreement, 6) if agreement is not None else None,
+            "primary": score(", ".join(versions) or None, "prediction"),
+            "shadow": score(shadow_version, "shadow_prediction")}

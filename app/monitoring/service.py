@@ -9,7 +9,6 @@ gauge refresher, and sets ``app.state.prediction_log`` and ``app.state.monitorin
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +16,15 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from app.core.config import Settings
-from app.core.limits import INPUT_PURGE_INTERVAL_S
+from app.core.execution import BlockingCalls
+from app.core.limits import (
+    DB_CALL_TIMEOUT_S,
+    DB_QUEUE,
+    DB_THREADS,
+    INPUT_PURGE_INTERVAL_S,
+)
 from app.monitoring.drift import Window
+from app.monitoring.periodic import Periodic
 from app.monitoring.store import (
     PredictionLog,
     create_schema,
@@ -35,50 +41,11 @@ class Monitoring:
     settings: Settings
     engine: Engine
     prediction_log: PredictionLog
+    calls: BlockingCalls  # request-path database work: a few threads, each call bounded in time
     refresher: DriftRefresher | None = None
     purger: InputPurger | None = None
+    pusher: Periodic | None = None  # app.monitoring.push.MetricsPusher, with METRICS_PUSH_URL
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Periodic:
-    """A daemon thread calling ``work()`` every ``interval_s`` (first at start-up when
-    ``run_at_start``). A failure (the database may be down; the log writer reports outages) is
-    logged once until the work succeeds again."""
-
-    name = "periodic"
-    failure = "periodic work failed"
-    run_at_start = False
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._failing = False
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def work(self) -> None:
-        raise NotImplementedError
-
-    def _run(self) -> None:
-        if not self.run_at_start and self._stop.wait(self.interval_s):
-            return
-        while True:
-            try:
-                self.work()
-                self._failing = False
-            except Exception as exc:
-                if not self._failing:
-                    log.warning(self.failure, extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-                self._failing = True
-            if self._stop.wait(self.interval_s):
-                return
 
 
 class DriftRefresher(Periodic):
@@ -148,13 +115,21 @@ def setup_monitoring(app: FastAPI, settings: Settings) -> Monitoring:
                   extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
     prediction_log = PredictionLog(engine, buffer_size=settings.log_buffer_size,
                                    flush_interval_s=settings.log_flush_interval_s,
-                                   store_inputs=settings.store_inputs == "consented")
+                                   store_inputs=settings.store_inputs == "consented",
+                                   durable=settings.log_durable)
     prediction_log.start()
-    monitoring = Monitoring(settings, engine, prediction_log)
+    calls = BlockingCalls(DB_THREADS, DB_QUEUE, DB_CALL_TIMEOUT_S, "database")
+    monitoring = Monitoring(settings, engine, prediction_log, calls)
     monitoring.refresher = DriftRefresher(app, monitoring)
     monitoring.refresher.start()
     monitoring.purger = InputPurger(monitoring)
     monitoring.purger.start()
+    if settings.metrics_push_url is not None and settings.metrics_push_url.get_secret_value():
+        from app.monitoring.push import MetricsPusher
+
+        monitoring.pusher = MetricsPusher(settings.metrics_push_url.get_secret_value(),
+                                          settings.metrics_push_job, settings.metrics_push_interval_s)
+        monitoring.pusher.start()
     app.state.monitoring = monitoring
     app.state.prediction_log = prediction_log
     return monitoring
@@ -169,7 +144,10 @@ def shutdown_monitoring(app: FastAPI, timeout: float = 5.0) -> None:
         monitoring.refresher.stop()
     if monitoring.purger is not None:
         monitoring.purger.stop()
+    if monitoring.pusher is not None:
+        monitoring.pusher.stop()
     monitoring.prediction_log.stop(timeout)
+    monitoring.calls.shutdown()
     monitoring.engine.dispose()
     app.state.prediction_log = None
     app.state.monitoring = None

@@ -4,12 +4,17 @@ SQLite by default (a file under ``var/``, WAL journal so readers never block the
 when ``DATABASE_URL`` says so. Requests never touch the database on the prediction path:
 :meth:`PredictionLog.enqueue` appends to a bounded in-memory buffer and returns; a writer thread
 inserts the buffered rows in batches every ``LOG_FLUSH_INTERVAL_S``. When the database is down the
-writer logs the outage once, counts each failed attempt, keeps the rows and retries with backoff;
-rows arriving while the buffer is full are dropped and counted (``LOG_BUFFER_SIZE`` bounds memory).
+writer logs the outage once, counts each failed attempt, keeps the rows and retries with backoff.
+The buffer is bounded in rows (``LOG_BUFFER_SIZE``) and in bytes: consented inputs beyond
+``LOG_BUFFER_INPUT_BYTES`` are not kept (their summary rows are; counted as not stored,
+``buffer-full``), and rows beyond either bound are dropped and counted. ``/health/ready`` reports the
+log as degraded while the database is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -47,7 +52,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from app.core.limits import STORED_INPUT_MAX_BYTES
+from app.core.limits import (
+    DB_POOL_TIMEOUT_S,
+    DB_STATEMENT_TIMEOUT_S,
+    LOG_BUFFER_INPUT_BYTES,
+    LOG_BUFFER_ROW_BYTES,
+    STORED_INPUT_MAX_BYTES,
+)
 from app.monitoring.drift import clean_float
 from app.monitoring.metrics import (
     INFERENCE_LATENCY,
@@ -91,6 +102,7 @@ predictions = Table(
     *_prediction_columns(),
     Column("features", _JSON, nullable=False),
     Column("input", LargeBinary, nullable=True),  # raw input, only with the request's consent
+    Column("client_version", String(48), nullable=True),  # X-Client-Version (bounded), null without it
     Index("ix_predictions_model_id", "model", "id"),
     Index("ix_predictions_model_created_at", "model", "created_at"),
     Index("ix_predictions_request", "request_id", "instance"),
@@ -173,9 +185,16 @@ def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 5000,
         return engine
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql":
+        # The server stops a statement (and a lock wait) that runs past the timeout, so a slow query
+        # frees its connection; a caller never waits long for a pooled connection either.
         connect_args["connect_timeout"] = connect_timeout_s
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_recycle=1800,
-                         connect_args=connect_args, json_serializer=json_text)
+        timeout_ms = int(DB_STATEMENT_TIMEOUT_S * 1000)
+        given = url.query.get("options")  # e.g. a search_path in DATABASE_URL: kept
+        connect_args["options"] = " ".join(
+            [*([given] if isinstance(given, str) else list(given or ())),
+             f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"])
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=6, pool_recycle=1800,
+                         pool_timeout=DB_POOL_TIMEOUT_S, connect_args=connect_args, json_serializer=json_text)
 
 
 def create_schema(engine: Engine) -> None:
@@ -188,11 +207,22 @@ def create_schema(engine: Engine) -> None:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
                 metadata.create_all(conn, checkfirst=True)
+                _add_missing_columns(conn)
             return
         except SQLAlchemyError as exc:
             if attempt == 2 or "already exists" not in str(exc).lower():
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def _add_missing_columns(conn: Any) -> None:
+    """Columns a table gained after it was first created (nullable, so existing rows keep NULL)."""
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
 
 
 def schema_ready(engine: Engine) -> bool:
@@ -266,11 +296,30 @@ def purge_inputs(engine: Engine, retention_days: float, *, batch: int = 1000) ->
     return purged
 
 
+class Enqueued(int):
+    """How many rows were buffered; ``inputs``: how many of their raw inputs will be kept; ``seq``:
+    the sequence number of the last of them (``PredictionLog.written`` waits for it)."""
+
+    inputs: int = 0
+    seq: int = 0
+
+
+def _row_bytes(entry: Mapping[str, Any]) -> int:
+    """A summary row's memory while buffered, estimated: its fixed fields and its features."""
+    return 512 + 96 * len(entry.get("features") or ())
+
+
+def _input_bytes(entry: Mapping[str, Any]) -> int:
+    raw = entry.get("input")
+    return len(raw) if raw is not None else 0
+
+
 class PredictionLog:
     """Bounded buffer + background writer for prediction-log rows (one per instance)."""
 
     def __init__(self, engine: Engine, *, buffer_size: int = 10_000, flush_interval_s: float = 0.5,
-                 store_inputs: bool = False, batch_size: int = 1000, max_backoff_s: float = 10.0) -> None:
+                 store_inputs: bool = False, batch_size: int = 1000, max_backoff_s: float = 10.0,
+                 durable: bool = False) -> None:
         self.engine = engine
         self.buffer_size = buffer_size
         self.flush_interval_s = flush_interval_s
@@ -280,10 +329,16 @@ class PredictionLog:
         self._queue: deque[tuple[int, Table, dict[str, Any]]] = deque()
         self._pending: list[tuple[int, Table, dict[str, Any]]] = []  # taken from the queue, not yet written
         self._size = 0  # queue + pending: what the bound applies to
+        self._row_bytes = 0  # their estimated memory
+        self._input_bytes = 0  # the raw inputs they keep
+        self.max_row_bytes = LOG_BUFFER_ROW_BYTES
+        self.max_input_bytes = LOG_BUFFER_INPUT_BYTES
         self._seq = 0  # sequence number of the last enqueued row
         self._written_seq = 0  # every row up to this one is written
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)
+        self.durable = durable  # rows are written as soon as they arrive (their requests wait)
+        self._seq_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -297,11 +352,14 @@ class PredictionLog:
 
     # ---- request path -------------------------------------------------------------------------
     def enqueue(self, request_id: str, model: str, version: str, rows: Sequence[Mapping[str, Any]],
-                latency_ms: float, raw_inputs: Sequence[bytes] | None = None) -> int:
-        """Buffer one row per instance and return how many were accepted; never blocks on I/O and
-        never raises. Rows beyond the buffer bound are dropped and counted. ``raw_inputs`` (given
-        only for requests whose client consented) are kept up to ``STORED_INPUT_MAX_BYTES`` each,
-        unless the log was built with ``store_inputs=False`` (``STORE_INPUTS=never``)."""
+                latency_ms: float, raw_inputs: Sequence[bytes] | None = None,
+                client_version: str | None = None, first_instance: int = 0) -> Enqueued:
+        """Buffer one row per instance and return how many were accepted (and, as ``.inputs``, how
+        many raw inputs will be kept); never blocks on I/O and never raises. Rows beyond the buffer
+        bounds are dropped and counted. ``raw_inputs`` (given only for requests whose client
+        consented) are kept up to ``STORED_INPUT_MAX_BYTES`` each while the buffer has room for
+        them, unless the log was built with ``store_inputs=False`` (``STORE_INPUTS=never``).
+        ``first_instance``: the index of the first row's instance (a part of a batch job)."""
         try:
             created_at = utcnow()
             latency = float(latency_ms)
@@ -311,23 +369,24 @@ class PredictionLog:
                 prediction = str(row.get("prediction", ""))[:256]
                 labelled(PREDICTIONS, model, version, prediction[:64]).inc()
                 entries.append({
-                    "created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
-                    "model": model, "version": version, "latency_ms": latency,
+                    "created_at": created_at, "request_id": str(request_id)[:128],
+                    "instance": first_instance + index, "model": model, "version": version, "latency_ms": latency,
                     "prediction": prediction, "confidence": row.get("confidence"),
                     "features": row.get("features") or {},
-                    "input": self._kept_input(model, raw_inputs, index)})
+                    "input": self._kept_input(model, raw_inputs, index),
+                    "client_version": client_version})
             return self._buffer(predictions, entries)
         except Exception:  # a logging bug must never fail a prediction
             log.exception("could not buffer prediction-log rows")
-            return 0
+            return Enqueued(0)
 
     def enqueue_shadow(self, request_id: str, model: str, version: str,
-                       rows: Sequence[Mapping[str, Any]], latency_ms: float) -> int:
+                       rows: Sequence[Mapping[str, Any]], latency_ms: float, first_instance: int = 0) -> int:
         """Buffer what a shadow version predicted for a request (one row per instance)."""
         try:
             created_at = utcnow()
             return self._buffer(shadow_predictions, [
-                {"created_at": created_at, "request_id": str(request_id)[:128], "instance": index,
+                {"created_at": created_at, "request_id": str(request_id)[:128], "instance": first_instance + index,
                  "model": model, "version": version, "latency_ms": float(latency_ms),
                  "prediction": str(row.get("prediction", ""))[:256], "confidence": row.get("confidence")}
                 for index, row in enumerate(rows)])
@@ -342,26 +401,71 @@ class PredictionLog:
         if len(raw) > STORED_INPUT_MAX_BYTES:
             INPUTS_NOT_STORED.labels(model, "too-large").inc()
             return None
-        INPUTS_STORED.labels(model).inc()
         return bytes(raw)
 
-    def _buffer(self, table: Table, entries: list[dict[str, Any]]) -> int:
-        accepted = dropped = 0
+    def _buffer(self, table: Table, entries: list[dict[str, Any]]) -> Enqueued:
+        accepted = dropped = inputs = 0
+        not_kept: list[str] = []
         with self._lock:
             for entry in entries:
-                if self._size >= self.buffer_size:
+                row_bytes = _row_bytes(entry)
+                if self._size >= self.buffer_size or self._row_bytes + row_bytes > self.max_row_bytes:
                     dropped += 1
                     continue
+                raw = entry.get("input")
+                if raw is not None:
+                    if self._input_bytes + len(raw) > self.max_input_bytes:
+                        entry["input"] = None  # the summary row is kept; the input is not
+                        not_kept.append(entry["model"])
+                    else:
+                        self._input_bytes += len(raw)
+                        inputs += 1
                 self._seq += 1
                 self._queue.append((self._seq, table, entry))
                 self._size += 1
+                self._row_bytes += row_bytes
                 accepted += 1
         if dropped:
             self.rows_dropped += dropped
             LOG_ROWS_DROPPED.inc(dropped)
+        for model in not_kept:
+            INPUTS_NOT_STORED.labels(model, "buffer-full").inc()
+        if inputs:
+            INPUTS_STORED.labels(entries[0]["model"]).inc(inputs)
         # LOG_BUFFERED is set by the writer, after each batch and each failed attempt: a gauge
         # read every scrape, not a write to the metrics file on every request.
-        return accepted
+        result = Enqueued(accepted)
+        result.inputs, result.seq = inputs, self._seq
+        if self.durable and accepted:
+            self._wake.set()
+        return result
+
+    async def written(self, seq: int, timeout_s: float) -> bool:
+        """Wait (asleep, on the event loop) until every row up to ``seq`` is written; False when
+        that has not happened within ``timeout_s`` (the database slow or down)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._written_seq >= seq:
+                return True
+            if len(self._seq_waiters) > 1000:  # those that gave up (the database down) go
+                self._seq_waiters = [w for w in self._seq_waiters if not w[2].done()]
+            self._seq_waiters.append((seq, loop, future))
+        try:
+            await asyncio.wait_for(future, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def _wake_waiters(self) -> None:
+        """Called with the lock held, once ``_written_seq`` has moved."""
+        if not self._seq_waiters:
+            return
+        ready = [w for w in self._seq_waiters if w[0] <= self._written_seq and not w[2].done()]
+        self._seq_waiters = [w for w in self._seq_waiters if w[0] > self._written_seq]
+        for _, loop, future in ready:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, future)
 
     def contains(self, request_id: str) -> bool:
         """Whether rows of ``request_id`` are still waiting in this process's buffer."""
@@ -372,6 +476,15 @@ class PredictionLog:
     @property
     def buffered(self) -> int:
         return self._size
+
+    @property
+    def outage(self) -> bool:
+        """The database has refused the last write: rows are waiting in memory."""
+        return self._outage_since is not None
+
+    def status(self) -> dict[str, Any]:
+        return {"database": "unavailable" if self.outage else "ok", "buffered_rows": self._size,
+                "buffered_input_bytes": self._input_bytes}
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -461,8 +574,11 @@ class PredictionLog:
         with self._written:
             del self._pending[:len(batch)]
             self._size -= len(batch)
+            self._row_bytes -= sum(_row_bytes(r) for _, _, r in batch)
+            self._input_bytes -= sum(_input_bytes(r) for _, _, r in batch)
             self._written_seq = batch[-1][0]
             self._written.notify_all()
+            self._wake_waiters()
             size = self._size
         self.rows_written += len(batch) - refused
         LOG_ROWS_WRITTEN.inc(len(batch) - refused)
@@ -502,6 +618,11 @@ class PredictionLog:
             self.rows_dropped += bad
             LOG_ROWS_DROPPED.inc(bad)
         return bad
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(True)
 
 
 def _erased(conn: Any, request_ids: set[str]) -> set[str]:

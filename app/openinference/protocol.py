@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.core.limits import JSON_VALUES_SLACK, MAX_ECHOED_ID
+
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 
@@ -107,7 +109,8 @@ class ResponseOutput(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size for a binary output; "
+                                              "absent otherwise")
     data: list[Any] | None = None
 
 
@@ -119,7 +122,7 @@ class InferenceResponse(BaseModel):
     model_name: str
     model_version: str
     id: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] | None = None
     outputs: list[ResponseOutput]
 
 
@@ -238,11 +241,26 @@ def _json_data(item: RequestInput, count: int) -> np.ndarray:
     return array
 
 
-def parse_request(body: bytes, header_length: str | None,
-                  max_elements: dict[str, int]) -> InferenceRequest:
+def header_size(body: bytes, header_length: str | None) -> int:
+    """The size of the request's JSON part (the whole body without the binary extension)."""
+    if header_length is not None and header_length.isdigit():
+        return min(len(body), int(header_length))
+    return len(body)
+
+
+def parse_request(body: bytes, header_length: str | None, max_elements: dict[str, int],
+                  max_json_bytes: int | None = None) -> InferenceRequest:
     """The request's tensors. ``max_elements`` names the inputs the model takes and the most
-    elements each may have: anything else is refused before its data is decoded."""
+    elements each may have: anything else is refused before its data is decoded, and a JSON part
+    holding more values than they add up to is refused before it is parsed."""
     header, binary = _split(body, header_length)
+    if max_json_bytes is not None and len(header) > max_json_bytes:
+        raise V2Error(413, f"json-too-large: the JSON part of a request is limited to "
+                           f"{max_json_bytes / 1048576:g} MiB (MAX_JSON_MB); send tensors in binary")
+    allowed = sum(max_elements.values()) + JSON_VALUES_SLACK
+    if header.count(b",") + 1 > allowed:
+        raise V2Error(413, f"too-many-values: the JSON part holds more values than this model takes "
+                           f"({allowed:,} at most)")
     try:
         document = InferenceRequestBody.model_validate_json(header)
     except ValidationError as exc:
@@ -251,6 +269,9 @@ def parse_request(body: bytes, header_length: str | None,
         raise V2Error(400, f"invalid inference request: {where}: {first['msg']}") from None
     except (RecursionError, ValueError):
         raise V2Error(400, "the inference request is not valid JSON") from None
+    if document.id is not None and len(document.id) > MAX_ECHOED_ID:
+        raise V2Error(400, f"invalid inference request: id: at most {MAX_ECHOED_ID} characters "
+                           f"(got {len(document.id):,})")
     inputs: dict[str, Tensor] = {}
     offset = 0
     for item in document.inputs:

@@ -16,14 +16,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.core.errors import ProblemError
+from app.core.errors import ProblemError, v2_error
+from app.core.limits import JSON_INLINE_MAX_BYTES
 from app.core.pipeline import (
     CONSENT_PARAMETER,
+    IDEMPOTENCY_PARAMETER,
     EXTRA_SCHEMAS,
     REGISTERED,
     Endpoint,
+    PathRoute,
     Read,
     execute,
+    read_body,
 )
 from app.core.registry import ServedModel
 from app.openinference.models import V2_MODELS, V2Model
@@ -40,10 +44,12 @@ from app.openinference.protocol import (
     ServerMetadata,
     V2Error,
     encode_response,
+    header_size,
     parse_request,
 )
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+INLINE_OUTPUT_ELEMENTS = 1 << 14  # smaller answers are encoded on the event loop: a thread costs more
 EXTENSIONS = ["binary_tensor_data"]
 ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
     400: "a malformed request or an invalid input", 404: "no such model or version",
@@ -55,8 +61,8 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 
 def from_problem(exc: ProblemError) -> JSONResponse:
-    status = 400 if exc.status == 422 else exc.status
-    return error(status, f"{exc.code}: {exc.detail}", exc.headers)
+    status, body = v2_error(exc.status, exc.code, exc.detail)
+    return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
 def _spec(name: str) -> V2Model:
@@ -85,18 +91,18 @@ def _endpoint(spec: V2Model) -> Endpoint:
 
 @router.get("", response_model=ServerMetadata, operation_id="v2_server_metadata",
             summary="Server metadata")
-def server_metadata(request: Request) -> ServerMetadata:
+async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name="ml-inference-service", version=request.app.version, extensions=EXTENSIONS)
 
 
 @router.get("/health/live", response_model=Live, operation_id="v2_server_live", summary="Server liveness")
-def live() -> Live:
+async def live() -> Live:
     return Live(live=True)
 
 
 @router.get("/health/ready", response_model=Ready, operation_id="v2_server_ready",
             summary="Server readiness: every model loaded", responses={503: ERRORS[503]})
-def ready(request: Request) -> Any:
+async def ready(request: Request) -> Any:
     registry = request.app.state.registry
     if not registry.ready:
         missing = [task for task, slot in registry.slots.items() if not slot.ready]
@@ -110,9 +116,17 @@ def _metadata(request: Request, name: str, version: str | None) -> Any:
         model = _model(request, spec, version)
     except V2Error as exc:
         return error(exc.status, exc.message, exc.headers)
-    return ModelMetadata(name=spec.name, versions=[model.version], platform="litert" if spec.name != "clustering"
-                         else "scikit-learn-kmeans", inputs=list(spec.inputs), outputs=list(spec.outputs),
-                         parameters=spec.parameters(model))
+    return ModelMetadata(name=spec.name, versions=[model.version], platform=spec.platform,
+                         inputs=list(spec.inputs), outputs=spec.outputs_of(model), parameters=spec.parameters(model))
+
+
+def _config(request: Request, name: str, version: str | None) -> Any:
+    try:
+        spec = _spec(name)
+        model = _model(request, spec, version)
+    except V2Error as exc:
+        return error(exc.status, exc.message, exc.headers)
+    return JSONResponse(spec.config(model))
 
 
 def _ready(request: Request, name: str, version: str | None) -> Any:
@@ -131,9 +145,18 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         parsed: dict[str, Any] = {}
 
         async def read(request: Request, endpoint: Endpoint, settings: Any) -> Read:
-            body = await request.body()
-            parsed["request"] = inference = parse_request(body, request.headers.get(HEADER_LENGTH),
-                                                          spec.max_elements())
+            header_length = request.headers.get(HEADER_LENGTH)
+            body = await read_body(request, None if header_length is not None else settings.max_json_bytes)
+            limits = spec.max_elements()
+
+            def parse(raw: bytes) -> InferenceRequest:
+                return parse_request(raw, header_length, limits, settings.max_json_bytes)
+
+            if header_size(body, header_length) <= JSON_INLINE_MAX_BYTES:
+                inference = parse(body)
+            else:  # parsing a large JSON part takes time and memory: off the event loop
+                inference = await asyncio.to_thread(parse, body)
+            parsed["request"] = inference
             parsed["wanted"] = wanted = _wanted(spec, inference)
             instances, params = spec.to_job(inference, model)
             return Read(instances, params, tensors=frozenset(wanted))
@@ -144,9 +167,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         binary = {o.name: bool(wanted[o.name] if wanted[o.name] is not None else inference.binary_output)
                   for o in outputs}
         response = InferenceResponse(model_name=spec.name, model_version=served.version,
-                                     id=inference.id or request.state.request_id, outputs=[])
-        # Off the event loop: a large output takes a while to serialise.
-        body, headers = await asyncio.to_thread(encode_response, response, outputs, binary)
+                                     id=inference.id if inference.id is not None else request.state.request_id,
+                                     outputs=[])
+        if sum(o.array.size for o in outputs) <= INLINE_OUTPUT_ELEMENTS:
+            body, headers = encode_response(response, outputs, binary)
+        else:  # off the event loop: a large output takes a while to serialise
+            body, headers = await asyncio.to_thread(encode_response, response, outputs, binary)
         return Response(body, headers={**served.headers, **headers}, background=served.background())
     except V2Error as exc:
         return error(exc.status, exc.message, exc.headers)
@@ -172,7 +198,7 @@ _request_schema = InferenceRequestBody.model_json_schema(ref_template="#/compone
 EXTRA_SCHEMAS.update(_request_schema.pop("$defs", {}))
 EXTRA_SCHEMAS["InferenceRequestBody"] = _request_schema
 INFER_DOC: dict[str, Any] = {
-    "parameters": [CONSENT_PARAMETER],
+    "parameters": [CONSENT_PARAMETER, IDEMPOTENCY_PARAMETER],
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequestBody"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
@@ -186,25 +212,39 @@ def _routes(suffix: str, operation: str, versioned: bool) -> None:
         async def infer(request: Request, name: str, version: str) -> Response:
             return await _infer(request, name, version)
 
-        def metadata(request: Request, name: str, version: str) -> Any:
+        async def metadata(request: Request, name: str, version: str) -> Any:
             return _metadata(request, name, version)
 
-        def model_ready(request: Request, name: str, version: str) -> Any:
+        async def model_ready(request: Request, name: str, version: str) -> Any:
             return _ready(request, name, version)
+
+        async def config(request: Request, name: str, version: str) -> Any:
+            return _config(request, name, version)
     else:
         async def infer(request: Request, name: str) -> Response:  # type: ignore[misc]
             return await _infer(request, name, None)
 
-        def metadata(request: Request, name: str) -> Any:  # type: ignore[misc]
+        async def metadata(request: Request, name: str) -> Any:  # type: ignore[misc]
             return _metadata(request, name, None)
 
-        def model_ready(request: Request, name: str) -> Any:  # type: ignore[misc]
+        async def model_ready(request: Request, name: str) -> Any:  # type: ignore[misc]
             return _ready(request, name, None)
+
+        async def config(request: Request, name: str) -> Any:  # type: ignore[misc]
+            return _config(request, name, None)
 
     router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"],
                          response_model=ModelMetadata, responses={404: ERRORS[404], 503: ERRORS[503]},
                          operation_id=f"v2_model_metadata{operation}",
                          summary="Model metadata: tensors, version, labels")
+    router.add_api_route(f"/models/{{name}}{suffix}/config", config, methods=["GET"],
+                         responses={200: {"description": "the model's configuration in Triton's JSON form "
+                                                         "(max_batch_size, input and output dims), for "
+                                                         "Triton's tools", "content": {"application/json": {
+                                                             "example": {"name": "digits", "max_batch_size": 256,
+                                                                         "input": [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [28, 28]}]}}}},
+                                    404: ERRORS[404], 503: ERRORS[503]},
+                         operation_id=f"v2_model_config{operation}", summary="Model configuration (Triton's form)")
     router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], response_model=ModelReady,
                          responses={404: ERRORS[404], 503: ERRORS[503]},
                          operation_id=f"v2_model_ready{operation}", summary="Model readiness")
@@ -216,3 +256,13 @@ def _routes(suffix: str, operation: str, versioned: bool) -> None:
 
 _routes("", "", versioned=False)
 _routes("/versions/{version}", "_version", versioned=True)
+
+
+async def _infer_fast(request: Request) -> Response:
+    params = request.path_params
+    return await _infer(request, params["name"], params.get("version"))
+
+
+# The inference paths on the prediction fast path (app.core.dispatch), as v1's are.
+INFER_ROUTES = (PathRoute("/v2/models/{name}/infer", _infer_fast),
+                PathRoute("/v2/models/{name}/versions/{version}/infer", _infer_fast))

@@ -1,4 +1,4 @@
-"""The digits model served by other serving frameworks, for ``bench/digits_floor.py`` (issue 18).
+"""The digits model served by other serving frameworks, for ``bench/digits_floor.py``.
 
 Each does the bare floor's work (``bench/floor_app.py``: Pillow decode, a resize to 28x28, one LiteRT
 call) behind the framework's own server, so the comparison is the framework's overhead. They run in

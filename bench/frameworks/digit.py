@@ -9,7 +9,10 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
-MODEL = Path(__file__).resolve().parents[2] / "models" / "digits" / "1.0.1" / "model.tflite"
+DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits"
+# The version the service serves (the latest): every target of the comparison runs the same model.
+MODEL = max((p for p in DIGITS.iterdir() if p.is_dir() and p.name[:1].isdigit()),
+            key=lambda p: tuple(int(part) for part in p.name.split("."))) / "model.tflite"
 
 
 class Digit:

@@ -1,4 +1,4 @@
-"""The README's examples: every file in examples/ through its endpoint, as the curl lines send it,
+"""The examples of docs/api.md: every file in examples/ through its endpoint, as the curl lines send it,
 and the four tasks answering two instances at once with the envelope and its headers, readable by a
 browser app on another origin (CORS)."""
 

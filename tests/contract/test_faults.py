@@ -127,13 +127,15 @@ def test_kill_9_of_a_worker_under_load_fails_only_its_in_flight_requests(png):
     with running_server(workers=2) as live:
         victim, survivor = live.worker_pids()
         with Load(live.base_url, png, clients=8) as load:
-            time.sleep(2.0)
+            wait_for(lambda: sum(o.status == 200 for o in load.outcomes) >= 40, 30, "the load never got going")
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: len(live.worker_pids()) == 2 and victim not in live.worker_pids(), 30,
                      "the master did not replace the killed worker")
             replaced_at = time.monotonic()
-            time.sleep(1.0)
+            # Answers after the replacement, and 1.5 s of them after the kill (checked below).
+            wait_for(lambda: any(o.started > max(replaced_at, killed_at + 1.5) and o.status == 200
+                                 for o in load.outcomes), 30, "no answers after the replacement")
         replacement = (set(live.worker_pids()) - {survivor}).pop()
         assert httpx.get(live.base_url + "/health/ready").status_code == 200
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 
 import httpx
 
@@ -50,13 +48,7 @@ def test_request_id_is_echoed_and_logged_as_one_json_line(client, server):
     response = client.get("/v1/models", headers={"X-Request-ID": "contract-log-check-1"})
     assert response.headers["x-correlation-id"] == "contract-log-check-1"
     request_id = response.headers["x-request-id"]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in server.log_text().splitlines()
-                 if line.startswith("{") and "contract-log-check-1" in line]
-        if lines:
-            break
-        time.sleep(0.1)
+    lines = server.access_entries("contract-log-check-1")
     assert len(lines) == 1
     entry = lines[0]
     assert (entry["request_id"], entry["correlation_id"]) == (request_id, "contract-log-check-1")
@@ -70,14 +62,8 @@ def test_access_log_names_the_model_and_never_the_payload(client, server):
     secret = 73.123456
     client.post("/v1/clustering/predict", headers={"X-Request-ID": "contract-log-check-2"},
                 json={"instances": [{"annual_income": secret, "spending_score": 50}]})
-    def lines() -> list[dict]:
-        return [json.loads(line) for line in server.log_text().splitlines()
-                if line.startswith("{") and "contract-log-check-2" in line]
-
-    deadline = time.monotonic() + 10
-    while not lines() and time.monotonic() < deadline:  # the access line is written after the answer
-        time.sleep(0.05)
-    assert lines() and lines()[0]["model"] == "clustering" and lines()[0]["model_version"]
+    line = server.access_entries("contract-log-check-2")[0]  # written after the answer: waits for it
+    assert line["model"] == "clustering" and line["model_version"]
     assert str(secret) not in server.log_text()  # the request's line is there: nothing else to wait for
 
 

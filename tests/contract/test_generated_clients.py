@@ -17,7 +17,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tests.support import SHARED_DATA
+from bench.liveserver import running_server
+from tests.support import SHARED_DATA, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -88,8 +89,8 @@ def test_the_generated_python_client_calls_every_prediction_endpoint(generated, 
     from inference_client.models import (
         ClusteringFitRequest,
         ClusteringPaletteFilesBody,
+        ClusteringInstance,
         ClusteringPredictRequest,
-        ClusteringPredictRequestInstancesItem,
         DigitsInstance,
         DigitsPredictFilesBody,
         DigitsPredictRequest,
@@ -127,7 +128,7 @@ def test_the_generated_python_client_calls_every_prediction_endpoint(generated, 
     assert (masks.predictions[0].width, masks.predictions[0].height) == (256, 256)
 
     segments = clustering_predict.sync(client=client, body=ClusteringPredictRequest(instances=[
-        ClusteringPredictRequestInstancesItem.from_dict({"annual_income": 15, "spending_score": 39})]))
+        ClusteringInstance(annual_income=15, spending_score=39)]))
     assert segments.predictions[0].segment == "low income, low spending"
     fit = clustering_fit.sync(client=client, body=ClusteringFitRequest(
         data=[[1.0, 1.0], [1.1, 0.9], [9.0, 9.0], [9.1, 8.8], [5.0, 0.0], [5.1, 0.2]], k=3))
@@ -142,6 +143,29 @@ def test_the_generated_python_client_calls_every_prediction_endpoint(generated, 
     assert feedback.correct is True and feedback.replaced is False
 
 
+def test_the_generated_python_client_submits_and_polls_a_job(generated, tmp_path):
+    from inference_client import Client
+    from inference_client.api.digits import digits_predict
+    from inference_client.api.jobs import get_job
+    from inference_client.models import DigitsPredictFilesBody, JobDocumentStatus
+    from inference_client.types import File
+
+    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
+        seven = data["x_test"][0]
+    env = {"JOBS": "embedded", "JOBS_QUEUE_PATH": str(tmp_path / "queue.db")}
+    with running_server(workers=1, env=env) as live:
+        client = Client(base_url=live.base_url, timeout=httpx.Timeout(60.0))
+        submitted = digits_predict.sync_detailed(client=client, prefer="respond-async", body=DigitsPredictFilesBody(
+            image=[File(payload=io.BytesIO(png(seven)), file_name="7.png", mime_type="image/png")]))
+        assert submitted.status_code == 202
+        job_id = submitted.headers["location"].rsplit("/", 1)[1]
+        finished = (JobDocumentStatus.DONE, JobDocumentStatus.FAILED)
+        assert wait_until(lambda: get_job.sync(client=client, job_id=job_id).status in finished, 60, 0.2)
+        job = get_job.sync(client=client, job_id=job_id)
+    assert job.status == JobDocumentStatus.DONE and job.request_id == submitted.headers["x-request-id"]
+    assert job.result["predictions"][0]["digit"] == 7
+
+
 TYPESCRIPT = Path(__file__).resolve().parents[1] / "typescript"
 
 
@@ -150,9 +174,8 @@ def test_typescript_types_generated_from_the_spec_compile_against_a_typed_call_o
     bin_dir = TYPESCRIPT / "node_modules" / ".bin"
     assert (bin_dir / "tsc").exists(), "run `npm ci` in tests/typescript (make test does)"
     (TYPESCRIPT / "spec.json").write_text(json.dumps(spec))
-    generate = subprocess.run([str(bin_dir / "openapi-typescript"), "spec.json", "-o", "schema.d.ts",
-                               "--default-non-nullable", "false"], cwd=TYPESCRIPT, capture_output=True,
-                              text=True, timeout=120)
+    generate = subprocess.run(["node", "generate.mjs", "spec.json", "schema.d.ts"], cwd=TYPESCRIPT,
+                              capture_output=True, text=True, timeout=120)
     assert generate.returncode == 0, generate.stdout + generate.stderr
     assert "warn" not in (generate.stdout + generate.stderr).lower(), generate.stdout + generate.stderr
     compile_ = subprocess.run([str(bin_dir / "tsc"), "--noEmit", "-p", "."], cwd=TYPESCRIPT,
@@ -177,3 +200,57 @@ def test_every_operation_has_a_request_and_a_response_example(spec):
             if success is None and "204" in op["responses"]:  # no content, nothing to show
                 continue
             assert any(has_example(m) for m in success.get("content", {}).values()), (method, path, "response")
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_the_python_client_example_runs_on_generated_code_only(generated, live_server):
+    example = EXAMPLES / "clients" / "python_client.py"
+    source = example.read_text()
+    assert "from_dict" not in source and "additional_properties" not in source
+    root = Path(generated.__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(example), live_server], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["digit"] == answer["digit_best_class"] == "7"
+    assert answer["emotion"] in answer["emotion_classes"] and answer["emotion_version"]
+    assert len(answer["request_id"]) == 32
+    assert answer["segments"] == ["low income, low spending", "high income, high spending"]
+
+
+def test_the_typescript_client_example_runs_with_blob_uploads_and_no_form_data(spec, live_server, tmp_path):
+    bin_dir = TYPESCRIPT / "node_modules" / ".bin"
+    assert (bin_dir / "tsc").exists(), "run `npm ci` in tests/typescript (make test does)"
+    source = (EXAMPLES / "clients" / "typescript_client.ts").read_text()
+    assert "FormData" not in source and "as any" not in source
+    (tmp_path / "node_modules").symlink_to(TYPESCRIPT / "node_modules")
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    generate = subprocess.run(["node", str(TYPESCRIPT / "generate.mjs"), "spec.json", "schema.d.ts"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    assert generate.returncode == 0, generate.stdout + generate.stderr
+    assert '"application/octet-stream": Blob' in (tmp_path / "schema.d.ts").read_text()  # uploads typed as Blob
+    (tmp_path / "typescript_client.ts").write_text(source)
+    (tmp_path / "tsconfig.json").write_text(json.dumps({"compilerOptions": {
+        "target": "ES2022", "module": "ES2022", "moduleResolution": "bundler", "lib": ["ES2022", "DOM"],
+        "strict": True, "skipLibCheck": True, "outDir": "out", "types": []},
+        "files": ["typescript_client.ts"]}))
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    compile_ = subprocess.run([str(bin_dir / "tsc"), "-p", "."], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert compile_.returncode == 0, compile_.stdout + compile_.stderr
+    (tmp_path / "out" / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "out" / "main.js").write_text(  # what an app does with the example: files as Blobs
+        'import { readFileSync } from "node:fs";\n'
+        'import { run } from "./typescript_client.js";\n'
+        'const [base, png, wav] = process.argv.slice(2);\n'
+        'const answer = await run(base, new Blob([readFileSync(png)], { type: "image/png" }), '
+        'new Blob([readFileSync(wav)], { type: "audio/wav" }));\n'
+        'console.log(JSON.stringify(answer));\n')
+    run = subprocess.run(["node", "out/main.js", live_server, str(EXAMPLES / "digit-7-drawn.png"),
+                          str(EXAMPLES / "emodb-08a01Wa-anger.wav")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["digit"] == answer["digit_best_class"] == "7" and answer["emotion"] and answer["emotion_version"]
+    assert answer["segments"] == ["low income, low spending", "high income, high spending"]

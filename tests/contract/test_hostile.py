@@ -35,9 +35,15 @@ from bench.hostile_inputs import (
 from bench.liveserver import LiveServer, MemorySampler, running_server
 from tests.support import MODELS
 
+# Bounds in seconds are orders of magnitude, not speed checks (speed is measured by bench/hostile.py,
+# figures in bench/results/hostile.json): a refusal from a header is ~0.05 s there and asserted under
+# 1 s, where decoding the hostile file took 47-98 s; a digit beside a hostile request is ~0.05 s and
+# asserted under LIGHT_MAX_SECONDS; every hostile request is answered within MAX_SECONDS.
 MAX_SECONDS = 10.0
 MAX_GROWTH_MIB = 200.0
 LIGHT_MAX_SECONDS = 1.0
+REFUSED_MAX_SECONDS = 1.0  # ~20x the measured refusals
+BOUNDED_WORK_MAX_SECONDS = 2.0  # ~10x the measured first-page TIFF and pixel-budget refusals
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +62,14 @@ def hostile(server: LiveServer, path: str, light_png: bytes, **kwargs) -> tuple[
     time and the worker's peak RSS growth. Asserts the light request stayed fast."""
     with MemorySampler(server) as memory, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(timed_post, server.base_url, path, **kwargs)
-        time.sleep(0.3)  # the hostile request is being worked on
-        light, light_s = timed_post(server.base_url, "/v1/digits/predict",
-                                    files={"image": ("7.png", light_png, "image/png")})
+        lights = []  # digits asked one after another for as long as the hostile request runs
+        while not lights or not pending.done():
+            lights.append(timed_post(server.base_url, "/v1/digits/predict",
+                                     files={"image": ("7.png", light_png, "image/png")}))
         response, seconds = pending.result()
-    assert light.status_code == 200, light.text
-    assert light_s < LIGHT_MAX_SECONDS, f"a digit took {light_s:.2f} s meanwhile"
+    assert all(light.status_code == 200 for light, _ in lights), [light.text for light, _ in lights]
+    slowest = max(light_s for _, light_s in lights)
+    assert slowest < LIGHT_MAX_SECONDS, f"a digit took {slowest:.2f} s meanwhile"
     return response, seconds, memory.peak_growth_mib
 
 
@@ -80,7 +88,7 @@ def test_a_384_khz_flac_is_refused_from_its_header(one_worker, mnist_digit_png):
                                         files={"audio": ("dc.flac", data, "audio/flac")})
     assert_bounded(response, seconds, growth)
     assert (response.status_code, response.json()["code"]) == (422, "unsupported-sample-rate")
-    assert seconds < 1.0
+    assert seconds < REFUSED_MAX_SECONDS
 
 
 def test_a_minute_at_192_khz_is_decoded_in_blocks_in_bounded_memory(one_worker, mnist_digit_png):
@@ -88,8 +96,8 @@ def test_a_minute_at_192_khz_is_decoded_in_blocks_in_bounded_memory(one_worker, 
     response, seconds, growth = hostile(one_worker, "/v1/emotion/predict", mnist_digit_png,
                                         files={"audio": ("dc.flac", data, "audio/flac")})
     assert_bounded(response, seconds, growth)
-    assert response.status_code == 200, response.text
-    assert response.json()["predictions"][0]["duration_s"] == pytest.approx(59.0, abs=0.01)
+    # Decoded whole (a minute of DC is no speech: refused after decoding, by the voice-activity step).
+    assert (response.status_code, response.json()["code"]) == (422, "no-speech"), response.text
     assert growth < 60, f"worker RSS grew by {growth:.0f} MiB"
 
 
@@ -99,8 +107,9 @@ def test_a_rate_coprime_with_16_khz_needs_no_giant_filter(one_worker, mnist_digi
     response, seconds, growth = hostile(one_worker, "/v1/emotion/predict", mnist_digit_png,
                                         files={"audio": ("odd.wav", data, "audio/wav")})
     assert_bounded(response, seconds, growth)
-    expected = 422 if rate > 192_000 else 200
-    assert response.status_code == expected, response.text
+    # Above 192 kHz refused from the header; below, decoded and resampled, then found to be noise.
+    expected = "unsupported-sample-rate" if rate > 192_000 else "no-speech"
+    assert (response.status_code, response.json()["code"]) == (422, expected), response.text
 
 
 def test_three_long_high_rate_clips_at_once_stay_bounded(one_worker, mnist_digit_png):
@@ -114,7 +123,7 @@ def test_three_long_high_rate_clips_at_once_stay_bounded(one_worker, mnist_digit
         started = time.perf_counter()
         responses = list(pool.map(post, range(3)))
         seconds = time.perf_counter() - started
-    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [(r.status_code, r.json()["code"]) for r in responses] == [(422, "no-speech")] * 3  # decoded whole
     assert seconds < MAX_SECONDS
     assert memory.peak_growth_mib < 100, f"worker RSS grew by {memory.peak_growth_mib:.0f} MiB"
 
@@ -129,7 +138,7 @@ def test_a_tiff_with_90_000_pages_is_read_from_its_first_page_only(one_worker, m
                                         files={"image": ("pages.tif", data, "image/tiff")})
     assert_bounded(response, seconds, growth)
     assert response.status_code == 200, response.text
-    assert seconds < 2.0
+    assert seconds < BOUNDED_WORK_MAX_SECONDS
 
 
 @pytest.mark.parametrize("path,field", [("/v1/segmentation/predict", "image"),
@@ -142,7 +151,7 @@ def test_a_jpeg_with_75_000_scans_is_refused_before_decoding(one_worker, mnist_d
     assert_bounded(response, seconds, growth)
     assert (response.status_code, response.json()["code"]) == (422, "too-many-scans")
     assert response.json()["field"].startswith(field)
-    assert seconds < 1.0
+    assert seconds < REFUSED_MAX_SECONDS
 
 
 def test_ordinary_progressive_jpegs_are_still_accepted(one_worker):
@@ -160,7 +169,7 @@ def test_256_digit_images_of_4096_pixels_square_are_refused_by_the_request_pixel
     response, seconds, growth = hostile(one_worker, "/v1/digits/predict", mnist_digit_png, files=files)
     assert_bounded(response, seconds, growth)
     assert (response.status_code, response.json()["code"]) == (413, "request-too-large")
-    assert seconds < 2.0
+    assert seconds < BOUNDED_WORK_MAX_SECONDS
     within_budget = [("image", (f"{i}.png", png, "image/png")) for i in range(3)]
     response, seconds, growth = hostile(one_worker, "/v1/digits/predict", mnist_digit_png,
                                         files=within_budget)
@@ -231,8 +240,11 @@ def test_readiness_reports_a_saturated_worker(one_worker):
         pending = [pool.submit(httpx.post, one_worker.base_url + "/v1/segmentation/predict",
                                files={"image": ("big.png", segmentation, "image/png")}, timeout=60.0)
                    for _ in range(enough)]
-        time.sleep(0.5)
+        # Asked until the worker reports the gate full (it does once the requests are in), or they end.
         ready = httpx.get(one_worker.base_url + "/health/ready")
+        while ready.status_code == 200 and not all(p.done() for p in pending):
+            time.sleep(0.05)
+            ready = httpx.get(one_worker.base_url + "/health/ready")
         [p.result() for p in pending]
     assert (ready.status_code, ready.json()["code"]) == (503, "saturated")
     assert ready.json()["saturated"] == ["heavy"]
@@ -240,16 +252,20 @@ def test_readiness_reports_a_saturated_worker(one_worker):
 
 
 def test_work_stops_at_the_deadline_and_frees_the_worker(mnist_digit_png):
-    segmentation = flat_png(2048, 4)  # 16 tiles, ~2.5 s; the deadline is 1 s
+    segmentation = flat_png(2048, 4)  # 16 tiles each, four of them: about 9 s of work; the deadline is 1 s
     with running_server(workers=1, env={"REQUEST_TIMEOUT_S": "1"}) as live:
-        response, seconds = timed_post(live.base_url, "/v1/segmentation/predict",
-                                       files={"image": ("big.png", segmentation, "image/png")})
+        response, seconds = timed_post(live.base_url, "/v1/segmentation/predict", params={"format": "json"},
+                                       files=[("image", (f"{i}.png", segmentation, "image/png")) for i in range(4)])
         assert (response.status_code, response.json()["code"]) == (503, "deadline-exceeded")
-        assert seconds < 2.5
+        # Answered once the tile running at the deadline ends, not after the other tiles: a bound
+        # several times under the whole run's time.
+        assert seconds < 4.0
         # The heavy gate is free again at once: the tiles stopped, they did not run on.
-        response, seconds = timed_post(live.base_url, "/v1/segmentation/predict",
-                                       files={"image": ("small.png", flat_png(256, 4), "image/png")})
-        assert response.status_code == 200 and seconds < 1.5
+        gates = httpx.get(live.base_url + "/health/ready").json()["gates"]
+        assert gates["heavy"]["running"] == 0 and gates["heavy"]["waiting"] == 0
+        response = httpx.post(live.base_url + "/v1/segmentation/predict",
+                              files={"image": ("small.png", flat_png(256, 4), "image/png")})
+        assert response.status_code == 200
 
 
 def test_a_client_that_goes_away_stops_its_work(mnist_digit_png):
@@ -258,11 +274,16 @@ def test_a_client_that_goes_away_stops_its_work(mnist_digit_png):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(live.base_url + "/v1/segmentation/predict", timeout=1.0,
                        files={"image": ("big.png", segmentation, "image/png")})
-        time.sleep(0.5)  # the next tile checks the deadline and finds the client gone
-        response, seconds = timed_post(live.base_url, "/v1/segmentation/predict",
-                                       files={"image": ("small.png", flat_png(256, 4), "image/png")})
-        assert response.status_code == 200 and seconds < 1.5
+        # The next tile checks the deadline, finds the client gone and stops: logged, gate free.
+        deadline = time.monotonic() + 10
+        while "client went away" not in live.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "client went away" in live.log_text()
+        gates = httpx.get(live.base_url + "/health/ready").json()["gates"]
+        assert gates["heavy"]["running"] == 0
+        response = httpx.post(live.base_url + "/v1/segmentation/predict",
+                              files={"image": ("small.png", flat_png(256, 4), "image/png")})
+        assert response.status_code == 200
 
 
 def test_a_burst_of_health_checks_does_not_recycle_the_worker_under_heavy_work(one_worker,
@@ -284,7 +305,8 @@ def test_a_burst_of_health_checks_does_not_recycle_the_worker_under_heavy_work(o
             return gaps
 
     gaps = asyncio.run(burst())  # 2 200 health checks, as many as once reached max_requests
-    assert max(gaps) < 1.5, f"a stall of {max(gaps):.1f} s"
+    # 50 checks take ~0.2 s; a worker being replaced (models reloaded) stalls them for many seconds.
+    assert max(gaps) < 5.0, f"a stall of {max(gaps):.1f} s"
     assert one_worker.worker_pids() == [pid]
 
 
@@ -293,20 +315,21 @@ def test_a_burst_of_health_checks_does_not_recycle_the_worker_under_heavy_work(o
 
 def test_a_feedback_flood_for_unknown_ids_does_not_slow_predictions(one_worker, mnist_digit_png):
     """3 000 feedback posts for made-up ids at concurrency 50, predictions made meanwhile."""
-    async def flood() -> tuple[list[int], list[float], float]:
+    async def flood() -> tuple[list[int | str], list[float], float]:
         limits = httpx.Limits(max_connections=60, max_keepalive_connections=60)
         async with httpx.AsyncClient(base_url=one_worker.base_url, timeout=30.0, limits=limits) as client:
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(3000):
                 queue.put_nowait(i)
-            statuses: list[int] = []
+            statuses: list[int | str] = []
 
             async def sender() -> None:
                 while not queue.empty():
                     i = queue.get_nowait()
                     response = await client.post("/v1/feedback", json={
                         "request_id": f"user-42-upload-{i}", "label": "7"})
-                    statuses.append(response.status_code)
+                    statuses.append(response.status_code if response.status_code != 429
+                                    else response.json()["code"])
 
             async def predictions() -> list[float]:
                 times = []
@@ -323,11 +346,14 @@ def test_a_feedback_flood_for_unknown_ids_does_not_slow_predictions(one_worker, 
             return statuses, results[0], time.perf_counter() - started
 
     statuses, latencies, seconds = asyncio.run(flood())
-    assert len(statuses) == 3000 and set(statuses) == {404}
-    assert seconds < 30.0
+    # Each is the 404 of an unknown id, or, when this one client has more than UPLOADS_PER_CLIENT
+    # bodies still arriving at once (a loaded machine reads them slower), the designed 429.
+    assert len(statuses) == 3000 and set(statuses) <= {404, "too-many-uploads"}
+    assert statuses.count(404) >= 2700
+    assert seconds < 120.0  # only that the flood ends; what it must not do is slow predictions (below)
     assert len(latencies) >= 10
-    # The load generator shares the server's 2 cores; before, each post held a thread for 1.5 s and
-    # the digits p50 went from 0.09 s to 2.6 s.
+    # The load generator shares the server's 2 cores; a post that held a thread while it waited for
+    # the unknown id would push the digits p50 to seconds.
     assert statistics.median(latencies) < 0.5, f"digits p50 {statistics.median(latencies):.3f} s"
 
 
@@ -404,13 +430,7 @@ def test_forwarded_headers_are_trusted_only_from_the_configured_proxies():
 
 
 def _access_entry(live: LiveServer, correlation_id: str) -> dict:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in live.log_text().splitlines():
-            if correlation_id in line and '"app.access"' in line:
-                return json.loads(line)
-        time.sleep(0.1)
-    raise AssertionError("no access log line")
+    return live.access_entries(correlation_id)[0]
 
 
 def test_a_model_that_fails_to_load_leaks_no_server_path(tmp_path):

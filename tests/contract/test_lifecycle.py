@@ -13,18 +13,20 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
 
 from bench.common import mnist_digit_png, png_bytes
 from bench.liveserver import LiveServer, running_server
 from tests.monitoring_db import BACKENDS, database_url
+from tests.support import MODELS, committed_version, rows, wait_until
 
 TOKEN = "lifecycle-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 GRANTED = {"X-Data-Consent": "granted"}
-# digits: the shadow is another version (1.0.0 beside the primary 1.0.1); clustering: the shadow
-# is the primary version itself, loaded twice (an identical copy).
+# digits: the shadow is another version (1.0.0 beside the primary, the latest); clustering: the
+# shadow is the primary version itself, loaded twice (an identical copy).
 SHADOWS = {"digits": "1.0.0", "clustering": "1.0.0"}
+DIGITS_PRIMARY = committed_version("digits").name
+DIGITS_AVAILABLE = sorted(p.name for p in (MODELS / "digits").iterdir() if p.is_dir())
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -40,15 +42,6 @@ def server(request, tmp_path_factory) -> Iterator[tuple[LiveServer, str]]:
 def client(server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server[0].base_url, timeout=30.0) as c:
         yield c
-
-
-def rows(url: str, sql: str, **params) -> list:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(sql), params).all())
-    finally:
-        engine.dispose()
 
 
 def wait_rows(url: str, sql: str, want, timeout: float = 10.0, **params) -> list:
@@ -143,7 +136,7 @@ def test_the_export_holds_each_consented_input_with_its_label(server, client):
         assert set(line) == {"request_id", "instance", "model", "version", "created_at", "prediction",
                              "confidence", "label", "file"}
         assert (line["model"], line["version"], line["instance"], line["prediction"]) == \
-               ("digits", "1.0.1", 0, prediction)
+               ("digits", DIGITS_PRIMARY, 0, prediction)
         assert archive.read(line["file"]) == png and line["file"].endswith(".png")
         assert line["label"] == ("4" if request_id == labelled_id else None)
     assert archive.testzip() is None
@@ -223,9 +216,9 @@ def test_erasing_an_unknown_request_is_a_404(client):
 def test_models_say_which_version_is_primary_shadow_and_available(client):
     models = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
     digits = models["digits"]["versions"]
-    assert (digits["primary"], digits["shadow"], digits["shadow_ready"]) == ("1.0.1", "1.0.0", True)
-    assert digits["available"] == ["1.0.0", "1.0.1"] and digits["pinned"] is False
-    assert models["digits"]["version"] == "1.0.1"
+    assert (digits["primary"], digits["shadow"], digits["shadow_ready"]) == (DIGITS_PRIMARY, "1.0.0", True)
+    assert digits["available"] == DIGITS_AVAILABLE and digits["pinned"] is False
+    assert models["digits"]["version"] == DIGITS_PRIMARY
     assert models["clustering"]["versions"]["shadow"] == "1.0.0"
     assert models["emotion"]["versions"]["shadow"] is None
 
@@ -265,10 +258,10 @@ def test_a_different_shadow_version_disagrees_sometimes_and_is_scored_on_feedbac
                                  "request_id = :r ORDER BY instance", lambda r: len(r) == 60, r=request_id)
     assert len(shadow_rows) == 60 and {r.version for r in shadow_rows} == {"1.0.0"}
     shadow = [r.prediction for r in shadow_rows]
-    assert shadow != primary  # 1.0.0 and 1.0.1 disagree on some very noisy digits
+    assert shadow != primary  # 1.0.0 and the primary disagree on some very noisy digits
 
     report = shadow_report(client, "digits", 60)
-    assert report["primary"]["version"] == "1.0.1" and report["shadow"]["version"] == "1.0.0"
+    assert report["primary"]["version"] == DIGITS_PRIMARY and report["shadow"]["version"] == "1.0.0"
     assert report["n"] >= 60 and report["agreement"] < 1.0
     # this test's own request, scored by hand: the report's figures come from the same rows
     # (other tests' rows are in the window too, so check bounds, then the exact figures alone)
@@ -314,7 +307,8 @@ def test_stored_inputs_are_deleted_after_the_retention_and_the_summary_rows_stay
                               lambda r: r and r[0].input is None, timeout=30, r=request_id)
             assert found and found[0].input is None, "never purged"
             assert time.monotonic() - started > 5  # not before its time (8.6 s after it was made)
-            assert "stored inputs past retention deleted" in live.log_text()
+            # The purge logs once its transaction has committed: wait for the line, not just the row.
+            assert wait_until(lambda: "stored inputs past retention deleted" in live.log_text(), timeout=10)
 
 
 def test_store_inputs_never_keeps_nothing_even_with_consent(tmp_path):

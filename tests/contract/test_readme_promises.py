@@ -169,9 +169,11 @@ def dockerfile() -> dict:
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
+        if words[0] == "FROM":  # each stage has its own settings: the last stage's are the image's
+            env = {}
         if words[0] == "ENV":
-            env.update(dict(w.split("=", 1) for w in shlex.split(line)[1:]))
-        elif words[0] == "COPY":
+            env.update({k: os.path.expandvars(v) for k, v in (w.split("=", 1) for w in shlex.split(line)[1:])})
+        elif words[0] == "COPY" and not any(w.startswith("--from") for w in words):  # the repo's files only
             copies += [w for w in words[1:-1] if not w.startswith("--")]
         elif words[0] == "CMD":
             cmd = json.loads(line.split(None, 1)[1])

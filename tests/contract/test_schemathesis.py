@@ -24,11 +24,12 @@ def admin_server():
         yield live
 
 
-def test_schemathesis_finds_no_failure(admin_server):
+def test_schemathesis_finds_no_failure(admin_server, tmp_path):
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", admin_server.base_url + "/openapi.json",
                "--checks", CHECKS, "--max-examples", "25", "--seed", "20261125",
                "-H", f"Authorization: Bearer {TOKEN}", "--no-color"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # Run from a scratch directory: schemathesis keeps a cache (.schemathesis/) where it runs.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert " passed" in output and "failed" not in output.split("SUMMARY")[-1], output[-3000:]

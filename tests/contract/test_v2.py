@@ -59,13 +59,13 @@ def test_model_metadata_names_the_tensors_the_version_and_the_label_order(triton
     served = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
     digits = triton.get_model_metadata("digits")
     assert digits["versions"] == [served["digits"]["version"]]
-    assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in digits["inputs"]} == {
-        ("pixels", "FP32", (-1, 28, 28)), ("image", "BYTES", (-1,))}
+    assert [(t["name"], t["datatype"], t["shape"]) for t in digits["inputs"]] == [("pixels", "FP32", [-1, 28, 28])]
+    assert digits["parameters"]["alternative_inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert [(t["name"], t["datatype"]) for t in digits["outputs"]] == [
         ("probabilities", "FP32"), ("label", "BYTES"), ("confidence", "FP32")]
     emotion = triton.get_model_metadata("emotion")
     assert emotion["parameters"]["labels"] == served["emotion"]["labels"]
-    assert [t["shape"] for t in emotion["outputs"] if t["name"] == "probabilities"] == [[-1, 7]]
+    assert [t["shape"] for t in emotion["outputs"] if t["name"] == "probabilities"] == [[-1, 6]]
     version = served["segmentation"]["version"]
     assert triton.get_model_metadata("segmentation", version)["versions"] == [version]
     assert triton.is_model_ready("segmentation", version)
@@ -86,6 +86,9 @@ def test_200_mnist_test_digits_as_a_fp32_json_tensor_match_v1(triton, client, mn
     v1 = client.post("/v1/digits/predict", json={"instances": [{"pixels": im.tolist()} for im in images]})
     v1_labels = [p["label"] for p in v1.json()["predictions"]]
     assert v2_labels == v1_labels
+    v1_probabilities = np.array([[p["probabilities"][str(d)] for d in range(10)] for p in v1.json()["predictions"]])
+    assert np.allclose(probabilities, v1_probabilities, atol=5e-7)  # the same answer...
+    assert np.abs(probabilities - np.round(probabilities, 6)).max() > 1e-9  # ... not rebuilt from v1's rounding
     accuracy = np.mean(np.array(v2_labels) == labels.astype(str))
     assert accuracy == np.mean(np.array(v1_labels) == labels.astype(str)) and accuracy >= 0.98
 
@@ -148,7 +151,7 @@ def test_v2_predictions_go_to_the_same_log_and_access_log(client, server):
     assert response.status_code == 200 and response.json()["id"] == "v2-log-check"
     request_id = response.headers["x-request-id"]
     assert response.headers["x-model-version"] and "inference;dur=" in response.headers["server-timing"]
-    line = next(json.loads(x) for x in server.log_text().splitlines() if request_id in x and '"route"' in x)
+    line = server.access_entries(request_id)[0]  # written after the answer: waits for it
     assert (line["route"], line["model"], line["status"]) == ("/v2/models/{name}/infer", "clustering", 200)
 
 
@@ -241,3 +244,26 @@ def test_a_model_that_is_not_loaded_answers_not_ready():
             assert httpx.get(live.base_url + "/v2/models/emotion/ready").status_code == 503
         finally:
             triton.close()
+
+
+def test_model_configs_are_in_tritons_form(client):
+    digits = client.get("/v2/models/digits/config").json()
+    assert (digits["name"], digits["max_batch_size"]) == ("digits", 256)
+    assert digits["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [28, 28]}]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in digits["output"]] == [
+        ("probabilities", "TYPE_FP32", [10]), ("label", "TYPE_STRING", []), ("confidence", "TYPE_FP32", [])]
+    segmentation = client.get("/v2/models/segmentation/config").json()
+    assert segmentation["max_batch_size"] == 0 and segmentation["input"][0]["dims"] == [1]
+    version = digits["version_policy"]["specific"]["versions"][0]
+    assert client.get(f"/v2/models/digits/versions/{version}/config").json() == digits
+    assert client.get("/v2/models/nope/config").status_code == 404
+
+
+def test_answers_carry_no_empty_parameters_and_echo_the_id_as_sent(client):
+    body = {"id": "", "inputs": [{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [15, 39]}]}
+    answer = client.post("/v2/models/clustering/infer", json=body).json()
+    assert answer["id"] == ""
+    assert "parameters" not in answer and all("parameters" not in o for o in answer["outputs"])
+    long_id = {**body, "id": "x" * 129}
+    refused = client.post("/v2/models/clustering/infer", json=long_id)
+    assert refused.status_code == 400 and "at most 128 characters" in refused.json()["error"]

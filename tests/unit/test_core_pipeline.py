@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -18,9 +19,12 @@ from pydantic import BaseModel, Field
 
 from app.core import pipeline
 from app.core.config import Settings
+from app.core.events import Observers
 from app.core.errors import ProblemError
+from app.core.idempotency import IDEMPOTENCY_PARAMETER
 from app.core.middleware import RequestContextMiddleware
 from app.core.pipeline import (
+    CLIENT_VERSION_PARAMETER,
     CONSENT_PARAMETER,
     CORRELATION_HEADER,
     PROBLEM_STATUSES,
@@ -58,7 +62,7 @@ def echo_run(job: Job) -> Outcome:
     """One prediction per instance saying what the pipeline handed over."""
     with job.timing.measure("decode"):
         sizes = [len(i.data) if i.data is not None else None for i in job.instances]
-    predictions = [{"field": i.field, "size": size, "value": i.value, "first": i.data[:4].decode() if i.data else None,
+    predictions = [{"field": i.field, "size": size, "value": i.value, "first": i.data[:4].decode("latin-1") if i.data else None,
                     "params": job.params.model_dump() if job.params is not None else None,
                     "model_version": getattr(job.model, "version", None),
                     "upload_limit": job.settings.max_upload_bytes, "store_inputs": job.store_inputs,
@@ -143,16 +147,34 @@ def client(app, started) -> Iterator[TestClient]:
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
 
 
+KEPT_INPUT_MAX_BYTES = 2 * 1024 * 1024
+
+
+def kept_inputs(raw_inputs: list[bytes] | None) -> int:
+    """What the prediction log reports as kept: here, the inputs up to KEPT_INPUT_MAX_BYTES."""
+    return sum(1 for raw in raw_inputs or [] if raw is not None and len(raw) <= KEPT_INPUT_MAX_BYTES)
+
+
+class Recorder:
+    """An observer of predictions that keeps what it is told (and reports the inputs it keeps)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def on_predictions(self, request_id, model, version, rows, latency_ms, raw_inputs, client_version):
+        self.calls.append({"request_id": request_id, "task": model, "version": version, "rows": list(rows),
+                           "latency_ms": latency_ms, "raw_inputs": raw_inputs, "client_version": client_version})
+        return kept_inputs(raw_inputs)
+
+
 @pytest.fixture
-def logged(monkeypatch) -> list[dict[str, Any]]:
-    calls: list[dict[str, Any]] = []
-
-    def record(request, model, rows, *, latency_ms, raw_inputs=None):
-        calls.append({"task": model.task, "version": model.version, "rows": list(rows),
-                      "latency_ms": latency_ms, "raw_inputs": raw_inputs})
-
-    monkeypatch.setattr(pipeline, "log_predictions", record)
-    return calls
+def logged(app) -> Iterator[list[dict[str, Any]]]:
+    """The app's observers replaced, for one test, by a recorder of what the pipeline tells them."""
+    recorder, observers = Recorder(), Observers()
+    observers.add(recorder)
+    original, app.state.observers = app.state.observers, observers
+    yield recorder.calls
+    app.state.observers = original
 
 
 def access_line(caplog, path: str) -> dict[str, Any]:
@@ -326,13 +348,14 @@ def test_an_unexpected_form_field_beside_the_files_is_422_naming_it(client):
     assert body["detail"] == "Unexpected form field 'alpha'; send files in the field 'image'."
 
 
-def test_a_text_value_in_the_file_field_is_422_not_a_file(client):
-    response = client.post("/test/echo", data={"image": "not a file"},
-                           files=[("image", ("a.png", b"abc", "image/png"))])
-    assert response.status_code == 422
-    body = response.json()
-    assert (body["code"], body["field"]) == ("not-a-file", "image[0]")  # form fields come first
-    assert body["detail"] == "image[0] must be a file upload, not a text value."
+def test_a_part_without_a_file_name_in_the_file_field_is_the_file_bytes_intact(client, logged):
+    png = b"\x89PNG\r\n\x1a\n\x00\xff\xfe" + bytes(range(256))  # not UTF-8: as a real image
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\nContent-Type: image/png\r\n\r\n"
+            + png + b"\r\n--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nplain text\r\n--B--\r\n")
+    response = client.post("/test/echo", content=body, headers={"Content-Type": "multipart/form-data; boundary=B",
+                                                                 "X-Data-Consent": "granted"})
+    assert response.status_code == 200, response.text
+    assert logged[0]["raw_inputs"] == [png, b"plain text"]
 
 
 def test_an_empty_or_oversized_file_is_refused_by_name(client):
@@ -444,8 +467,8 @@ def test_the_raw_body_limit_is_enforced_by_the_reader_too():
         headers = {"content-type": "image/png"}
         query_params: dict[str, str] = {}
 
-        async def body(self) -> bytes:
-            return b"x" * 11
+        async def receive(self) -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x" * 11, "more_body": False}
 
     import asyncio
 
@@ -594,8 +617,8 @@ def test_no_raw_input_is_kept_when_the_operator_says_never(client, app, logged, 
     assert logged[0]["raw_inputs"] is None
 
 
-def test_inputs_over_the_stored_size_limit_are_not_reported_as_stored(client, logged, monkeypatch):
-    monkeypatch.setattr(pipeline, "STORED_INPUT_MAX_BYTES", 4)
+def test_inputs_the_log_does_not_keep_are_not_reported_as_stored(client, logged, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "KEPT_INPUT_MAX_BYTES", 4)
     granted = {"X-Data-Consent": "granted"}
     assert client.post("/test/echo", files=files(b"12345"), headers=granted).headers["x-inputs-stored"] == "false"
     assert client.post("/test/echo", files=files(b"1234"), headers=granted).headers["x-inputs-stored"] == "true"
@@ -755,7 +778,7 @@ def test_register_adds_the_route_and_documents_its_answers_and_parameters(regist
         Endpoint(**{**SINGLE.__dict__, "params_schema": EchoParams}))
 
 
-def test_register_without_parameters_documents_only_the_two_headers(registered):
+def test_register_without_parameters_documents_only_the_four_headers(registered):
     router = APIRouter()
     register(router, MODEL_BACKED)
     register(router, Endpoint(**{**MODEL_BACKED.__dict__, "path": "/test/example", "operation_id": "test_example",
@@ -763,10 +786,14 @@ def test_register_without_parameters_documents_only_the_two_headers(registered):
     app = FastAPI()
     app.include_router(router)
     operation = app.openapi()["paths"]["/test/model"]["post"]
-    assert operation["parameters"] == [CORRELATION_HEADER, CONSENT_PARAMETER]
+    assert operation["parameters"] == [CORRELATION_HEADER, CONSENT_PARAMETER, CLIENT_VERSION_PARAMETER,
+                                       IDEMPOTENCY_PARAMETER]
     assert operation["responses"]["200"] == {"description": "one prediction per instance, in the order sent",
+                                             "headers": pipeline.ANSWER_HEADERS,
                                              "content": {"application/json": {"schema": {
                                                  "$ref": "#/components/schemas/EchoResponse"}}}}
+    assert set(pipeline.ANSWER_HEADERS) == {"X-Request-ID", "X-Model-Version", "X-Inputs-Stored", "Server-Timing",
+                                            "Idempotent-Replayed"}
     example = app.openapi()["paths"]["/test/example"]["post"]["responses"]["200"]["content"]["application/json"]
     assert example["example"] == {"model": "digits"}
 
@@ -837,14 +864,16 @@ def test_predictions_are_dispatched_without_the_framework_and_the_rest_is_left_t
 
 def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fastapi(started, app):
     """``ServiceApp``: a POST to a prediction path skips FastAPI's outer layers (500 page, telemetry,
-    body limit) and starts at the request context FastAPI built, the same instance (one in-flight
-    count); every other request goes through them as before."""
-    entry, paths = app._find_prediction_entry()
+    body limit) and enters the fast path: a request context sharing the worker's one
+    ``RequestContext`` with FastAPI's (one in-flight count); every other request goes through
+    FastAPI as before."""
     outer = app.middleware_stack
     layer = outer
     while not isinstance(layer, RequestContextMiddleware):
         layer = layer.app
-    assert entry is layer and layer is not outer and "/v1/digits/predict" in paths
+    assert isinstance(app.fast_path, RequestContextMiddleware) and app.fast_path is not layer
+    assert app.fast_path.context is layer.context
+    assert app.fast_routes.find("/v1/digits/predict") is not None
     with passing_below(outer) as passed:
         answer = started.post("/v1/digits/predict", content=b"png", headers={"Content-Type": "image/png"})
         assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
@@ -853,3 +882,13 @@ def test_predictions_enter_at_the_request_context_and_the_rest_goes_through_fast
         assert started.get("/v1/digits/predict").status_code == 405
         assert started.post("/v1/digits/predict/").status_code == 404
         assert passed == [("GET", "/health/live"), ("GET", "/v1/digits/predict"), ("POST", "/v1/digits/predict/")]
+
+
+def test_v2_inference_paths_are_found_with_their_parameters():
+    routes = pipeline.PredictionRoutes(None, [], (pipeline.PathRoute("/v2/models/{name}/infer", None),
+                                                  pipeline.PathRoute("/v2/models/{name}/versions/{version}/infer", None)))
+    assert routes.find("/v2/models/digits/infer")[2] == {"name": "digits"}
+    assert routes.find("/v2/models/digits/versions/1.0.1/infer")[2] == {"name": "digits", "version": "1.0.1"}
+    assert routes.find("/v2/models//infer") is None
+    assert routes.find("/v2/models/digits/infer/") is None
+    assert routes.find("/v2/models/digits/ready") is None

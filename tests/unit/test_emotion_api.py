@@ -44,7 +44,7 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
 def test_model_takes_its_feature_parameters_from_metadata(model):
     assert model.params == FEATURES
     assert model.runner.input_shape[1:] == (FEATURES.n_frames, FEATURES.n_mfcc)
-    assert model.labels == ["anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"]
+    assert model.labels == ["anger", "boredom", "fear", "happiness", "neutral", "sadness"]
 
 
 def test_long_clip_is_scored_in_overlapping_windows_and_averaged(model):
@@ -61,9 +61,19 @@ def test_silent_stretches_are_not_scored(model):
     speech, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")  # 1.88 s
     padded = np.concatenate([speech, np.full(16000 * 6, 1e-5, dtype=np.float32)])  # 7.88 s
     result = model.classify(padded, 16000)
-    # Windows start at 0, 1.5, 3.0, 4.5 and 4.88 s; only the first two hold speech.
-    assert [s["start_s"] for s in result.segments] == [0.0, 1.5]
+    # Only the speech (to its last voiced frame + 0.15 s) is scored: one window.
+    assert [(s["start_s"], s["end_s"]) for s in result.segments] == [(0.0, 1.9)]
     assert result.duration_s == 7.878
+
+
+def test_a_pause_before_the_voice_is_cut_and_window_times_stay_in_the_upload(model):
+    speech, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")
+    late = np.concatenate([np.zeros(16000 * 2, np.float32), speech])  # 2 s of silence first
+    result = model.classify(late, 16000)
+    assert [(s["start_s"], s["end_s"]) for s in result.segments] == [(1.98, 3.878)]
+    alone = model.classify(speech, 16000)  # the same but for the 0.15 s margin of silence
+    assert result.emotion == alone.emotion
+    assert result.probabilities == pytest.approx(alone.probabilities, abs=0.1)
 
 
 def test_predict_answers_with_the_documented_body(client):
@@ -76,8 +86,9 @@ def test_predict_answers_with_the_documented_body(client):
     assert body["version"] == response.headers["x-model-version"]
     assert body["request_id"] == response.headers["x-request-id"]
     (prediction,) = body["predictions"]
-    assert set(prediction) == {"label", "confidence", "probabilities", "duration_s", "segments"}
+    assert set(prediction) == {"label", "confidence", "probabilities", "classes", "duration_s", "segments"}
     assert prediction["confidence"] == prediction["probabilities"][prediction["label"]]
+    assert [(c["label"], c["probability"]) for c in prediction["classes"]] == list(prediction["probabilities"].items())
     assert prediction["duration_s"] == 1.878
 
 

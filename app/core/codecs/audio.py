@@ -29,7 +29,7 @@ import numpy as np
 
 from app.core.codecs.resample import StreamingResampler
 from app.core.errors import ProblemError
-from app.core.execution import checkpoint
+from app.core.execution import checkpoint, memory_budget
 from app.core.limits import AUDIO_SAMPLE_RATES, MAX_AUDIO_CHANNELS, MIN_AUDIO_SECONDS
 
 log = logging.getLogger("app.codecs.audio")
@@ -93,6 +93,7 @@ class _Collector:
         if block.size == 0:
             return
         checkpoint()
+        memory_budget(block.nbytes)
         self.frames += block.shape[0]
         if self.frames > self.max_frames:
             raise _TooLong
@@ -178,11 +179,12 @@ def _decode_pyav(data: bytes, field: str, max_seconds: float, target_rate: int) 
 
 
 def decode_audio(data: bytes, field: str, *, max_seconds: float, target_rate: int,
-                 min_seconds: float = MIN_AUDIO_SECONDS) -> np.ndarray:
+                 min_seconds: float = MIN_AUDIO_SECONDS, reject_silent: bool = True) -> np.ndarray:
     """Decode an uploaded audio file to a mono float32 waveform in [-1, 1] at ``target_rate``.
 
     Raises :class:`ProblemError` for anything that is not a usable clip of ``min_seconds`` to
-    ``max_seconds`` of non-silent audio at a supported sample rate.
+    ``max_seconds`` of audio at a supported sample rate, and (``reject_silent``) for a clip quieter
+    than SILENCE_RMS_DBFS as a whole; a task that finds the speech itself turns that off.
     """
     if not data:
         raise ProblemError(422, "empty-file", f"{field} is empty.", field=field)
@@ -198,7 +200,7 @@ def decode_audio(data: bytes, field: str, *, max_seconds: float, target_rate: in
                            f"{field} is {seconds:.2f} s long; at least {min_seconds:g} s is needed.",
                            field=field, min_seconds=min_seconds)
     rms = float(np.sqrt(np.dot(waveform, waveform) / max(1, waveform.size)))
-    if 20.0 * np.log10(max(rms, 1e-12)) < SILENCE_RMS_DBFS:
+    if reject_silent and 20.0 * np.log10(max(rms, 1e-12)) < SILENCE_RMS_DBFS:
         raise ProblemError(422, "silent-audio",
                            f"no speech: the audio is silent ({field} is quieter than "
                            f"{SILENCE_RMS_DBFS:g} dBFS).", field=field)

@@ -18,6 +18,7 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.core.errors import ProblemError
+from app.core.execution import memory_budget
 from app.core.limits import MAX_JPEG_SCANS
 
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
@@ -61,6 +62,7 @@ def open_image(data: bytes, field: str, *, max_pixels: int,
         raise ProblemError(413, "image-too-large",
                            f"{field} is {image.width}x{image.height} pixels; the limit is "
                            f"{max_pixels} pixels per image.", field=field, max_pixels=max_pixels)
+    memory_budget(image.width * image.height * len(image.getbands()))  # what decoding it takes
     if image.format == "JPEG":
         scans = data.count(_SOS)
         if scans > MAX_JPEG_SCANS:

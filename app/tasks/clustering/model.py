@@ -8,7 +8,8 @@ Assigning each row to its nearest centroid is exactly what ``KMeans.predict`` do
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,6 +43,26 @@ class ClusteringModel(ServedModel):
 
     def warm_up(self) -> None:
         self.predict(self.scaler.mean[None, :])
+
+    def artifact(self) -> Path:
+        return self.path / "model.json"
+
+    def artifact_media_type(self) -> str:
+        return "application/json"
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"features": self.features, "units": "original (unscaled) values",
+                "steps": ["scale each feature: (x - scaler.mean) / scaler.scale",
+                          "the cluster is the nearest of centroids_scaled (Euclidean distance, first on ties)",
+                          "its name is segments[cluster]"]}
+
+    def parity_inputs(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.PARITY_SEED)
+        spread = self.scaler.mean + self.scaler.scale * rng.uniform(-2, 2, (self.PARITY_SAMPLES, len(self.features)))
+        return [row[None, :] for row in spread]
+
+    def parity_outputs(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.predict(x).distances for x in inputs]
 
     def predict(self, batch: np.ndarray) -> Assignments:  # type: ignore[override]
         """Rows (n, d) in the features' original units -> nearest centroid and all distances."""

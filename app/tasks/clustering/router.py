@@ -26,6 +26,8 @@ from app.core.execution import checkpoint
 from app.core.limits import (
     CLUSTERING_MAX_MAGNITUDE,
     CLUSTERING_MAX_ROWS,
+    FIT_MAX_COLUMNS,
+    FIT_MAX_ROWS,
     PALETTE_MAX_INSTANCES,
     PALETTE_WORKING_PIXELS,
 )
@@ -142,8 +144,10 @@ register(router, Endpoint(
                 "/v1/models), in the original units, e.g. {\"annual_income\": 15, \"spending_score\": 39}.",
     run=predict_run, response_schema=ClusteringPredictResponse, gate="light",
     json_schema=ClusteringPredictRequest,
-    json_instances=lambda body: [Instance(f"instances[{i}]", value=v) for i, v in enumerate(body.instances)],
-    max_instances=CLUSTERING_MAX_ROWS,
+    json_instances=lambda body: [Instance(f"instances[{i}]", value=v.model_dump())
+                                 for i, v in enumerate(body.instances)],
+    max_instances=CLUSTERING_MAX_ROWS, json_values_per_instance=4,  # an object of the model's features
+    json_error_codes={"missing": "missing-feature", "extra_forbidden": "unknown-feature"},
     response_example={"model": "clustering", "version": "1.0.0",
                       "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
                       "predictions": [{"cluster": 2, "segment": "low income, low spending", "distance": 0.31,
@@ -165,6 +169,9 @@ def fit(body: ClusteringFitRequest) -> dict[str, Any]:
         raise ProblemError(422, "invalid-k-range", f"k_min ({body.k_min}) is larger than k_max "
                            f"({body.k_max}).", field="k_min")
     x = np.asarray(body.data, dtype=np.float64)
+    # As Python objects the rows take several times the array: let them go before the fit's own
+    # working memory is taken, so a big fit's peak is the array's, not both.
+    body.data = []
     if np.abs(x).max() > MAX_MAGNITUDE:
         raise out_of_range("data")
     largest_k = body.k if body.k is not None else body.k_max
@@ -213,6 +220,7 @@ register(router, Endpoint(
                 "k on every row, so up to 10 000 x 50 answers within a few seconds.",
     run=fit_run, response_schema=ClusteringFitResponse, gate="heavy",
     json_schema=ClusteringFitRequest, json_instances=lambda body: [Instance("data", value=body)],
+    json_values_per_instance=FIT_MAX_ROWS * (FIT_MAX_COLUMNS + 1),
     response_example={"model": "clustering-fit", "version": ALGORITHM_VERSION,
                       "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
                       "predictions": [{"k": 2, "selection": "silhouette", "elbow_k": None, "scaled": True,

@@ -23,15 +23,23 @@ FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 StrictInt = Annotated[int, Field(strict=True)]
 
 
+class ClusteringInstance(BaseModel):
+    """One customer: the model's features (GET /v1/models/clustering), in their original units."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"annual_income": 15,
+                                                                              "spending_score": 39}]})
+
+    annual_income: FiniteNumber = Field(description="annual income, k$")
+    spending_score: FiniteNumber = Field(description="spending score, 1-100")
+
+
 class ClusteringPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"instances": [{"annual_income": 15, "spending_score": 39},
                                     {"annual_income": 120, "spending_score": 10}]}]})
 
-    instances: list[dict[str, FiniteNumber]] = Field(
-        min_length=1, max_length=MAX_ROWS,
-        description="one object per customer with exactly the model's features (GET /v1/models), "
-                    "in their original units")
+    instances: list[ClusteringInstance] = Field(min_length=1, max_length=MAX_ROWS,
+                                                description="one object per customer")
 
 
 class Assignment(BaseModel):

@@ -97,13 +97,16 @@ def run(job: Job) -> Outcome:
         label = max(range(len(probs)), key=probs.__getitem__)  # the first of the largest, as argmax
         rounded = [round(p, 6) for p in probs]  # 6 decimals in the answer
         predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
-                            "probabilities": dict(zip(LABELS, rounded, strict=True))})
+                            "probabilities": dict(zip(LABELS, rounded, strict=True)),
+                            "classes": [{"label": d, "probability": p} for d, p in zip(LABELS, rounded, strict=True)]})
         rows.append({"prediction": LABELS[label], "confidence": probs[label],
                      "features": summary_features(digit)})
     raw = None
     if job.store_inputs:
         raw = [i.data if i.data is not None else pixels_png(i.value) for i in job.instances]
-    return Outcome(predictions, rows, raw_inputs=raw)
+    # The V2 protocol's tensors come from the model's own float32 answer, not the rounded JSON.
+    arrays = [{"probabilities": row} for row in np.asarray(probabilities, np.float32)] if job.tensors else None
+    return Outcome(predictions, rows, raw_inputs=raw, arrays=arrays)
 
 
 register(router, Endpoint(
@@ -119,6 +122,7 @@ register(router, Endpoint(
     file_field="image", file_description="image files (PNG, JPEG, WebP, BMP, GIF first frame), one "
                                          "digit each", raw_media=("image/",),
     json_schema=DigitsPredictRequest, json_instances=json_instances, max_instances=MAX_INSTANCES,
+    json_values_per_instance=SIZE * SIZE + SIZE + 4,  # 28 rows of 28 pixels, or one base64 string
     response_example={"model": "digits", "version": "1.0.1", "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
                       "predictions": [{"label": "7", "digit": 7, "confidence": 0.999,
                                        "probabilities": {d: (0.999 if d == "7" else 0.0001) for d in LABELS}}]},

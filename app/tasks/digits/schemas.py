@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.limits import DIGITS_MAX_INSTANCES as MAX_INSTANCES
-from app.core.schemas import Envelope
+from app.core.schemas import ClassProbability, Envelope
 
 LABELS = [str(d) for d in range(10)]
 Row = Annotated[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]],
@@ -45,6 +45,8 @@ class DigitPrediction(BaseModel):
     digit: int = Field(ge=0, le=9, description="the same digit as an integer")
     confidence: float = Field(ge=0.0, le=1.0, description="probability of the predicted digit")
     probabilities: dict[str, float] = Field(description="probability of each digit '0'..'9'")
+    classes: list[ClassProbability] = Field(description="the same probabilities as a list, digits in order: "
+                                                        "typed fields for generated clients")
 
 
 class DigitsPredictResponse(Envelope):

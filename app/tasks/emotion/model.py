@@ -13,11 +13,28 @@ from app.tasks.emotion.preprocess import (
     clip_windows,
     prepare_waveform,
     rms_db,
+    speech_frames,
 )
 
 # Windows this much quieter than the loudest window (pauses, trailing silence) are not scored:
 # the model never saw silence-only windows, and averaging them in only adds noise.
 QUIET_WINDOW_DB = 30.0
+# Kept around the first and last speech frame: the onset and the release of the voice.
+SPEECH_MARGIN_S = 0.15
+
+
+def speech_span(waveform: np.ndarray, params: FeatureParams) -> tuple[int, int]:
+    """``(start, end)`` samples from the first to the last speech frame (voice activity of
+    ``preprocess.speech_frames``) plus SPEECH_MARGIN_S each side; the whole clip if no frame
+    carries speech. Leading and trailing pauses (a recording started early, stopped late) would
+    otherwise be scored as part of the utterance. Training trims its clips with this too."""
+    frames = np.flatnonzero(speech_frames(waveform, params))
+    if frames.size == 0:
+        return 0, int(waveform.size)
+    margin = int(SPEECH_MARGIN_S * params.sample_rate)
+    start = max(0, int(frames[0]) * params.hop_length - margin)
+    end = min(int(waveform.size), int(frames[-1]) * params.hop_length + margin)
+    return start, max(end, start + 1)
 
 
 @dataclass
@@ -38,6 +55,8 @@ class EmotionModel(ServedModel):
         stored = self.metadata.get("params", {}).get("preprocessing", {})
         names = {f.name for f in fields(FeatureParams)}
         self.params = FeatureParams(**{k: v for k, v in stored.items() if k in names})
+        # A model trained on speech spans is served speech spans; older versions, whole clips.
+        self.speech_span = bool(self.metadata.get("params", {}).get("speech_span", False))
         # 8 windows (12 s of audio) per call bound the interpreter's arena; a minute is 39 windows.
         self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads,
                                    max_batch=8)
@@ -59,11 +78,17 @@ class EmotionModel(ServedModel):
         return self.runner.run(batch)
 
     def classify(self, waveform: np.ndarray, sample_rate: int) -> EmotionResult:
-        """A decoded clip (any rate, mono or ``(samples, channels)``) -> clip and window results."""
+        """A decoded clip (any rate, mono or ``(samples, channels)``) -> clip and window results,
+        from its speech span (:func:`speech_span`) when the model was trained on spans; window
+        times are in the uploaded clip."""
         wav = prepare_waveform(waveform, sample_rate, self.params)
-        batch, spans = clip_windows(wav, self.params)
-        levels = np.array([rms_db(wav[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])
+        first, last = speech_span(wav, self.params) if self.speech_span else (0, wav.size)
+        speech = wav[first:last]
+        batch, spans = clip_windows(speech, self.params)
+        levels = np.array([rms_db(speech[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])
                            for s, e in spans])
+        offset = first / self.params.sample_rate
+        spans = [(start + offset, end + offset) for start, end in spans]
         keep = np.flatnonzero(levels >= levels.max() - QUIET_WINDOW_DB)
         window_probs = self.predict(batch[keep])
         clip_probs = window_probs.mean(axis=0)

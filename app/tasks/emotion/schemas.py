@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from app.core.schemas import Envelope
+from app.core.schemas import ClassProbability, Envelope
 
 
 class EmotionSegment(BaseModel):
@@ -19,6 +19,8 @@ class EmotionPrediction(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0, description="its probability")
     probabilities: dict[str, float] = Field(description="clip probabilities: the mean over the "
                                                         "scored windows")
+    classes: list[ClassProbability] = Field(description="the same probabilities as a list, in the model's "
+                                                        "label order: typed fields for generated clients")
     duration_s: float = Field(description="duration of the decoded audio")
     segments: list[EmotionSegment] = Field(description="the scored windows (window_s long, "
                                                        "overlapping by hop_s), in time order")

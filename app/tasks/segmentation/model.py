@@ -16,9 +16,8 @@ from app.tasks.segmentation.preprocess import (
     segment_image,
 )
 
-# One tile per interpreter call: the interpreter's activation arena grows with the batch (RSS after a
-# 512 x 512 image: 204 MiB at 1 tile per call, 290 at 2, 368 at 4; 16 peaked at 1.2 GB), and batching
-# bought no speed on the CPU (512 x 512 median 386 ms at 1 tile per call, 452 ms at 4).
+# One tile per interpreter call: the interpreter's activation arena grows with the batch, and
+# batching tiles buys no speed on a CPU (docs/performance.md).
 TILES_PER_CALL = 1
 
 

@@ -17,10 +17,28 @@ async function send(path, init) {
   return response;
 }
 
-// The visitor's choice (the checkbox in the footer): may the service keep what they send?
+// The visitor's choice (the checkbox in the footer): may the service keep what they send? And the
+// API key, when the operator requires one (the footer field, kept in sessionStorage for this tab).
+const KEY_STORAGE = "api-key";
+
 function consentHeaders() {
+  const headers = {};
   const box = document.getElementById("consent");
-  return box && box.checked ? { "X-Data-Consent": "granted" } : {};
+  if (box && box.checked) headers["X-Data-Consent"] = "granted";
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) headers["X-API-Key"] = key;
+  return headers;
+}
+
+export function setupApiKey() {
+  const field = document.getElementById("api-key");
+  if (!field) return;
+  field.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  field.addEventListener("input", () => {
+    const key = field.value.trim();
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  });
 }
 
 // POST files (one prediction each) or a JSON body; resolves to the envelope plus response headers.
@@ -52,9 +70,49 @@ export async function models() {
   return (await (await send("/v1/models")).json()).models;
 }
 
-// Show a problem's detail in a panel's alert element; clear it with null.
+// What a visitor is told for each kind of problem; the service's own detail stays one click away.
+const WORDING = {
+  "unsupported-media-type": "That file is not a format this panel reads.",
+  "unsupported-image-format": "That file is not a picture this panel can read. Try a PNG or a JPEG.",
+  "corrupt-image": "That picture is damaged or incomplete.",
+  "unsupported-audio-format": "That file is not a recording this panel can read. Try a WAV, MP3 or WebM file.",
+  "corrupt-audio": "That recording is damaged or incomplete.",
+  "transparent-image": "That picture is fully transparent: there is nothing to read.",
+  "blank-image": "No digit could be found in that picture: it looks empty.",
+  "no-speech": "No speech could be heard in that recording. Try again closer to the microphone.",
+  "audio-too-short": "That recording is too short: say a whole sentence.",
+  "audio-too-long": "That recording is too long for one request.",
+  "payload-too-large": "That file is too large.",
+  "file-too-large": "That file is too large.",
+  "image-too-large": "That picture is too large.",
+  "rate-limited": "Too many requests for now: wait a moment and try again.",
+  "overloaded": "The service is busy: try again in a moment.",
+  "deadline-exceeded": "That took too long: try a smaller file.",
+  "upload-timeout": "The upload took too long: check the connection and try again.",
+};
+
+// Show a problem in a panel's alert element, in words for people; clear it with null.
 export function showProblem(element, error) {
-  element.textContent = error ? (error.problem ? `${error.problem.detail}` : String(error.message || error)) : "";
+  const problem = error && error.problem;
+  if (!error) {
+    element.replaceChildren();
+    return;
+  }
+  if (problem && problem.status === 401 && String(problem.code || "").startsWith("api-key")) {
+    element.replaceChildren("This service needs an API key: enter it in the API key field at the bottom of the page.");
+    return;
+  }
+  if (!problem) {
+    element.replaceChildren(String(error.message || error));
+    return;
+  }
+  const words = WORDING[problem.code] || (problem.status >= 500 ? "The service could not answer: try again shortly."
+    : "The service could not use that input.");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = "Details";
+  details.append(summary, ` ${problem.detail || problem.title || ""}`);
+  element.replaceChildren(`${words} `, details);
 }
 
 // A bar per class: label, bar, percentage.

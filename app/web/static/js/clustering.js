@@ -1,6 +1,11 @@
 import { predict, showProblem } from "./api.js";
 
 const COLOURS = ["#2c6fbb", "#d9534f", "#2e7d32", "#ed6c02", "#7b1fa2", "#00838f", "#6d4c41"];
+// The same colours a third as strong on white: opaque, so neighbouring cells leave no seams.
+const PALE = COLOURS.map((hex) => "#" + [1, 3, 5].map((i) => {
+  const channel = parseInt(hex.slice(i, i + 2), 16);
+  return Math.round(255 - (255 - channel) / 3).toString(16).padStart(2, "0");
+}).join(""));
 const INCOME = [10, 140];
 const SCORE = [0, 100];
 
@@ -12,30 +17,70 @@ export function setup() {
   const problem = document.getElementById("clustering-problem");
   const map = document.getElementById("clustering-map");
   const context = map.getContext("2d");
-  let grid = null;
+  const legend = document.getElementById("clustering-legend");
+  let model = null;
 
   const x = (v) => (v - INCOME[0]) / (INCOME[1] - INCOME[0]) * map.width;
   const y = (v) => map.height - (v - SCORE[0]) / (SCORE[1] - SCORE[0]) * map.height;
 
-  // The segments over the feature plane: a grid of points, each coloured by the model's answer.
-  async function drawSegments() {
-    const cells = [];
-    for (let i = 0; i < 32; i++) for (let j = 0; j < 24; j++) {
-      cells.push({ annual_income: INCOME[0] + (i + 0.5) * (INCOME[1] - INCOME[0]) / 32, spending_score: SCORE[0] + (j + 0.5) * (SCORE[1] - SCORE[0]) / 24 });
+  // The model itself (its scaler and centroids, the file an app could run on its own): each point
+  // of the map takes the segment of its nearest centroid, as the server computes it. Drawing the map
+  // asks the server for no prediction, so visiting the page adds nothing to the prediction log.
+  function nearest(income, spending) {
+    const scaled = [(income - model.scaler.mean[0]) / model.scaler.scale[0],
+                    (spending - model.scaler.mean[1]) / model.scaler.scale[1]];
+    let best = 0;
+    let bestDistance = Infinity;
+    model.centroids_scaled.forEach((c, k) => {
+      const d = (c[0] - scaled[0]) ** 2 + (c[1] - scaled[1]) ** 2;
+      if (d < bestDistance) { best = k; bestDistance = d; }
+    });
+    return best;
+  }
+  async function loadModel() {
+    const response = await fetch("/v1/models/clustering/artifact");
+    if (!response.ok) throw new Error("The segment map is unavailable.");
+    model = await response.json();
+    legend.replaceChildren(...model.segments.map((name, k) => {
+      const item = document.createElement("li");
+      const chip = document.createElement("i");
+      chip.style.background = COLOURS[k % COLOURS.length];
+      item.append(chip, document.createTextNode(` ${k}: ${name}`));
+      return item;
+    }));
+  }
+  function axes() {
+    context.fillStyle = "#333";
+    context.strokeStyle = "#333";
+    context.font = "10px system-ui";
+    for (let v = 20; v < INCOME[1]; v += 20) {
+      context.fillRect(x(v), map.height - 4, 1, 4);
+      context.fillText(String(v), x(v) - 6, map.height - 6);
     }
-    const answer = await predict("/v1/clustering/predict", { json: { instances: cells } });
-    grid = cells.map((cell, k) => [cell, answer.predictions[k]]);
+    for (let v = 20; v < SCORE[1]; v += 20) {
+      context.fillRect(0, y(v), 4, 1);
+      context.fillText(String(v), 6, y(v) + 3);
+    }
+    context.font = "11px system-ui";
+    context.textAlign = "right";
+    context.fillText("annual income (k$) →", map.width - 4, map.height - 18);
+    context.textAlign = "left";
+    context.fillText("↑ spending score", 24, 12);
   }
   function draw(mark) {
     context.clearRect(0, 0, map.width, map.height);
-    for (const [cell, p] of grid || []) {
-      context.fillStyle = COLOURS[p.cluster % COLOURS.length] + "55";
-      context.fillRect(x(cell.annual_income) - map.width / 64, y(cell.spending_score) - map.height / 48, map.width / 32 + 1, map.height / 24 + 1);
+    if (model) {
+      const columns = 64;
+      const rows = 48;
+      for (let i = 0; i < columns; i++) for (let j = 0; j < rows; j++) {
+        const income = INCOME[0] + (i + 0.5) * (INCOME[1] - INCOME[0]) / columns;
+        const spending = SCORE[0] + (j + 0.5) * (SCORE[1] - SCORE[0]) / rows;
+        context.fillStyle = PALE[nearest(income, spending) % PALE.length];
+        context.fillRect(x(income) - map.width / (2 * columns), y(spending) - map.height / (2 * rows),
+                         map.width / columns + 1, map.height / rows + 1);
+      }
     }
-    context.fillStyle = "#333";
-    context.font = "11px system-ui";
-    context.fillText("annual income →", map.width - 96, map.height - 6);
-    context.fillText("↑ spending score", 6, 14);
+    axes();
     if (mark) {
       context.beginPath();
       context.arc(x(mark[0]), y(mark[1]), 7, 0, 2 * Math.PI);
@@ -50,7 +95,7 @@ export function setup() {
     event.preventDefault();
     showProblem(problem, null);
     try {
-      if (!grid) await drawSegments();
+      if (!model) await loadModel();
       const instance = { annual_income: Number(income.value), spending_score: Number(score.value) };
       const answer = await predict("/v1/clustering/predict", { json: { instances: [instance] } });
       const [p] = answer.predictions;
@@ -84,5 +129,5 @@ export function setup() {
       showProblem(paletteProblem, error);
     }
   });
-  drawSegments().then(() => draw(null)).catch((error) => showProblem(problem, error));
+  loadModel().then(() => draw(null)).catch((error) => showProblem(problem, error));
 }

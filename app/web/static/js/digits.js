@@ -55,8 +55,24 @@ export function setup() {
     canvas.toBlob((blob) => show([new File([blob], "drawing.png", { type: "image/png" })]), "image/png");
   });
   document.getElementById("digits-clear").addEventListener("click", () => { clear(); result.replaceChildren(); showProblem(problem, null); });
+  // An uploaded picture takes the drawing's place, fitted in the square, so the reader sees what was sent.
+  async function picture(file) {
+    clear();
+    try {
+      const bitmap = await createImageBitmap(file);
+      const scale = Math.min(canvas.width / bitmap.width, canvas.height / bitmap.height);
+      const w = bitmap.width * scale;
+      const h = bitmap.height * scale;
+      context.drawImage(bitmap, (canvas.width - w) / 2, (canvas.height - h) / 2, w, h);
+      bitmap.close();
+    } catch {
+      // a file the browser cannot show is still sent: the service says what is wrong with it
+    }
+  }
   document.getElementById("digits-file").addEventListener("change", (event) => {
-    if (event.target.files.length) show([...event.target.files]);
+    if (!event.target.files.length) return;
+    picture(event.target.files[0]);
+    show([...event.target.files]);
   });
   clear();
 }

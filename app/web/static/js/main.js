@@ -1,9 +1,10 @@
-import { models } from "./api.js";
+import { models, setupApiKey } from "./api.js";
 import { setup as clustering } from "./clustering.js";
 import { setup as digits } from "./digits.js";
 import { setup as emotion } from "./emotion.js";
 import { setup as segmentation } from "./segmentation.js";
 
+setupApiKey();
 digits();
 emotion();
 segmentation();
