@@ -52,8 +52,7 @@ from app.openinference.router import router as v2_router
 from app.tasks import load_slices, tasks_of
 from app.web.docs import add_docs
 from app.web.router import HEADERS as PAGE_HEADERS
-from app.web.router import router as web_router
-from app.web.router import static_files as web_static
+from app.web.router import add_web
 
 API_DESCRIPTION = """Inference for four models trained offline: customer segments and ad-hoc K-means
 (clustering), handwritten digits (CNN), EM membrane masks (U-Net) and speech emotion (MFCC + CNN).
@@ -170,8 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
     app.include_router(monitoring_router)
     app.include_router(lifecycle_router)
-    app.include_router(web_router)
-    app.mount("/static", web_static, name="static")
+    add_web(app, tasks)
     add_docs(app, {k: v for k, v in PAGE_HEADERS.items() if k != "Content-Security-Policy"})
     app.openapi = lambda: contract(app)  # type: ignore[method-assign]
     return app

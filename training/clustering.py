@@ -11,7 +11,9 @@ The model is plain JSON (scaler mean/scale, centroids, feature names, segment na
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -23,6 +25,7 @@ from sklearn.metrics import (  # noqa: E402
     calinski_harabasz_score,
     davies_bouldin_score,
     silhouette_samples,
+    silhouette_score,
 )
 
 from app.monitoring.reference import build_reference  # noqa: E402
@@ -40,6 +43,8 @@ from app.tasks.clustering.preprocess import (  # noqa: E402
 from training.common import (  # noqa: E402
     MODELS_DIR,
     SHARED_DATA,
+    Comparison,
+    HeldOut,
     Stopwatch,
     model_dir,
     output_version,
@@ -225,6 +230,33 @@ def write_report(report: Path, selection: KSelection, x: np.ndarray, labels: np.
     fig.tight_layout()
     fig.savefig(report / "segments.png", dpi=100)
     plt.close(fig)
+
+
+# ---- the evaluation gate (training.compare) ---------------------------------------------------
+def compare_sets(baseline: Any, candidate: Any, production: Path | None, limit: int) -> list[HeldOut]:
+    """The Mall customers (the training data: clustering has no labels) and, with an export, its
+    rows: the silhouette of each version's segments."""
+    if baseline.features != candidate.features:
+        raise SystemExit(f"the versions cluster different features ({baseline.features} vs "
+                         f"{candidate.features}); their silhouettes are not comparable")
+    columns = baseline.metadata.get("input", {}).get("columns") or baseline.features
+    with open(DEFAULT_DATA, newline="") as f:
+        table = [[float(row[c]) for c in columns] for row in csv.DictReader(f)]
+    sets = [("Mall customers (in-sample: the training data)", np.asarray(table, dtype=np.float64))]
+    if production is not None:
+        rows, _ = production_rows(production, baseline.features)
+        sets.append(("production rows", rows))
+    return [HeldOut(name, len(x), lambda m, x=x: silhouette(m, x)) for name, x in sets]
+
+
+def silhouette(model: Any, x: np.ndarray) -> float:
+    labels = model.predict(x).labels
+    if len(x) < 3 or len(set(labels.tolist())) < 2:
+        return float("nan")
+    return float(silhouette_score(model.scaler.transform(x), labels))
+
+
+COMPARISON = Comparison("silhouette", 0.02, compare_sets)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,44 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
         if mask.any():
             total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
     return float(total)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One set the evaluation gate scores both versions on."""
+
+    name: str
+    n: int  # the items scored (0: the set has no data and cannot fail the gate)
+    score: Callable[[Any], float]  # a loaded version -> the task's metric on this set
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How ``training.compare`` judges a task's candidate version against its baseline: ``metric``
+    (higher is better), the drop on any set that fails the candidate, and the sets, made from the
+    pair, an optional production export and a limit on held-out items (0: all)."""
+
+    metric: str
+    tolerance: float
+    sets: Callable[[Any, Any, Path | None, int], list[HeldOut]]
+
+
+def registered_tasks() -> dict[str, Any]:
+    """The tasks the service serves (``TASK_MODULES``), by name, as ``app.tasks.Task``."""
+    from app.core.config import Settings
+    from app.tasks import load_slices, tasks_of
+
+    return {task.name: task for task in tasks_of(load_slices(Settings().task_modules))}
+
+
+def load_version(task: str, version: str, models_dir: Path = MODELS_DIR) -> Any:
+    """A committed version loaded by the serving code (LiteRT), as the service would load it."""
+    from app.core.config import Settings
+
+    path = Path(models_dir) / task / version
+    if not path.is_dir():
+        raise SystemExit(f"{task} {version}: no such version under {models_dir}/{task}")
+    tasks = registered_tasks()
+    if task not in tasks or tasks[task].model_class is None:
+        raise SystemExit(f"{task}: not a task with a model in TASK_MODULES ({', '.join(sorted(tasks))})")
+    return tasks[task].model_class.load(path, Settings(models_dir=models_dir))

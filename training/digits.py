@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,8 @@ from app.tasks.digits.preprocess import (
 from training.common import (
     MODELS_DIR,
     SHARED_DATA,
+    Comparison,
+    HeldOut,
     Stopwatch,
     export_tflite,
     model_dir,
@@ -544,6 +547,32 @@ def main() -> None:
                   "fit_duration_s": fit_seconds},
     )
     print(f"wrote {out} in {clock.seconds:.0f}s", flush=True)
+
+
+# ---- the evaluation gate (training.compare) ---------------------------------------------------
+def compare_sets(baseline: Any, candidate: Any, production: Path | None, limit: int) -> list[HeldOut]:
+    """MNIST test and, with an export, its labelled digits: accuracy of each version."""
+    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
+        x, y = data["x_test"], data["y_test"].astype(np.int64)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    sets = [("MNIST test (held out)", normalize_batch(x)[..., None], y)]
+    if production is not None:
+        xp, yp, _ = production_digits(production)
+        sets.append(("production (labelled)", xp, yp))
+    return [HeldOut(name, len(y), lambda m, x=x, y=y: accuracy(m, x, y)) for name, x, y in sets]
+
+
+def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) == 0:
+        return float("nan")
+    predicted = np.concatenate([model.predict(x[i:i + 256]).argmax(axis=1) for i in range(0, len(x), 256)])
+    labels = np.asarray([int(label) for label in model.metadata["labels"]])
+    return float((labels[predicted] == y).mean())
+
+
+# A drop a bit above the run-to-run noise of 10 000 MNIST test digits.
+COMPARISON = Comparison("accuracy", 0.003, compare_sets)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -58,6 +59,8 @@ from app.tasks.segmentation.preprocess import (
 from training.common import (
     MODELS_DIR,
     SHARED_DATA,
+    Comparison,
+    HeldOut,
     Stopwatch,
     export_tflite,
     model_dir,
@@ -198,7 +201,7 @@ def build_unet(input_shape: tuple[int | None, int | None, int], base: int, depth
 
 def distilled_targets(labels: np.ndarray, images: np.ndarray, teacher, weight: float) -> np.ndarray:
     """Blend the hard labels with a committed model's probabilities (``teacher``: the served model,
-    ``training.compare.load``, so it tiles as the server does) so a smaller student also learns
+    ``training.common.load_version``, so it tiles as the server does) so a smaller student also learns
     where the teacher is unsure."""
     soft = np.stack([teacher.probability(img) for img in images])
     return ((1.0 - weight) * labels + weight * soft).astype(np.float32)
@@ -318,9 +321,9 @@ def main() -> None:
     train_x, train_y = load_slices(args.data, TRAIN_SLICES)
     val_x, val_y = load_slices(args.data, VAL_SLICES)
     if args.teacher:
-        from training.compare import load
+        from training.common import load_version
 
-        teacher = load("segmentation", args.teacher, args.models_dir)
+        teacher = load_version("segmentation", args.teacher, args.models_dir)
         train_y = distilled_targets(train_y, train_x, teacher, args.teacher_weight)
         print(f"distilling from {teacher.path} (weight {args.teacher_weight})", flush=True)
     print(f"train slices {TRAIN_SLICES[0]}-{TRAIN_SLICES[-1]}, validation {VAL_SLICES}, "
@@ -566,6 +569,31 @@ def finish(args: argparse.Namespace, out: Path, clock: Stopwatch, *, tiling: dic
         training={**training, "duration_s": clock.seconds},
     )
     print(f"done in {clock.seconds / 60:.1f} min -> {out}", flush=True)
+
+
+# ---- the evaluation gate (training.compare) ---------------------------------------------------
+def compare_sets(baseline: Any, candidate: Any, production: Path | None, limit: int) -> list[HeldOut]:
+    """Membrane slices 25-29: pixel accuracy of each version (an export has no masks to score)."""
+    if production is not None:
+        print("segmentation: production data has no masks; scored on the held-out slices only")
+    base = SHARED_DATA / "membrane" / "train"
+    slices = [(np.asarray(Image.open(base / "image" / f"{i}.png").convert("L")),
+               np.asarray(Image.open(base / "label" / f"{i}.png").convert("L")) == 0)
+              for i in TEST_SLICES[:limit or None]]
+    return [HeldOut("membrane slices 25-29 (held out)", len(slices), lambda m: pixel_accuracy(m, slices))]
+
+
+def pixel_accuracy(model: Any, slices: list) -> float:
+    correct = total = 0
+    for gray, membrane in slices:
+        mask = model.segment(gray, model.threshold).mask > 0
+        correct += int((mask == membrane).sum())
+        total += membrane.size
+    return correct / total
+
+
+# A drop a bit above the noise of the 1.3 M held-out pixels.
+COMPARISON = Comparison("pixel_accuracy", 0.005, compare_sets)
 
 
 if __name__ == "__main__":

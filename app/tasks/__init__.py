@@ -1,6 +1,6 @@
 """Tasks. Each package ``app/tasks/<task>/`` declares everything about its task in ``task.py``, as
 ``TASK``: its v1 endpoints (registered on its router), its model class, its V2 model, its rows of the
-limits table and the kind of input it takes. The app serves the packages named in ``TASK_MODULES``
+limits table, the kind of input it takes and where its evaluation gate lives. The app serves the packages named in ``TASK_MODULES``
 (the four here by default; a package anywhere on the path works the same way). A task whose code
 fails to import is reported as a model that is not ready rather than taking the service down."""
 
@@ -10,6 +10,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -33,6 +34,8 @@ class Task:
     v2: V2Model | None = None  # the task's tensors in the Open Inference Protocol
     limits: Callable[[Any], list[Limit]] = _no_limits  # its rows of the limits table, for settings
     media: str = ""  # "images" or "audio": the limits of that kind of input apply to it too
+    training: str = ""  # the module whose COMPARISON the evaluation gate (training.compare) uses
+    web: Path | None = None  # its panel on the web page: panel.html and panel.js (app/web/router.py)
 
 
 @dataclass

@@ -433,7 +433,7 @@ def test_admin_endpoints_are_closed_without_a_token_and_the_start_up_says_why():
 # ---- 10: security headers on every HTML response ---------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/static/index.html", "/docs", "/redoc", "/docs/oauth2-redirect",
+@pytest.mark.parametrize("path", ["/", "/static/tasks/digits/panel.html", "/docs", "/redoc", "/docs/oauth2-redirect",
                                   "/v1/monitoring/dashboard"])
 def test_every_html_response_carries_the_pages_security_headers(one_worker, path):
     response = httpx.get(one_worker.base_url + path)

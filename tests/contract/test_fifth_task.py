@@ -1,11 +1,13 @@
 """A fifth task defined only under tests/ (tests/fifth_task) is served by the unchanged app when it is
 named in TASK_MODULES: its v1 endpoint, its V2 model, its OpenAPI operation, its rows of the limits
-table, its prediction-log rows and its drift report, beside the four tasks of app/tasks."""
+table, its prediction-log rows and its drift report, its panel on the web page and its evaluation
+gate (training.compare), beside the four tasks of app/tasks."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,12 +16,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from app.core.config import Settings
 from app.monitoring.reference import build_reference
 from bench.liveserver import LiveServer, running_server
 from tests.support import MODELS, REPO_ROOT, rows, wait_until
 
+CHROMIUM = "/usr/bin/chromium"
 TASK_MODULES = ",".join([*Settings().task_modules, "tests.fifth_task"])
 READINGS = {"temperature": [20.0, 35.0, 80.0, 95.0], "vibration": [1.0, 2.0, 9.0, 12.0]}
 
@@ -119,3 +123,59 @@ def test_its_predictions_are_logged_and_its_drift_is_reported(server, client):
     [fault] = report.json()["models"]
     assert fault["model"] == "fault" and fault["n"] >= 60 and fault["status"] == "drift", fault
     assert fault["features"]["temperature"]["status"] == "drift" and "vibration" in fault["features"], fault
+
+
+def test_its_panel_is_on_the_web_page_and_answers(server):
+    live, _ = server
+    page = httpx.get(live.base_url + "/")
+    assert page.status_code == 200
+    modules = re.findall(r'<section [^>]*data-module="([^"]+)"', page.text)
+    assert modules == [f"/static/tasks/{name}/panel.js"
+                       for name in ("clustering", "digits", "segmentation", "emotion", "fault")]
+    if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
+        pytest.skip("Debian's chromium is not installed (make test installs it under CI)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            tab = browser.new_page()
+            errors: list[str] = []
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(live.base_url + "/")
+            expect(tab.locator("#versions")).to_contain_text("fault 1.0.0")
+            tab.get_by_test_id("fault-temperature").fill("95")
+            tab.get_by_test_id("fault-vibration").fill("12")
+            tab.get_by_test_id("fault-predict").click()
+            expect(tab.get_by_test_id("fault-result")).to_contain_text("fault (probability of a fault")
+            expect(tab.get_by_test_id("digits-canvas")).to_be_visible()  # the four panels still start
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_the_evaluation_gate_scores_its_versions_and_fails_a_worse_one(tmp_path):
+    models = fault_model(tmp_path)
+    first = models / "fault" / "1.0.0"
+    for version, weights in (("1.0.1", [0.08, 0.5]), ("1.0.2", [0.08, -0.5])):  # the same; vibration ignored
+        copy = models / "fault" / version
+        copy.mkdir()
+        for name in ("metadata.json", "reference.json"):
+            (copy / name).write_text((first / name).read_text())
+        (copy / "model.json").write_text(json.dumps({"features": ["temperature", "vibration"],
+                                                     "weights": weights, "bias": -8.0}))
+
+    def gate(candidate: str) -> tuple[int, dict]:
+        out = tmp_path / f"compare-{candidate}"
+        done = subprocess.run([sys.executable, "-m", "training.compare", "fault", "--candidate", candidate,
+                               "--baseline", "1.0.0", "--models-dir", str(models), "--out", str(out)],
+                              cwd=REPO_ROOT, capture_output=True, text=True,
+                              env={**os.environ, "TASK_MODULES": TASK_MODULES})
+        assert (out / "compare.json").exists(), done.stderr
+        return done.returncode, json.loads((out / "compare.json").read_text())
+
+    same_code, same = gate("1.0.1")
+    worse_code, worse = gate("1.0.2")
+    assert same_code == 0 and same["passed"] and same["metric"] == "accuracy"
+    [held] = same["sets"]
+    assert held["set"] == "fault readings (held out)" and held["n"] == 2000
+    assert held["baseline"] == held["candidate"] > 0.99
+    assert worse_code == 1 and not worse["passed"] and "worse by" in worse["reasons"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.core.limits_table import Limit
@@ -15,4 +16,5 @@ def limits(settings: Any) -> list[Limit]:
     return [Limit("fault", "readings per request", f"1-{MAX_READINGS}", "422 `too-many-instances`")]
 
 
-TASK = Task("fault", router, MODEL_CLASS, v2=V2, limits=limits)
+TASK = Task("fault", router, MODEL_CLASS, v2=V2, limits=limits, training="tests.fifth_task.training",
+            web=Path(__file__).parent / "web")

@@ -15,7 +15,7 @@ from app.tasks.segmentation.preprocess import (
     to_grayscale,
 )
 from tests.support import REPO_ROOT, SHARED_DATA
-from training.compare import load
+from training.common import load_version as load
 from training.segmentation import distilled_targets, elastic, pin_batch_one
 
 MODELS = REPO_ROOT / "models" / "segmentation"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.core.limits import (
@@ -35,4 +36,5 @@ def limits(settings: Any) -> list[Limit]:
     ]
 
 
-TASK = Task("clustering", router, MODEL_CLASS, v2=V2, limits=limits, media="images")
+TASK = Task("clustering", router, MODEL_CLASS, v2=V2, limits=limits, media="images",
+            training="training.clustering", web=Path(__file__).parent / "web")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.core.limits import DIGITS_MAX_INSTANCES
@@ -17,4 +18,5 @@ def limits(settings: Any) -> list[Limit]:
                   "422 `too-many-instances`")]
 
 
-TASK = Task("digits", router, MODEL_CLASS, v2=V2, limits=limits, media="images")
+TASK = Task("digits", router, MODEL_CLASS, v2=V2, limits=limits, media="images",
+            training="training.digits", web=Path(__file__).parent / "web")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.core.limits import EMOTION_MAX_INSTANCES
@@ -16,4 +17,5 @@ def limits(settings: Any) -> list[Limit]:
     return [Limit("emotion", "clips per request", f"1-{EMOTION_MAX_INSTANCES}", "422 `too-many-instances`")]
 
 
-TASK = Task("emotion", router, MODEL_CLASS, v2=V2, limits=limits, media="audio")
+TASK = Task("emotion", router, MODEL_CLASS, v2=V2, limits=limits, media="audio",
+            training="training.emotion", web=Path(__file__).parent / "web")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.core.limits import SEGMENTATION_MAX_INSTANCES, SEGMENTATION_MAX_SIDE
@@ -20,4 +21,5 @@ def limits(settings: Any) -> list[Limit]:
     ]
 
 
-TASK = Task("segmentation", router, MODEL_CLASS, v2=V2, limits=limits, media="images")
+TASK = Task("segmentation", router, MODEL_CLASS, v2=V2, limits=limits, media="images",
+            training="training.segmentation", web=Path(__file__).parent / "web")

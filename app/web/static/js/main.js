@@ -1,14 +1,19 @@
 import { models, setupApiKey } from "./api.js";
-import { setup as clustering } from "./clustering.js";
-import { setup as digits } from "./digits.js";
-import { setup as emotion } from "./emotion.js";
-import { setup as segmentation } from "./segmentation.js";
 
 setupApiKey();
-digits();
-emotion();
-segmentation();
-clustering();
+
+// Each task's panel names its module; one that fails to load leaves the others working.
+for (const section of document.querySelectorAll("section[data-module]")) {
+  try {
+    const { setup } = await import(section.dataset.module);
+    setup(section);
+  } catch (error) {
+    const note = document.createElement("p");
+    note.className = "problem";
+    note.textContent = "This panel could not start: " + error.message;
+    section.append(note);
+  }
+}
 
 models().then((list) => {
   document.getElementById("versions").textContent = "Models: " + list

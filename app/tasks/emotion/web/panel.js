@@ -1,4 +1,4 @@
-import { bars, predict, showProblem } from "./api.js";
+import { bars, predict, showProblem } from "/static/js/api.js";
 
 export function setup() {
   const button = document.getElementById("emotion-record");

@@ -1,4 +1,4 @@
-import { predict, showProblem } from "./api.js";
+import { predict, showProblem } from "/static/js/api.js";
 
 // The mask tinted red over the image, drawn in the browser from the one JSON answer.
 async function compose(file, maskUrl) {

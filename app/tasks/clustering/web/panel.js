@@ -1,4 +1,4 @@
-import { predict, showProblem } from "./api.js";
+import { predict, showProblem } from "/static/js/api.js";
 
 const COLOURS = ["#2c6fbb", "#d9534f", "#2e7d32", "#ed6c02", "#7b1fa2", "#00838f", "#6d4c41"];
 // The same colours a third as strong on white: opaque, so neighbouring cells leave no seams.
