@@ -158,27 +158,33 @@ def answers_per_worker(container: Container, route: str) -> dict[str, float]:
     return counts
 
 
-def worker_clients(container: Container, tries: int = 20) -> list[httpx.Client]:
-    """Two clients, each with one keep-alive connection, held by a different worker: a request goes
-    to whichever worker accepts its connection, so new connections are opened (and a cheap request
-    sent on each, its worker read from the counters) until a second worker has one."""
-    clients: dict[str, httpx.Client] = {}
+def worker_clients(container: Container, tries: int = 10, at_once: int = 8) -> list[httpx.Client]:
+    """Two clients, each with one keep-alive connection, held by a different worker. A connection
+    goes to whichever worker accepts it, and one opened while the workers are idle mostly goes to
+    the same one; so ``at_once`` connections are opened together (a cheap request on each, sent at
+    the same moment), then each one's worker is read from the counters, one request at a time."""
     for _ in range(tries):
-        client = httpx.Client(base_url=container.base_url, timeout=120.0,
-                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        before = answers_per_worker(container, "/v1/models")
-        client.get("/v1/models").raise_for_status()
-        after = answers_per_worker(container, "/v1/models")
-        (pid,) = [pid for pid in after if after[pid] > before.get(pid, 0)]
-        if pid in clients:
-            client.close()
-        else:
-            clients[pid] = client
+        opened = [httpx.Client(base_url=container.base_url, timeout=120.0,
+                               limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+                  for _ in range(at_once)]
+        with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+            for response in pool.map(lambda c: c.get("/v1/models"), opened):
+                response.raise_for_status()
+        clients: dict[str, httpx.Client] = {}
+        for client in opened:
+            before = answers_per_worker(container, "/v1/models")
+            client.get("/v1/models").raise_for_status()
+            after = answers_per_worker(container, "/v1/models")
+            (pid,) = [pid for pid in after if after[pid] > before.get(pid, 0)]
+            if pid in clients:
+                client.close()
+            else:
+                clients[pid] = client
         if len(clients) == 2:
             return list(clients.values())
-    for client in clients.values():
-        client.close()
-    raise AssertionError(f"{tries} connections, all to one worker")
+        for client in clients.values():
+            client.close()
+    raise AssertionError(f"{tries} times {at_once} connections at once, all to one worker")
 
 
 def on_two_workers(container: Container, clients: list[httpx.Client]) -> bool:
