@@ -19,6 +19,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 
 def use_every_panel(page: Page) -> None:
+    page.get_by_test_id("digits-canvas").scroll_into_view_if_needed()  # the mouse draws in the viewport
     box = page.get_by_test_id("digits-canvas").bounding_box()
     points = [(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]
     xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
