@@ -1,5 +1,6 @@
-"""Helpers shared by the unit tests: the committed model of a task, and an in-process app that
-serves only that model (so a task's tests need no other task's artifact)."""
+"""Helpers shared by the unit and contract tests: the committed model of a task, an in-process app
+that serves only that model (so a task's tests need no other task's artifact), the data the tests
+draw on, the problem+json check, and the wait for an event the test cannot be told of."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -30,6 +33,20 @@ def sixteen_bit(mode: str, values: np.ndarray) -> Image.Image:
     """``values`` as a 16-bit Pillow image of ``mode`` (I;16, I;16L, I;16B or I;16N)."""
     byte_order = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}[mode]
     return Image.frombytes(mode, values.shape[::-1], values.astype(byte_order).tobytes())
+
+
+def open_request():
+    """A starlette Request (POST /) whose client never goes away: for tickets, gates and deadlines
+    outside a server."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    async def receive() -> dict:  # the client never goes away
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "state": {}}, receive)
 
 
 def committed_version(task: str) -> Path:
@@ -62,15 +79,55 @@ def mall_rows() -> list[list[float]]:
         return [[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in csv.DictReader(f)]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
-    """Whether ``condition()`` became true within ``timeout`` (checked every ``interval``): for an
-    event the test cannot be told of (a row written by a background flush)."""
+def photo_like(digit: np.ndarray, *, size: int = 300, scale: int = 6, at: tuple[int, int] = (20, 150),
+               thicken: int = 9) -> Image.Image:
+    """An MNIST digit as a phone photo of paper: ``size`` x ``size`` RGB, ``scale`` times larger,
+    strokes thickened (``thicken``) and dark on off-white paper, off-centre (top-left at ``at``)."""
+    from scipy import ndimage
+
+    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.BICUBIC), dtype=np.float32)
+    big = ndimage.maximum_filter(big, size=thicken)
+    paper = np.full((size, size), 235.0, dtype=np.float32)  # off-white paper
+    top, left = at
+    window = paper[top:top + big.shape[0], left:left + big.shape[1]]
+    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)  # ink ~20/255
+    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response, status: int, *, code: str | None = None, field: str | None = None) -> dict:
+    """The problem+json body of ``response`` (an httpx or TestClient response), once checked: its
+    status (the response's and the body's), its media type, its request id, and ``code`` and
+    ``field`` when given."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM), response.headers["content-type"]
+    body = response.json()
+    assert body["status"] == status and body["request_id"], body
+    if code is not None:
+        assert body["code"] == code, body
+    if field is not None:
+        assert body["field"] == field, body
+    return body
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, *,
+               what: str | None = None) -> T | Literal[False]:
+    """What ``condition()`` returned once it was truthy (checked every ``interval`` for ``timeout``
+    s): for an event the test cannot be told of (a row written by a background flush). At the
+    deadline: False, or, when ``what`` names the event, the test fails saying so."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
+            if what is not None:
+                pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
             return False
         time.sleep(interval)
-    return True
+    return value
 
 
 def rows(url: str, sql: str, **params: object) -> list:

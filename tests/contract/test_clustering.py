@@ -12,25 +12,13 @@ import pytest
 from sklearn.cluster import KMeans
 
 from bench.common import png_bytes as png
-from tests.support import mall_rows
+from tests.support import assert_problem, mall_rows
 
 REPO = Path(__file__).resolve().parents[2]
-PROBLEM = "application/problem+json"
 
 
 def model_json(version: str) -> dict:
     return json.loads((REPO / "models" / "clustering" / version / "model.json").read_text())
-
-
-
-
-
-
-def assert_problem(response: httpx.Response, status: int, field: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status and body["field"] == field and body["request_id"], body
 
 
 def test_clustering_model_is_listed_with_its_features_and_segments(client: httpx.Client):
@@ -115,7 +103,7 @@ GOOD = {"annual_income": 15, "spending_score": 39}
     ("fit", {"data": [[1, 2], [3, 4], [5, 6]]}, "data"),
 ])
 def test_bad_json_input_is_a_422_problem_naming_the_field(client: httpx.Client, path, body, field):
-    assert_problem(client.post(f"/v1/clustering/{path}", json=body), 422, field)
+    assert_problem(client.post(f"/v1/clustering/{path}", json=body), 422, field=field)
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity"])
@@ -123,15 +111,15 @@ def test_json_nan_and_infinity_are_rejected(client: httpx.Client, literal):
     content = '{"instances": [{"annual_income": 15, "spending_score": %s}]}' % literal
     response = client.post("/v1/clustering/predict", content=content,
                            headers={"content-type": "application/json"})
-    assert_problem(response, 422, "instances[0].spending_score")
+    assert_problem(response, 422, field="instances[0].spending_score")
 
 
 def test_bad_palette_uploads_are_problems_naming_the_field(client: httpx.Client):
     image = png((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     assert_problem(client.post("/v1/clustering/palette", data={"colors": "17"},
-                               files={"image": ("a.png", image, "image/png")}), 422, "colors")
+                               files={"image": ("a.png", image, "image/png")}), 422, field="colors")
     truncated = image[: len(image) // 2]
     assert_problem(client.post("/v1/clustering/palette", files={"image": ("a.png", truncated, "image/png")}),
-                   422, "image[0]")
+                   422, field="image[0]")
     assert_problem(client.post("/v1/clustering/palette", files={"image": ("a.pdf", b"%PDF-1.4", "application/pdf")}),
-                   415, "image[0]")
+                   415, field="image[0]")

@@ -11,10 +11,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 from scipy.stats import binom
 
-from tests.support import MODELS, SHARED_DATA
+from tests.support import MODELS, SHARED_DATA, assert_problem, photo_like
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 URL = "/v1/digits/predict"
@@ -34,17 +33,6 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **options) -> byte
     return buffer.getvalue()
 
 
-def photo_like(digit: np.ndarray, *, at: tuple[int, int] = (20, 150)) -> Image.Image:
-    """An MNIST digit as a phone photo of paper: 300x300 RGB, 6x larger, thick dark strokes on an
-    off-white page, far from the centre."""
-    big = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BICUBIC), dtype=np.float32)
-    big = ndimage.maximum_filter(big, size=9)
-    paper = np.full((300, 300), 235.0, dtype=np.float32)
-    window = paper[at[0]:at[0] + 168, at[1]:at[1] + 168]
-    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)
-    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-
-
 def canvas_drawing(digit: np.ndarray) -> Image.Image:
     """An MNIST digit as a browser-canvas PNG: black strokes on a fully transparent 280x280 RGBA."""
     alpha = Image.fromarray(digit).resize((280, 280), Image.BICUBIC)
@@ -57,14 +45,10 @@ def files(*payloads: tuple[str, bytes, str]) -> list[tuple[str, tuple[str, bytes
     return [("image", payload) for payload in payloads]
 
 
-def assert_problem(response, status: int, field: str, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    problem = response.json()
-    assert problem["field"] == field
-    assert problem["status"] == status
-    if code is not None:
-        assert problem["code"] == code
+def assert_digits_problem(response, status: int, *, field: str, code: str | None = None) -> dict:
+    """A digits problem names its field, in ``field`` and in its detail (unless the field is the
+    whole body or its content type)."""
+    problem = assert_problem(response, status, code=code, field=field)
     assert field in problem["detail"] or problem["field"] in ("body", "content-type")
     return problem
 
@@ -153,47 +137,51 @@ def test_transparent_canvas_drawings_are_read_as_ink_on_white_paper(client, mnis
 def test_corrupt_image_is_422_naming_the_file(client, mnist_test):
     good = encode(mnist_test[0][0])
     response = client.post(URL, files=files(("a.png", good, "image/png"), ("b.png", good[:60], "image/png")))
-    assert_problem(response, 422, "image[1]", "corrupt-image")
+    assert_digits_problem(response, 422, field="image[1]", code="corrupt-image")
 
 
 def test_text_file_is_415_naming_the_file(client):
     response = client.post(URL, files=files(("notes.txt", b"the digit seven", "text/plain")))
-    assert_problem(response, 415, "image[0]", "unsupported-image-format")
+    assert_digits_problem(response, 415, field="image[0]", code="unsupported-image-format")
 
 
 def test_blank_image_is_422_not_a_guess(client, mnist_test):
     blank = encode(np.full((300, 300), 255, dtype=np.uint8))
     response = client.post(URL, files=files(("ok.png", encode(mnist_test[0][0]), "image/png"),
                                             ("blank.png", blank, "image/png")))
-    assert_problem(response, 422, "image[1]", "blank-image")
+    assert_digits_problem(response, 422, field="image[1]", code="blank-image")
     pixels = client.post(URL, json={"instances": [{"pixels": [[0] * 28] * 28}]})
-    assert_problem(pixels, 422, "instances[0].pixels", "blank-image")
+    assert_digits_problem(pixels, 422, field="instances[0].pixels", code="blank-image")
 
 
 def test_empty_file_and_missing_field_are_422(client):
-    assert_problem(client.post(URL, files=files(("e.png", b"", "image/png"))), 422, "image[0]", "empty-file")
-    assert_problem(client.post(URL, files={"picture": ("x.png", b"x", "image/png")}), 422, "image", "missing-file")
+    assert_digits_problem(client.post(URL, files=files(("e.png", b"", "image/png"))), 422,
+                          field="image[0]", code="empty-file")
+    assert_digits_problem(client.post(URL, files={"picture": ("x.png", b"x", "image/png")}), 422,
+                          field="image", code="missing-file")
 
 
 def test_empty_and_malformed_json_bodies(client):
     headers = {"content-type": "application/json"}
-    assert_problem(client.post(URL, content=b"", headers=headers), 422, "body", "empty-body")
-    assert_problem(client.post(URL, content=b'{"instances": [', headers=headers), 400, "body", "malformed-json")
-    assert_problem(client.post(URL, json={"instances": []}), 422, "instances")
-    assert_problem(client.post(URL, json=[1, 2]), 422, "body")
+    assert_digits_problem(client.post(URL, content=b"", headers=headers), 422, field="body", code="empty-body")
+    assert_digits_problem(client.post(URL, content=b'{"instances": [', headers=headers), 400,
+                          field="body", code="malformed-json")
+    assert_digits_problem(client.post(URL, json={"instances": []}), 422, field="instances")
+    assert_digits_problem(client.post(URL, json=[1, 2]), 422, field="body")
 
 
 def test_more_than_256_instances_is_refused(client, mnist_test):
     instances = [{"pixels": mnist_test[0][i % 300].tolist()} for i in range(257)]
-    problem = assert_problem(client.post(URL, json={"instances": instances}), 422, "instances",
-                             "too-many-instances")
+    problem = assert_digits_problem(client.post(URL, json={"instances": instances}), 422, field="instances",
+                                    code="too-many-instances")
     assert problem["max_instances"] == 256
 
 
 def test_pixels_of_the_wrong_shape_name_the_instance(client, mnist_test):
     good = {"pixels": mnist_test[0][0].tolist()}
     instances = [good, good, good, {"pixels": mnist_test[0][0][:27].tolist()}]
-    assert_problem(client.post(URL, json={"instances": instances}), 422, "instances[3].pixels", "invalid-request")
+    assert_digits_problem(client.post(URL, json={"instances": instances}), 422,
+                          field="instances[3].pixels", code="invalid-request")
 
 
 @pytest.mark.parametrize("bad,field,code", [
@@ -207,18 +195,18 @@ def test_pixels_must_be_finite_numbers_in_range(client, bad, field, code):
     row = ", ".join(["0"] * 14 + ["255"] * 13 + [bad])
     body = '{"instances": [{"pixels": [' + ", ".join([f"[{row}]"] * 28) + "]}]}"
     response = client.post(URL, content=body.encode(), headers={"content-type": "application/json"})
-    assert_problem(response, 422, field, code)
+    assert_digits_problem(response, 422, field=field, code=code)
 
 
 def test_instances_must_be_pixels_or_image_b64(client, mnist_test):
     pixels = mnist_test[0][0].tolist()
     both = {"instances": [{"pixels": pixels, "image_b64": "aGk="}]}
-    assert_problem(client.post(URL, json=both), 422, "instances[0]", "invalid-request")
-    assert_problem(client.post(URL, json={"instances": [{"pixels": pixels}, 7]}), 422, "instances[1]")
+    assert_digits_problem(client.post(URL, json=both), 422, field="instances[0]", code="invalid-request")
+    assert_digits_problem(client.post(URL, json={"instances": [{"pixels": pixels}, 7]}), 422, field="instances[1]")
     not_b64 = {"instances": [{"image_b64": "%%% not base64 %%%"}]}
-    assert_problem(client.post(URL, json=not_b64), 422, "instances[0].image_b64", "invalid-base64")
+    assert_digits_problem(client.post(URL, json=not_b64), 422, field="instances[0].image_b64", code="invalid-base64")
     not_image = {"instances": [{"image_b64": base64.b64encode(b"plain text").decode()}]}
-    assert_problem(client.post(URL, json=not_image), 415, "instances[0].image_b64")
+    assert_digits_problem(client.post(URL, json=not_image), 415, field="instances[0].image_b64")
 
 
 def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client, mnist_test):
@@ -226,7 +214,7 @@ def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "audio/wav", None):
         headers = {"content-type": content_type} if content_type else {}
         response = client.post(URL, content=png, headers=headers)
-        assert_problem(response, 415, "content-type", "unsupported-media-type")
+        assert_digits_problem(response, 415, field="content-type", code="unsupported-media-type")
         assert json.loads(response.text)["request_id"] == response.headers["x-request-id"]
     raw = client.post(URL, content=png, headers={"content-type": "image/png"})
     as_file = client.post(URL, files=files(("7.png", png, "image/png")))

@@ -11,7 +11,7 @@ import scipy.signal
 import soundfile as sf
 
 from tests.audio import pyav_bytes, soundfile_bytes
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, assert_problem
 
 EMODB = SHARED_DATA / "emodb" / "wav"
 URL = "/v1/emotion/predict"
@@ -27,21 +27,9 @@ def speech() -> np.ndarray:
     return waveform
 
 
-
-
-
-
 def post(client: httpx.Client, data: bytes, name: str = "clip.wav", mime: str = "audio/wav",
          field: str = "audio") -> httpx.Response:
     return client.post(URL, files={field: (name, data, mime)})
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == status and body["code"] == code and body["field"] == "audio[0]"
-    return body
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +95,13 @@ def test_a_long_clip_is_scored_in_overlapping_windows(client):
 
 
 def test_shorter_than_0_3_s_is_422(client, speech):
-    assert_problem(post(client, soundfile_bytes(speech[:3200], 16000, "WAV")), 422, "audio-too-short")
+    assert_problem(post(client, soundfile_bytes(speech[:3200], 16000, "WAV")), 422,
+                   code="audio-too-short", field="audio[0]")
 
 
 def test_longer_than_60_s_is_413(client, speech):
     body = assert_problem(post(client, soundfile_bytes(np.tile(speech, 33), 16000, "FLAC"),
-                               "long.flac", "audio/flac"), 413, "audio-too-long")
+                               "long.flac", "audio/flac"), 413, code="audio-too-long", field="audio[0]")
     assert "60 s" in body["detail"]
 
 
@@ -122,7 +111,8 @@ def test_longer_than_60_s_is_413(client, speech):
     ("white noise", np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32)),
 ])
 def test_silence_a_tone_and_noise_are_422_no_speech_not_a_guess(client, name, waveform):
-    body = assert_problem(post(client, soundfile_bytes(waveform, 16000, "WAV")), 422, "no-speech")
+    body = assert_problem(post(client, soundfile_bytes(waveform, 16000, "WAV")), 422,
+                          code="no-speech", field="audio[0]")
     assert body["field"] == "audio[0]" and "no speech" in body["detail"], name
 
 
@@ -135,17 +125,19 @@ def test_quiet_but_clear_speech_is_answered_like_the_same_clip_at_full_level(cli
 
 def test_corrupt_audio_is_422(client, speech):
     truncated = soundfile_bytes(speech, 16000, "FLAC")[:2500]
-    assert_problem(post(client, truncated, "clip.flac", "audio/flac"), 422, "corrupt-audio")
+    assert_problem(post(client, truncated, "clip.flac", "audio/flac"), 422,
+                   code="corrupt-audio", field="audio[0]")
 
 
 def test_not_audio_is_415_naming_the_formats(client):
     body = assert_problem(post(client, b"%PDF-1.4 not audio at all\n" * 50, "doc.pdf",
-                               "application/pdf"), 415, "unsupported-audio-format")
+                               "application/pdf"), 415, code="unsupported-audio-format",
+                          field="audio[0]")
     assert "WAV" in body["detail"] and "WebM/Opus" in body["detail"]
 
 
 def test_empty_file_is_422(client):
-    assert_problem(post(client, b""), 422, "empty-file")
+    assert_problem(post(client, b""), 422, code="empty-file", field="audio[0]")
 
 
 def test_wrong_field_name_is_422_naming_audio(client, speech):

@@ -25,7 +25,7 @@ from bench.common import mnist_digit_png
 from bench.liveserver import running_server
 from bench.load import hey
 from tests.monitoring_db import TcpProxy
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, wait_until
 
 DIGITS = "/v1/digits/predict"
 
@@ -81,13 +81,6 @@ class Load:
             t.join(60)
 
 
-def wait_for(condition, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
-
-
 # -- worker recycling -------------------------------------------------------------------------------
 
 def test_6000_digit_requests_at_concurrency_8_on_one_worker_lose_nothing(png):
@@ -127,15 +120,15 @@ def test_kill_9_of_a_worker_under_load_fails_only_its_in_flight_requests(png):
     with running_server(workers=2) as live:
         victim, survivor = live.worker_pids()
         with Load(live.base_url, png, clients=8) as load:
-            wait_for(lambda: sum(o.status == 200 for o in load.outcomes) >= 40, 30, "the load never got going")
+            wait_until(lambda: sum(o.status == 200 for o in load.outcomes) >= 40, 30, what="the load to get going")
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: len(live.worker_pids()) == 2 and victim not in live.worker_pids(), 30,
-                     "the master did not replace the killed worker")
+            wait_until(lambda: len(live.worker_pids()) == 2 and victim not in live.worker_pids(), 30,
+                       what="the master to replace the killed worker")
             replaced_at = time.monotonic()
             # Answers after the replacement, and 1.5 s of them after the kill (checked below).
-            wait_for(lambda: any(o.started > max(replaced_at, killed_at + 1.5) and o.status == 200
-                                 for o in load.outcomes), 30, "no answers after the replacement")
+            wait_until(lambda: any(o.started > max(replaced_at, killed_at + 1.5) and o.status == 200
+                                   for o in load.outcomes), 30, what="answers after the replacement")
         replacement = (set(live.worker_pids()) - {survivor}).pop()
         assert httpx.get(live.base_url + "/health/ready").status_code == 200
 
@@ -195,17 +188,22 @@ def test_sigterm_under_load_finishes_every_request_in_flight_and_drains_connecti
 
         idle_before, _ = raw_request(port)
         with Load(live.base_url, png, clients=6) as load:
-            time.sleep(1.5)
+            wait_until(lambda: sum(o.status == 200 for o in load.outcomes) >= 40, 30, what="the load to get going")
             slow_threads = [threading.Thread(target=slow) for _ in range(4)]
             for t in slow_threads:
                 t.start()
+            # Time for the slow uploads to reach the workers: no outside sign says a request is running
+            # or queued in each worker (an access line is written at the end, /health/ready is one
+            # worker's view), so this is a sleep, not a wait.
             time.sleep(1.0)
             term_at = time.monotonic()
             # Heroku sends SIGTERM to every process of the dyno: the master and its workers.
             os.killpg(live.pid, signal.SIGTERM)
             # An open keep-alive connection still gets an answer while the workers drain, and the
-            # answer says the connection ends.
-            time.sleep(0.2)
+            # answer says the connection ends. A worker logs "Shutting down" in the same step as it
+            # marks its connections draining: once both have, the request below finds its worker draining.
+            wait_until(lambda: live.log_text().count('"Shutting down"') >= 2, 10,
+                       what="both workers to begin their shutdown")
             idle_before.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             drained_head = read_response(idle_before)
             assert idle_before.recv(1) == b"", "the connection stayed open after Connection: close"
@@ -260,7 +258,7 @@ def test_a_trickled_upload_is_cut_at_the_deadline_without_holding_others_back(pn
                             while chunk := sock.recv(65536):  # the problem, then the close
                                 data += chunk
                             answers[i] = data
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing the rounds: each trickler's slowness is the attack
         cut_after = time.monotonic() - started
         log = live.log_text()
     assert len(answers) == len(tricklers), "a trickled upload was never cut off"
@@ -302,8 +300,8 @@ def test_rate_limits_survive_redis_going_away_and_resume_when_it_returns():
             blackhole.close()
             blackhole = None
             proxy.start()
-            wait_for(lambda: "ratelimit-remaining" in predict().headers, 20,
-                     "rate limiting did not resume once Redis was back")
+            wait_until(lambda: "ratelimit-remaining" in predict().headers, 20,
+                       what="rate limiting to resume once Redis was back")
     finally:
         if blackhole is not None:
             blackhole.close()

@@ -45,12 +45,16 @@ def client(server) -> Iterator[httpx.Client]:
 
 
 def wait_rows(url: str, sql: str, want, timeout: float = 10.0, **params) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The rows ``sql`` reads, once ``want(rows)`` holds (or at timeout)."""
+    found: list = []
+
+    def wanted() -> bool:
+        nonlocal found
         found = rows(url, sql, **params)
-        if want(found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        return want(found)
+
+    wait_until(wanted, timeout, 0.1)
+    return found
 
 
 def stored(url: str, request_id: str) -> list:
@@ -200,6 +204,8 @@ def test_erasing_a_prediction_made_a_moment_ago_leaves_nothing_behind(server, cl
         request_id = digit(client, mnist_digit_png(20 + index), GRANTED).json()["request_id"]
         assert client.delete(f"/v1/predictions/{request_id}").status_code == 204
         erased.append(request_id)
+    # A sleep, not a wait: the erasure's second pass (2 s after each DELETE) leaves no trace to wait
+    # for, nor does a buffered row or a shadow prediction that is dropped instead of written.
     time.sleep(3.0)  # longer than a flush interval, a shadow prediction and the erasure's second pass
     for request_id in erased:
         for table in ("predictions", "shadow_predictions"):
@@ -234,13 +240,18 @@ def noisy_digits(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
 
 
 def shadow_report(client: httpx.Client, model: str, n: int) -> dict:
-    deadline = time.monotonic() + 15
-    while True:
-        report = client.get("/v1/monitoring/shadow", params={"model": model, "window": "1h"}, headers=ADMIN)
-        assert report.status_code == 200, report.text
-        if report.json()["n"] >= n or time.monotonic() > deadline:
-            return report.json()
-        time.sleep(0.2)
+    """The shadow report over the last hour, once it counts ``n`` predictions (or after 15 s)."""
+    report: dict = {}
+
+    def counted() -> bool:
+        nonlocal report
+        response = client.get("/v1/monitoring/shadow", params={"model": model, "window": "1h"}, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        report = response.json()
+        return report["n"] >= n
+
+    wait_until(counted, 15, 0.2)
+    return report
 
 
 def test_a_different_shadow_version_disagrees_sometimes_and_is_scored_on_feedback(server, client):

@@ -20,7 +20,7 @@ from app.monitoring.store import make_engine, predictions
 from bench.liveserver import LiveServer, running_server
 from tests import monitoring_db
 from tests.monitoring_db import TcpProxy, pg_address, sqlite_locked
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, wait_until
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 TOKEN = "contract-admin-token"
@@ -110,22 +110,31 @@ def count_rows(read_url: str, request_ids: list[str]) -> int:
 
 
 def wait_for_rows(read_url: str, request_ids: list[str], expected: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (n := count_rows(read_url, request_ids)) < expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return n
+    """How many rows ``request_ids`` have, once there are ``expected`` (or at timeout)."""
+    counted = 0
+
+    def enough() -> bool:
+        nonlocal counted
+        counted = count_rows(read_url, request_ids)
+        return counted >= expected
+
+    wait_until(enough, timeout, 0.2)
+    return counted
 
 
 def wait_for_write_failures(base_url: str, timeout: float = 20.0) -> float:
     """``prediction_log_write_failures_total`` from /metrics, once it is non-zero (or at timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    value = 0.0
+
+    def failed() -> bool:
+        nonlocal value
         lines = [line for line in httpx.get(base_url + "/metrics").text.splitlines()
                  if line.startswith("prediction_log_write_failures_total")]
         value = float(lines[0].split()[-1]) if lines else 0.0
-        if value >= 1 or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
+        return value >= 1
+
+    wait_until(failed, timeout, 0.2)
+    return value
 
 
 def test_real_digits_are_not_flagged_and_inverted_or_noisy_digits_are(server: LiveServer, mnist_test_digits):

@@ -40,7 +40,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from bench.liveserver import running_server
-from tests.support import MODELS, SHARED_DATA, committed_version
+from tests.support import MODELS, SHARED_DATA, committed_version, mall_rows
 
 DROP = 0.02  # the drop every gate must see: two points
 FAIL_AT_LEAST = 0.95  # a model DROP worse fails with at least this probability
@@ -190,24 +190,18 @@ def segmentation_gate(truth: np.ndarray, predicted: np.ndarray) -> None:
 
 # ---- clustering: the Mall customers against a reference partition ----------------------------------
 
-def mall_rows() -> list[dict[str, float]]:
-    with open(SHARED_DATA / "mall_customers" / "Mall_Customers.csv", newline="") as f:
-        return [{"annual_income": float(r["Annual Income (k$)"]),
-                 "spending_score": float(r["Spending Score (1-100)"])} for r in csv.DictReader(f)]
-
-
 def clustering_held_out() -> tuple[np.ndarray, np.ndarray]:
     """The standardised rows and a reference partition fitted here with scikit-learn (k from the
     served model's metadata, 10 seeded starts): what a correct K-means of this data looks like."""
-    rows = mall_rows()
-    x = np.array([[r["annual_income"], r["spending_score"]] for r in rows])
+    x = np.array(mall_rows())
     z = (x - x.mean(axis=0)) / x.std(axis=0)
     reference = KMeans(n_clusters=metrics("clustering")["k"], n_init=10, random_state=0).fit(z)
     return z, reference.labels_
 
 
 def clustering_answers(client: httpx.Client) -> np.ndarray:
-    response = client.post("/v1/clustering/predict", json={"instances": mall_rows()})
+    instances = [{"annual_income": income, "spending_score": score} for income, score in mall_rows()]
+    response = client.post("/v1/clustering/predict", json={"instances": instances})
     assert response.status_code == 200, response.text
     return np.array([p["segment"] for p in response.json()["predictions"]])
 

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, inspect
 from bench.common import REPO_ROOT
 from bench.liveserver import free_port, running_server, stop
 from tests.monitoring_db import database_url
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, wait_until
 
 
 def metric(text_: str, name: str, **labels: str) -> float:
@@ -127,10 +127,8 @@ def test_drift_gauges_refresh_on_their_own_and_the_dashboard_takes_a_history(tmp
         assert client.post("/v1/digits/predict", json={"instances": [
             {"pixels": im.tolist()} for im in inverted]}).status_code == 200
         # No one asks for a drift report: the worker's refresh (every DRIFT_REFRESH_S) sets the gauge.
-        deadline = time.monotonic() + 20
-        while metric(client.get("/metrics").text, "model_drift_detected", model="digits") != 1.0:
-            assert time.monotonic() < deadline, "model_drift_detected was not refreshed"
-            time.sleep(0.2)
+        wait_until(lambda: metric(client.get("/metrics").text, "model_drift_detected", model="digits") == 1.0,
+                   20, 0.2, what="model_drift_detected to be refreshed")
         admin = {"Authorization": "Bearer promise-token"}
         day = client.get("/v1/monitoring/dashboard?history=24h", headers=admin)
         hour = client.get("/v1/monitoring/dashboard?history=1h", headers=admin)
@@ -206,13 +204,15 @@ def test_the_docker_image_file_set_serves_with_its_command_and_health_check(tmp_
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
+
+        def serving() -> bool:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "the image's command did not serve"
-            time.sleep(0.2)
+                    return True
+            assert process.poll() is None, "the image's command did not serve"
+            return False
+
+        wait_until(serving, 90, 0.2, what="the image's command to serve")
         digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
         answer = httpx.post(base + "/v1/digits/predict", files={"image": ("7.png", digit, "image/png")})
         assert answer.status_code == 200 and answer.json()["predictions"][0]["digit"] == 7

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import httpx
 import numpy as np
@@ -17,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench.common import REPO_ROOT
 from bench.liveserver import running_server
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +232,7 @@ def test_a_model_that_is_not_loaded_answers_not_ready():
     with running_server(workers=1, ready=False, env={"MODEL_VERSIONS": '{"emotion": "9.9.9"}'}) as live:
         triton = tritonhttp.InferenceServerClient(live.base_url.removeprefix("http://"))
         try:
-            deadline = time.monotonic() + 60
-            while not triton.is_model_ready("digits") and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert triton.is_model_ready("digits")
+            assert wait_until(lambda: triton.is_model_ready("digits"), 60, 0.2)
             assert not triton.is_model_ready("emotion") and not triton.is_server_ready()
             with pytest.raises(InferenceServerException) as refused:
                 triton.infer("emotion", [bytes_input("audio", [examples("emodb-08a01Wa-anger.wav")])])

@@ -245,6 +245,7 @@ def stop_by_pid(process: subprocess.Popen) -> None:
 def wait_for_other_buffers() -> None:
     """Each worker writes its buffered rows every LOG_FLUSH_INTERVAL_S: a report on one dyno sees
     the other dyno's latest predictions once they are written."""
+    # A sleep: a dyno does not say when its buffer is written; two flush intervals and a margin bound it.
     time.sleep(2 * FLUSH_S + 0.5)
 
 
@@ -309,6 +310,7 @@ def test_feedback_consent_and_erasure_work_on_the_other_dyno(router, digits, pos
     assert request_id not in export_manifest(router, on=made_on)
     again = router.send("POST", "/v1/feedback", on=made_on, json={"request_id": request_id, "label": label})
     assert again.status_code == 404 and again.json()["code"] == "unknown-request"
+    # A sleep, not a wait: a shadow prediction dropped instead of written leaves no trace to wait for.
     time.sleep(1.0)  # the shadow prediction arrives after the answer: it must be dropped, not written
     assert rows_of(postgres, request_id) == {"predictions": 0, "shadow_predictions": 0, "feedback": 0}
 
@@ -358,14 +360,14 @@ def test_kill_9_of_a_dyno_fails_over_and_the_log_keeps_what_was_acknowledged(rou
             except httpx.TransportError as exc:
                 outcome = {"status": None, "dyno": None, "request_id": None, "error": repr(exc)}
             outcomes.append({**outcome, "started": started, "ended": time.monotonic()})
-            time.sleep(0.02)
+            time.sleep(0.02)  # pacing the client
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         clients = [pool.submit(client) for _ in range(2)]
-        time.sleep(2.0)
+        time.sleep(2.0)  # a window of traffic before the kill, not an event
         killed_at = time.monotonic()
         os.killpg(dynos[victim].pid, signal.SIGKILL)  # the master and its workers at once
-        time.sleep(4.0)
+        time.sleep(4.0)  # a window of traffic after the kill: the failover is what is measured
         stop.set()
         for c in clients:
             c.result()

@@ -9,9 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.common import png_bytes as png
-from tests.support import mall_rows, single_task_client
-
-PROBLEM = "application/problem+json"
+from tests.support import assert_problem, mall_rows, single_task_client
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +17,6 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed clustering model."""
     with single_task_client(tmp_path_factory.mktemp("clustering"), "clustering") as test_client:
         yield test_client
-
-
-
-
-
-
-def assert_problem(response, status: int, field: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["field"] == field, body
-    return body
 
 
 # --- predict ---------------------------------------------------------------------------------------
@@ -61,7 +47,7 @@ def test_predict_returns_cluster_segment_and_distances_per_instance(client):
 def test_predict_rejects_a_bad_instance_naming_the_row_and_field(client, instance, field, code):
     good = {"annual_income": 15, "spending_score": 39}
     response = client.post("/v1/clustering/predict", json={"instances": [good, instance]})
-    assert assert_problem(response, 422, field)["code"] == code
+    assert_problem(response, 422, code=code, field=field)
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
@@ -70,14 +56,14 @@ def test_predict_rejects_json_nan_and_infinity_literals(client, literal):
            b'{"annual_income": 20, "spending_score": ' + literal + b'}]}'
     response = client.post("/v1/clustering/predict", content=body,
                            headers={"content-type": "application/json"})
-    assert "finite" in assert_problem(response, 422, "instances[1].spending_score")["detail"]
+    assert "finite" in assert_problem(response, 422, field="instances[1].spending_score")["detail"]
 
 
 def test_predict_rejects_no_instances_and_more_than_ten_thousand(client):
-    assert_problem(client.post("/v1/clustering/predict", json={"instances": []}), 422, "instances")
+    assert_problem(client.post("/v1/clustering/predict", json={"instances": []}), 422, field="instances")
     too_many = [{"annual_income": 1, "spending_score": 1}] * 10_001
-    assert_problem(client.post("/v1/clustering/predict", json={"instances": too_many}), 422, "instances")
-    assert_problem(client.post("/v1/clustering/predict", json={"rows": []}), 422, "instances")
+    assert_problem(client.post("/v1/clustering/predict", json={"instances": too_many}), 422, field="instances")
+    assert_problem(client.post("/v1/clustering/predict", json={"rows": []}), 422, field="instances")
 
 
 def test_predict_accepts_ten_thousand_instances(client):
@@ -130,13 +116,13 @@ def test_fit_with_a_requested_k_fits_that_k(client):
     ({"data": [[1, 2], [3, 4], [5, 6]], "k": 2, "seed": 1}, "seed"),
 ])
 def test_fit_rejects_bad_input_naming_the_field(client, body, field):
-    assert_problem(client.post("/v1/clustering/fit", json=body), 422, field)
+    assert_problem(client.post("/v1/clustering/fit", json=body), 422, field=field)
 
 
 def test_fit_rejects_nan_literals(client):
     response = client.post("/v1/clustering/fit", content=b'{"data": [[1, 2], [3, NaN], [5, 6]], "k": 2}',
                            headers={"content-type": "application/json"})
-    assert_problem(response, 422, "data[1][1]")
+    assert_problem(response, 422, field="data[1][1]")
 
 
 # --- palette -----------------------------------------------------------------------------------------
@@ -177,22 +163,22 @@ def test_palette_is_deterministic_for_the_same_image(client):
 def test_palette_rejects_colours_out_of_range(client, colors):
     response = client.post("/v1/clustering/palette", data={"colors": colors},
                            files={"image": ("flag.png", png(three_colour_image()), "image/png")})
-    assert_problem(response, 422, "colors")
+    assert_problem(response, 422, field="colors")
 
 
 def test_palette_rejects_corrupt_unknown_empty_and_transparent_images(client):
     data = png(three_colour_image())
     post = client.post
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", data[:100], "image/png")}),
-                   422, "image[0]")
+                   422, field="image[0]")
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.txt", b"not an image", "text/plain")}),
-                   415, "image[0]")
-    assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", b"", "image/png")}), 422, "image[0]")
+                   415, field="image[0]")
+    assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", b"", "image/png")}), 422, field="image[0]")
     assert_problem(post("/v1/clustering/palette", files={"image": ("a.png", png(np.zeros((4, 4, 4), np.uint8)),
-                                                                   "image/png")}), 422, "image[0]")
+                                                                   "image/png")}), 422, field="image[0]")
     assert_problem(post("/v1/clustering/palette", data={"colors": "3"}, files={"photo": ("a.png", data, "image/png")}),
-                   422, "image")
-    assert_problem(post("/v1/clustering/palette", data={"colors": "3"}), 415, "content-type")  # no file at all
+                   422, field="image")
+    assert_problem(post("/v1/clustering/palette", data={"colors": "3"}), 415, field="content-type")  # no file at all
 
 
 # --- monitoring ----------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
@@ -23,15 +21,11 @@ from app.tasks.clustering.preprocess import (
     srgb_to_lab,
     summary_features,
 )
-from tests.support import SHARED_DATA
-
-MALL = SHARED_DATA / "mall_customers" / "Mall_Customers.csv"
+from tests.support import mall_rows
 
 
 def mall_income_spending() -> np.ndarray:
-    with open(MALL, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return np.array([[float(r["Annual Income (k$)"]), float(r["Spending Score (1-100)"])] for r in rows])
+    return np.array(mall_rows())
 
 
 def test_feature_keys_drop_units_and_become_snake_case():

@@ -66,7 +66,7 @@ def test_the_limiter_forgets_expired_clients_and_keeps_at_most_its_bound():
         assert limiter.hit(limit, f"client-{i}")
     assert storage.keys <= 100
     assert limiter.hit(limit, "client-999") and not limiter.hit(limit, "client-999")  # the newest kept
-    time.sleep(1.1)
+    time.sleep(1.1)  # a sleep, not a wait: the one-second window must pass on the limiter's clock
     storage.sweep()
     assert storage.keys == 0
 
@@ -77,7 +77,7 @@ def test_the_limiter_evicts_the_clients_idle_the_longest():
     limit = parse("5/minute")
     for name in ("a", "b", "c"):
         limiter.hit(limit, name)
-        time.sleep(0.01)
+        time.sleep(0.01)  # distinct hit times: the clock orders who was idle the longest
     limiter.hit(limit, "a")  # a is recent again
     limiter.hit(limit, "d")  # b goes
     assert sorted(k.split("/")[1] for k in storage.events) == ["a", "c", "d"]
@@ -141,7 +141,7 @@ def test_a_blocking_call_never_waits_past_the_requests_deadline():
     calls = BlockingCalls(threads=1, queue=1, timeout_s=30.0, name="test-db")
     try:
         with pytest.raises(ProblemError, match="timeout"):
-            asyncio.run(calls.run(Deadline(0.1), unavailable, time.sleep, 1.0))
+            asyncio.run(calls.run(Deadline(0.1), unavailable, time.sleep, 1.0))  # a call that blocks 1 s
         assert asyncio.run(calls.run(Deadline(5.0), unavailable, lambda: 42)) == 42
     finally:
         calls.shutdown()

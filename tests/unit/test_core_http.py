@@ -226,7 +226,7 @@ def test_a_slow_app_after_the_body_is_not_an_upload_timeout():
 
     async def slow(scope, receive, send):
         await receive()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # an app still working when the upload deadline passes
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
 

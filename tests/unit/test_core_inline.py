@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from starlette.requests import Request
 
 from app.core.errors import ProblemError
 from app.core.execution import (
@@ -21,14 +20,7 @@ from app.core.execution import (
     inline_budget,
 )
 from app.core.limits import INLINE_MAX_INSTANCES, INLINE_MAX_PIXELS
-
-
-def request() -> Request:
-    async def receive() -> dict:  # the client never goes away
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "state": {}}, receive)
+from tests.support import open_request
 
 
 def run_job(fn, *, inline: bool, deadline_s: float = 25.0):
@@ -36,7 +28,7 @@ def run_job(fn, *, inline: bool, deadline_s: float = 25.0):
     execution = Execution([GateSpec("light", 2, 32, 0, "light work")], deadline_s)
 
     async def scenario():
-        req = request()
+        req = open_request()
         async with execution.ticket(req, "light") as ticket:
             return await ticket.run(fn, inline=inline), threading.get_ident()
 
@@ -88,12 +80,12 @@ def test_an_inline_job_sees_its_deadline_and_leaves_none_behind():
     execution = Execution([GateSpec("light", 2, 32, 0, "light work")], 0.05)
 
     def job() -> None:
-        time.sleep(0.06)
+        time.sleep(0.06)  # work that outlasts the 50 ms deadline
         checkpoint()  # past the 50 ms deadline: stops here
 
     async def scenario() -> ProblemError:
         try:
-            async with execution.ticket(request(), "light") as ticket:
+            async with execution.ticket(open_request(), "light") as ticket:
                 await ticket.run(job, inline=True)
         except ProblemError as exc:
             assert _deadline.get() is None and not _inline.get()  # the request's own context is clean
@@ -114,9 +106,9 @@ def test_a_problem_raised_inline_reaches_the_client_and_frees_the_slot():
     async def scenario() -> str:
         for _ in range(3):  # one slot: a leaked slot would make the next wait forever
             with pytest.raises(ProblemError):
-                async with execution.ticket(request(), "light") as ticket:
+                async with execution.ticket(open_request(), "light") as ticket:
                     await ticket.run(bad, inline=True)
-        async with execution.ticket(request(), "light") as ticket:
+        async with execution.ticket(open_request(), "light") as ticket:
             return await asyncio.wait_for(ticket.run(lambda: "ok", inline=True), 1.0)
 
     assert asyncio.run(scenario()) == "ok"
@@ -130,23 +122,29 @@ def test_a_busy_gate_still_queues_in_turn():
     order: list[str] = []
 
     async def scenario() -> None:
-        release = asyncio.Event()
+        release, taken = asyncio.Event(), asyncio.Event()
+        gate = execution.gates["light"]
 
         async def first() -> None:
-            async with execution.ticket(request(), "light") as ticket:
+            async with execution.ticket(open_request(), "light") as ticket:
                 await ticket.gate.start(Deadline(25.0))
                 ticket._state = "running"
                 order.append("first")
+                taken.set()
                 await release.wait()
 
         async def second() -> None:
-            async with execution.ticket(request(), "light") as ticket:
+            async with execution.ticket(open_request(), "light") as ticket:
                 await ticket.run(lambda: order.append("second"), inline=True)
 
+        async def queued_or_ran() -> None:
+            while not gate.waiting and order == ["first"]:
+                await asyncio.sleep(0.001)  # polled: the gate has no event for a job joining its queue
+
         task = asyncio.ensure_future(first())
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(taken.wait(), 2.0)
         waiting = asyncio.ensure_future(second())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(queued_or_ran(), 2.0)  # the second has queued at the full gate (or run)
         assert order == ["first"]  # the slot is taken: the second waits
         release.set()
         await asyncio.wait_for(asyncio.gather(task, waiting), 2.0)

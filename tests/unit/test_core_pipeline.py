@@ -195,7 +195,7 @@ def test_timing_adds_up_each_stage_and_the_header_lists_decode_inference_then_to
     assert timing.header(1.0) == "decode;dur=0.00, inference;dur=0.00, total;dur=1.00"
     for _ in range(2):
         with timing.measure("inference"):
-            time.sleep(0.01)
+            time.sleep(0.01)  # a stage that takes time: the clock is what Timing reads
     with timing.measure("encode"):
         pass
     assert timing.ms["inference"] >= 20.0
@@ -220,7 +220,7 @@ def test_timing_records_each_stage_in_milliseconds_exactly(monkeypatch):
 def test_timing_counts_a_stage_that_raised():
     timing = Timing()
     with pytest.raises(ValueError), timing.measure("decode"):
-        time.sleep(0.005)
+        time.sleep(0.005)  # a stage that takes time before it raises
         raise ValueError
     assert timing.ms["decode"] >= 5.0
 

@@ -13,21 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from starlette.requests import Request
 
 from app.core import places as places_module
 from app.core.errors import ProblemError
 from app.core.execution import Execution, GateSpec, memory_budget
 from app.core.limits import BIG_JOB_BYTES, DYNO_MIB_PER_BIG_JOB
 from app.core.places import DynoPlaces, default_count, memory_limit_bytes
-
-
-def request() -> Request:
-    async def receive() -> dict:  # the client never goes away
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "state": {}}, receive)
+from tests.support import open_request
 
 
 def test_the_count_follows_the_memory_limit(tmp_path: Path):
@@ -64,7 +56,7 @@ def _hold_a_place(directory: str, ready) -> None:
     place = DynoPlaces(1, directory).try_take()
     assert place is not None
     ready.set()
-    time.sleep(60)
+    time.sleep(60)  # holding the place until the test kills this process
 
 
 def test_a_killed_process_gives_its_place_back(tmp_path: Path):
@@ -88,7 +80,7 @@ def test_a_killed_process_gives_its_place_back(tmp_path: Path):
 def run_at_once(execution: Execution, jobs: list[tuple], *, big: bool) -> list:
     """Each (fn, args) through its own heavy ticket at the same time; results or raised problems."""
     async def one(fn, args):
-        async with execution.ticket(request(), "heavy") as ticket:
+        async with execution.ticket(open_request(), "heavy") as ticket:
             return await ticket.run(fn, *args, big=big)
 
     async def scenario():
@@ -109,7 +101,7 @@ def spans_of(record: list, seconds: float, declare: int = 0):
         if declare:
             memory_budget(declare)
         start = time.monotonic()
-        time.sleep(seconds)
+        time.sleep(seconds)  # the job's work: a span of time whose overlaps the test compares
         record.append((name, start, time.monotonic(), threading.get_ident()))
         return name
     return job

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from scipy import ndimage
 
 from app.core.config import Settings
 from app.tasks.digits.model import DigitsModel
 from app.tasks.digits.preprocess import normalize_batch, prepare_image
-from tests.support import SHARED_DATA, committed_version, single_task_client
+from tests.support import SHARED_DATA, committed_version, photo_like, single_task_client
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
-
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +34,6 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
     """An app whose models dir holds only the committed digits model."""
     with single_task_client(tmp_path_factory.mktemp("digits"), "digits") as test_client:
         yield test_client
-
-
-def photo_like(digit: np.ndarray, *, size: int = 300, at: tuple[int, int] = (20, 150)) -> Image.Image:
-    """An MNIST digit as a phone photo of paper: 6x larger, thick dark strokes on white, off-centre."""
-    big = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BICUBIC), dtype=np.float32)
-    big = ndimage.maximum_filter(big, size=9)
-    paper = np.full((size, size), 235.0, dtype=np.float32)
-    top, left = at
-    window = paper[top:top + 168, left:left + 168]
-    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)
-    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def test_metadata_describes_the_artifact_and_its_test_accuracy(model):

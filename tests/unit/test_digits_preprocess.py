@@ -18,7 +18,7 @@ from app.tasks.digits.preprocess import (
     prepare_pixels,
     summary_features,
 )
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, photo_like
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 
@@ -27,18 +27,6 @@ MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
     with np.load(MNIST) as data:
         return data["x_test"][:200], data["y_test"][:200]
-
-
-def photo_like(digit: np.ndarray, *, size: int = 300, scale: int = 6, at: tuple[int, int] = (20, 150),
-               thicken: int = 9) -> Image.Image:
-    """An MNIST digit as a phone photo of paper: upscaled, thick dark strokes on white, off-centre."""
-    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.BICUBIC), dtype=np.float32)
-    big = ndimage.maximum_filter(big, size=thicken)
-    paper = np.full((size, size), 235.0, dtype=np.float32)  # off-white paper
-    top, left = at
-    window = paper[top:top + big.shape[0], left:left + big.shape[1]]
-    window -= big[:window.shape[0], :window.shape[1]] * (215.0 / 255.0)  # ink ~20/255
-    return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def test_mnist_digits_pass_through_almost_unchanged(mnist_test):

@@ -8,8 +8,6 @@ sizes a deployment sees: ``DRIFT_MIN_SAMPLES`` (30) and larger.
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,7 +25,7 @@ from app.tasks.digits.schemas import LABELS as DIGIT_LABELS
 from app.tasks.emotion.model import EmotionModel
 from app.tasks.emotion.preprocess import summary_features as emotion_features
 from app.tasks.segmentation.model import SegmentationModel
-from tests.support import SHARED_DATA, committed_version
+from tests.support import SHARED_DATA, committed_version, mall_rows
 
 MIN_SAMPLES = Settings().drift_min_samples
 
@@ -83,9 +81,7 @@ def test_digits_same_distribution_is_no_drift_and_inverted_ink_is(digits, window
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clustering_random_halves_of_the_customers_do_not_drift_and_richer_ones_do(seed):
     model = ClusteringModel.load(committed_version("clustering"), Settings())
-    with open(SHARED_DATA / "mall_customers" / "Mall_Customers.csv", newline="") as f:
-        rows = [{"annual_income": float(r["Annual Income (k$)"]),
-                 "spending_score": float(r["Spending Score (1-100)"])} for r in csv.DictReader(f)]
+    rows = [{"annual_income": income, "spending_score": score} for income, score in mall_rows()]
     order = np.random.default_rng(seed).permutation(len(rows))
     half_a, half_b = [rows[i] for i in order[:100]], [rows[i] for i in order[100:]]
 

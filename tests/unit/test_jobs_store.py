@@ -32,7 +32,7 @@ def test_a_job_is_claimed_once_while_its_lease_holds_then_taken_over(store):
     assert first is not None and first.tries == 1 and first.state == "running"
     assert store.claim(job_id, max_tries=3) is None  # running elsewhere
     assert store.stranded(60) == []
-    time.sleep(0.25)
+    time.sleep(0.25)  # a sleep, not a wait: the 0.2 s lease must lapse unrenewed
     assert store.stranded(60) == [job_id]  # its worker stopped renewing
     second = store.claim(job_id, max_tries=3)
     assert second is not None and second.tries == 2
@@ -42,7 +42,7 @@ def test_a_job_taken_over_too_often_fails_as_abandoned(store):
     job_id = submit(store)
     for _ in range(2):
         assert store.claim(job_id, max_tries=2) is not None
-        time.sleep(0.25)
+        time.sleep(0.25)  # a sleep, not a wait: the 0.2 s lease must lapse unrenewed
     assert store.claim(job_id, max_tries=2) is None
     job = store.get(job_id)
     assert job.state == "failed" and job.body is None
@@ -64,7 +64,7 @@ def test_a_cancelled_job_is_not_claimed_and_a_finished_one_not_cancelled(store):
 def test_expired_jobs_are_purged(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", ttl_s=0.0, lease_s=1)
     job_id = submit(store)
-    time.sleep(0.01)
+    time.sleep(0.01)  # a sleep, not a wait: the job must outlive its 0 s time to live
     assert store.get(job_id) is None
     assert store.purge() == 1
 
@@ -103,7 +103,7 @@ def test_the_runner_stores_answers_and_queues_again_what_says_try_again(store, a
 def test_a_job_taken_over_erases_what_its_dead_run_logged_before_running_again(store):
     job_id = submit(store)
     store.claim(job_id, max_tries=3)  # a worker took it and died
-    time.sleep(0.25)
+    time.sleep(0.25)  # a sleep, not a wait: the 0.2 s lease must lapse unrenewed
     erased: list[str] = []
     JobRunner(None, FakeApp((200, "application/json", b"{}")), store, erased.append)(job_id)
     assert erased == [store.get(job_id).request_id] and store.get(job_id).state == "done"
