@@ -41,7 +41,7 @@ from tests.support import MODELS, wait_until
 # asserted under LIGHT_MAX_SECONDS; every hostile request is answered within MAX_SECONDS.
 MAX_SECONDS = 10.0
 MAX_GROWTH_MIB = 200.0
-LIGHT_MAX_SECONDS = 1.0
+LIGHT_MAX_SECONDS = 1.0  # ~20x the measured digit beside a hostile request
 REFUSED_MAX_SECONDS = 1.0  # ~20x the measured refusals
 BOUNDED_WORK_MAX_SECONDS = 2.0  # ~10x the measured first-page TIFF and pixel-budget refusals
 
@@ -223,9 +223,12 @@ def test_twenty_concurrent_2048_segmentations_on_two_workers(mnist_digit_png):
         running, queue = GATES["heavy"][:2]
         assert len(overloaded) >= 20 - 2 * (running + queue)
         assert statuses.count(200) >= 2
+        # Refused at once (milliseconds) rather than after a queue wait (the deadline, 25 s).
         assert all(r.elapsed.total_seconds() < 2.0 and int(r.headers["retry-after"]) > 0 for r in overloaded)
         assert all(r.elapsed.total_seconds() < 26.0 for r in responses)
         p99 = float(np.percentile(light_times, 99))
+        # A digit queued behind the heavy gate would wait out a segmentation (seconds each); beside
+        # it, on its own gate, a digit takes tens of milliseconds (the p99 is printed below).
         assert p99 < 1.0, f"digits p99 {p99:.2f} s over {len(light_times)} requests"
         assert total < 30.0
         print(f"2048 x 2048 x 20 on 2 workers: {statuses.count(200)} done, {len(overloaded)} refused at "
