@@ -148,9 +148,19 @@ THREADED = Endpoint(
     operation_id="test_threaded", path="/test/threaded", tag="test", summary="Where", description="Where it ran.",
     run=where_run, response_schema=EchoResponse, name="where", version="1", raw_media=("image/",))
 INLINE = Endpoint(**{**THREADED.__dict__, "operation_id": "test_inline", "path": "/test/inline", "inline": True})
+class StrictParams(BaseModel):
+    """Parameters that refuse unknown keys, as segmentation's and the palette's do."""
+
+    model_config = {"extra": "forbid"}
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+STRICT = Endpoint(**{**ECHO.__dict__, "operation_id": "test_strict", "path": "/test/strict",
+                     "params_schema": StrictParams})
 BINARY_MODEL = Endpoint(**{**SINGLE.__dict__, "operation_id": "test_binary_model", "path": "/test/binary-model",
                            "model": "segmentation"})
-TEST_ENDPOINTS = (ECHO, SINGLE, MODEL_BACKED, NAN, PAIR, HUGE, GRID, THREADED, INLINE, BINARY_MODEL)
+TEST_ENDPOINTS = (ECHO, SINGLE, MODEL_BACKED, NAN, PAIR, HUGE, GRID, THREADED, INLINE, BINARY_MODEL,
+                  STRICT)
 
 
 class FakeModel:
@@ -432,6 +442,19 @@ def test_a_part_without_a_file_name_holding_utf8_text_is_kept_as_sent(client, lo
     assert response.status_code == 200, response.text
     assert logged[0]["raw_inputs"] == [text]
     assert response.json()["predictions"][0]["size"] == len(text)
+
+
+def test_a_file_without_a_file_name_is_no_parameter_for_a_schema_that_refuses_unknown_ones(client):
+    """The file field's part sent without a file name arrives as text, beside the text parameters; only
+    the parameters reach the schema, so one that forbids unknown keys still takes the request."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"threshold\"\r\n\r\n0.25\r\n--B--\r\n")
+    response = client.post("/test/strict", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert (prediction["field"], prediction["size"], prediction["params"]) == ("image[0]", 3, {"threshold": 0.25})
+    unknown = client.post("/test/strict", params={"colour": "red"}, files=files(b"abc"))
+    assert (unknown.status_code, unknown.json()["field"]) == (422, "colour")
 
 
 def test_a_part_without_a_file_name_is_held_to_the_upload_limit_too(client, app, monkeypatch):
