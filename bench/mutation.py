@@ -1,12 +1,21 @@
 """Mutation testing of the pure core with mutmut: preprocessing, drift, the request pipeline, errors.
 
     python -m bench.mutation [--max-children 1] [--all] [--resume]
+    python -m bench.mutation --module app/core/pipeline.py [--module ...]   # after strengthening its tests
     python -m bench.mutation --recheck    # after explaining survivors in mutation-survivors.md
 
-Each module's result records the sha256 of the source it was measured on (and the commit, in
-``code_at``). A run mutates only the modules whose source changed since (``--all``: every module)
-and keeps the others' results, so the file stays current at the cost of the changed modules only;
-``tests/unit/test_mutation_current.py`` fails when a module in scope no longer matches its hash.
+Each module's result records the sha256 of the source it was measured on, the commit
+(``code_at``) and when (``measured_at``). A run mutates only the modules whose source changed since
+(``--all``: every module) and keeps the others' results, so the file stays current at the cost of the
+changed modules only; ``tests/unit/test_mutation_current.py`` fails when a module in scope no longer
+matches its hash. The tests change more often than the code: ``--module PATH`` (repeatable, a path
+in the scope) mutates that module again although its source is unchanged, with the modules whose
+source changed, and keeps every other module's result and survivors as they were.
+
+A survivor counts as explained when ``mutation-survivors.md`` names it exactly, in backticks
+(`` `app.core.pipeline.x_consent__mutmut_7` ``); ``--recheck`` lists the survivors it does not name
+and the names it gives that are no survivors of the recorded runs (killed since, or renumbered
+because their function changed: their explanation is stale).
 
 mutmut needs its configuration in a ``pyproject.toml`` and runs the tests from a ``mutants/`` copy
 of the sources. The repository has no ``pyproject.toml`` on purpose (Heroku's Python buildpack
@@ -31,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -63,9 +73,23 @@ TESTS = [
     "tests/unit/test_monitoring_drift_figures.py",
     "tests/unit/test_core_errors.py",
     "tests/unit/test_core_pipeline.py",
+    "tests/unit/test_core_pipeline_parts.py",
     "tests/unit/test_core_inline.py",
 ]
 SURVIVORS_NOTE = RESULTS_DIR / "mutation-survivors.md"
+MUTANT_NAME = re.compile(r"`([^`\s]+__mutmut_\d+)`")
+
+
+def explained_names() -> set[str]:
+    """The mutants the survivors note names (exactly, in backticks)."""
+    return set(MUTANT_NAME.findall(SURVIVORS_NOTE.read_text())) if SURVIVORS_NOTE.exists() else set()
+
+
+def check_note(not_killed: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The survivors the note does not name, and the names in the note that are no survivors."""
+    named = explained_names()
+    survivors = {m["name"] for m in not_killed}
+    return [m["name"] for m in not_killed if m["name"] not in named], sorted(named - survivors)
 
 
 def checkout_files() -> list[str]:
@@ -193,6 +217,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep var/mutation/mutants and test only the mutants without a result")
     parser.add_argument("--all", action="store_true", help="mutate every module, also those whose result is current")
+    parser.add_argument("--module", action="append", default=[], metavar="PATH", choices=SCOPE,
+                        help="mutate this module again although its result is current (repeatable); the "
+                             "modules whose source changed are mutated too, the others keep their results")
     parser.add_argument("--recheck", action="store_true",
                         help="run nothing: re-read the survivors note and update mutation.json's list of "
                              "survivors it does not explain yet")
@@ -200,35 +227,45 @@ def main() -> None:
     if args.recheck:
         path = RESULTS_DIR / "mutation.json"
         payload = json.loads(path.read_text())
-        explained = SURVIVORS_NOTE.read_text()
-        payload["not_explained_in_survivors_note"] = [m["name"] for m in payload["not_killed"]
-                                                      if m["name"] not in explained]
+        unexplained, stale_names = check_note(payload["not_killed"])
+        payload["not_explained_in_survivors_note"] = unexplained
+        payload["named_in_survivors_note_but_not_survivors"] = stale_names
         path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"{len(payload['not_explained_in_survivors_note'])} of {len(payload['not_killed'])} not explained")
+        print(f"{len(unexplained)} of {len(payload['not_killed'])} not explained")
+        if stale_names:
+            print(f"{len(stale_names)} named in {SURVIVORS_NOTE.name} but not survivors of the recorded runs, e.g. "
+                  + ", ".join(stale_names[:5]))
         return
 
     path = RESULTS_DIR / "mutation.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     kept = {} if args.all else {m: r for m, r in previous.get("modules", {}).items()
-                                if m in SCOPE and r.get("sha256") == source_sha256(m)}
+                                if m in SCOPE and r.get("sha256") == source_sha256(m) and m not in args.module}
     stale = [m for m in SCOPE if m not in kept]
     if not stale:
-        print("every module's result matches its source (sha256); --all to run them again")
+        print("every module's result matches its source (sha256); --module PATH or --all to run them again")
         return
-    print(f"mutating {len(stale)} module(s) whose source changed: {', '.join(stale)}", flush=True)
+    changed = [m for m in stale if m not in args.module]
+    print(f"mutating {len(stale)} module(s): {', '.join(stale)}"
+          + (f" (source changed: {', '.join(changed)})" if changed and args.module else ""), flush=True)
     lay_out(args.resume)
     wall_s = run_mutmut(args.max_children, [mutant_pattern(m) for m in stale])
     fresh, fresh_not_killed = read_results(stale)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    measured_at = datetime.now(UTC).isoformat(timespec="seconds")
+    for row in fresh.values():
+        row.update(code_at=commit, measured_at=measured_at)
+    for name, row in kept.items():  # results recorded before modules carried their own run
+        if "code_at" not in row and name in previous.get("mutated_now", []):
+            row.update(code_at=previous.get("code_at"), measured_at=previous.get("measured_at"))
     modules = {m: fresh[m] if m in fresh else kept[m] for m in SCOPE}
     not_killed = [m for m in previous.get("not_killed", []) if m["module"] in kept] + fresh_not_killed
     overall = total_row(modules)
     from importlib.metadata import version
 
-    explained = SURVIVORS_NOTE.read_text() if SURVIVORS_NOTE.exists() else ""
-    unexplained = [m["name"] for m in not_killed if m["name"] not in explained]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    unexplained, stale_names = check_note(not_killed)
     payload = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "measured_at": measured_at,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "tool": f"mutmut {version('mutmut')}",
@@ -244,6 +281,7 @@ def main() -> None:
         "modules": modules,
         "not_killed": not_killed,
         "not_explained_in_survivors_note": unexplained,
+        "named_in_survivors_note_but_not_survivors": stale_names,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -254,6 +292,9 @@ def main() -> None:
               "(listed in mutation.json), e.g.:")
         for name in unexplained[:10]:
             print(f"  {name}")
+    if stale_names:
+        print(f"{len(stale_names)} named in {SURVIVORS_NOTE.relative_to(REPO_ROOT)} are no survivors now (stale "
+              "explanations, listed in mutation.json)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The request pipeline (app.core.pipeline) on endpoints declared here, in-process: how a body is
-read by its media type, the problems for what cannot be read, parameters, the envelope and its
-headers, the prediction log call, and the OpenAPI description an endpoint gets."""
+read by its media type, the problems for what cannot be read (sizes, value counts, consent),
+parameters, the envelope and its headers, what the job is given (its size, a dyno place, the event
+loop), the prediction log call and its durable wait, the shadow hand-off, and the OpenAPI description
+an endpoint gets. The parts that need no app are in test_core_pipeline_parts.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import sys
@@ -19,9 +22,10 @@ from pydantic import BaseModel, Field
 
 from app.core import pipeline
 from app.core.config import Settings
-from app.core.events import Observers
 from app.core.errors import ProblemError
+from app.core.events import Observers
 from app.core.idempotency import IDEMPOTENCY_PARAMETER
+from app.core.limits import DB_CALL_TIMEOUT_S, JSON_VALUES_SLACK
 from app.core.middleware import RequestContextMiddleware
 from app.core.pipeline import (
     CLIENT_VERSION_PARAMETER,
@@ -41,6 +45,7 @@ from app.core.pipeline import (
     too_many,
     unsupported_media_type,
 )
+from app.core.places import DynoPlaces
 from app.main import create_app
 
 
@@ -102,7 +107,62 @@ def nan_run(job: Job) -> Outcome:
 
 NAN = Endpoint(**{**ECHO.__dict__, "operation_id": "test_nan", "path": "/test/nan", "run": nan_run})
 PAIR = Endpoint(**{**ECHO.__dict__, "operation_id": "test_pair", "path": "/test/pair", "max_instances": 2})
-TEST_ENDPOINTS = (ECHO, SINGLE, MODEL_BACKED, NAN, PAIR)
+
+
+def huge_run(job: Job) -> Outcome:
+    """An answer orjson refuses: an integer past 64 bits."""
+    return Outcome([{"n": 2 ** 70}], [{"prediction": "n", "confidence": None, "features": {}}])
+
+
+HUGE = Endpoint(**{**ECHO.__dict__, "operation_id": "test_huge", "path": "/test/huge", "run": huge_run})
+
+
+class GridRequest(BaseModel):
+    instances: list[list[int]] = Field(min_length=1)
+
+
+GRID = Endpoint(
+    operation_id="test_grid", path="/test/grid", tag="test", summary="Grid", description="Rows of four values.",
+    run=echo_run, response_schema=EchoResponse, name="grid", version="1.0", json_schema=GridRequest,
+    json_instances=lambda body: [Instance(f"instances[{i}]", value=v) for i, v in enumerate(body.instances)],
+    json_values_per_instance=4, json_error_codes={"missing": "missing-rows"}, max_instances=2)
+
+
+class PlaceWatch:
+    """The dyno places a test gives the app, for ``where_run`` to report on (None: not watched)."""
+
+    places: Any = None
+
+
+def where_run(job: Job) -> Outcome:
+    """Where and with what the job ran: on the event loop or a thread, the body's size, places held."""
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = False
+    held = PlaceWatch.places.status()["held_here"] if PlaceWatch.places is not None else None
+    return Outcome([{"on_loop": on_loop, "body_bytes": job.body_bytes, "places_held": held}],
+                   [{"prediction": "where", "confidence": None, "features": {}}])
+
+
+THREADED = Endpoint(
+    operation_id="test_threaded", path="/test/threaded", tag="test", summary="Where", description="Where it ran.",
+    run=where_run, response_schema=EchoResponse, name="where", version="1", raw_media=("image/",))
+INLINE = Endpoint(**{**THREADED.__dict__, "operation_id": "test_inline", "path": "/test/inline", "inline": True})
+class StrictParams(BaseModel):
+    """Parameters that refuse unknown keys, as segmentation's and the palette's do."""
+
+    model_config = {"extra": "forbid"}
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+STRICT = Endpoint(**{**ECHO.__dict__, "operation_id": "test_strict", "path": "/test/strict",
+                     "params_schema": StrictParams})
+BINARY_MODEL = Endpoint(**{**SINGLE.__dict__, "operation_id": "test_binary_model", "path": "/test/binary-model",
+                           "model": "segmentation"})
+TEST_ENDPOINTS = (ECHO, SINGLE, MODEL_BACKED, NAN, PAIR, HUGE, GRID, THREADED, INLINE, BINARY_MODEL,
+                  STRICT)
 
 
 class FakeModel:
@@ -296,6 +356,8 @@ def test_a_parameter_sent_as_a_file_is_422_not_ignored(client):
     response = client.post("/test/echo", files=[*files(b"x"), ("threshold", ("t.txt", b"0.9", "text/plain"))])
     assert response.status_code == 422, response.text
     assert (response.json()["code"], response.json()["field"]) == ("not-a-value", "threshold")
+    assert response.json()["detail"] == ("threshold is a parameter: send it as a text field or in the query "
+                                         "string, not as a file.")
 
 
 def test_an_invalid_form_parameter_is_422_naming_it(client):
@@ -364,6 +426,55 @@ def test_an_empty_or_oversized_file_is_refused_by_name(client):
     assert empty.json()["code"] == "empty-file"
 
 
+def test_an_empty_part_without_a_file_name_is_refused_by_name(client):
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n\r\n--B--\r\n")
+    response = client.post("/test/echo", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 422
+    problem = response.json()
+    assert (problem["code"], problem["field"], problem["detail"]) == ("empty-file", "image[1]", "image[1] is empty.")
+
+
+def test_a_part_without_a_file_name_holding_utf8_text_is_kept_as_sent(client, logged):
+    """Text Starlette decoded as UTF-8 that Latin-1 cannot hold goes back to its UTF-8 bytes."""
+    text = "€ 3,50 — naïve".encode()
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n" + text + b"\r\n--B--\r\n")
+    response = client.post("/test/echo", content=body, headers={"Content-Type": "multipart/form-data; boundary=B",
+                                                                 "X-Data-Consent": "granted"})
+    assert response.status_code == 200, response.text
+    assert logged[0]["raw_inputs"] == [text]
+    assert response.json()["predictions"][0]["size"] == len(text)
+
+
+def test_a_file_without_a_file_name_is_no_parameter_for_a_schema_that_refuses_unknown_ones(client):
+    """The file field's part sent without a file name arrives as text, beside the text parameters; only
+    the parameters reach the schema, so one that forbids unknown keys still takes the request."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"threshold\"\r\n\r\n0.25\r\n--B--\r\n")
+    response = client.post("/test/strict", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert (prediction["field"], prediction["size"], prediction["params"]) == ("image[0]", 3, {"threshold": 0.25})
+    unknown = client.post("/test/strict", params={"colour": "red"}, files=files(b"abc"))
+    assert (unknown.status_code, unknown.json()["field"]) == (422, "colour")
+
+
+def test_a_part_without_a_file_name_is_held_to_the_upload_limit_too(client, app, monkeypatch):
+    """A file sent without a file name reaches the app as a form value: the parser stops it at the
+    upload limit (MAX_UPLOAD_MB), as a file with a name is stopped."""
+    monkeypatch.setattr(app.state.settings, "max_upload_mb", 0.01)  # 10 KiB
+    part = b"\x89PNG" + b"\x00" * 20_000
+    body = b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n" + part + b"\r\n--B--\r\n"
+    response = client.post("/test/echo", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 400
+    problem = response.json()
+    assert (problem["code"], problem["field"]) == ("malformed-multipart", "body")
+    assert problem["detail"] == "The multipart body could not be parsed: Part exceeded maximum size of 10KB."
+    small = b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n" + part[:9_000] + b"\r\n--B--\r\n"
+    assert client.post("/test/echo", content=small,
+                       headers={"Content-Type": "multipart/form-data; boundary=B"}).status_code == 200
+
+
 @pytest.mark.parametrize("content, content_type, reason", [
     (b"--xyz\r\nContent-Disposition: form-data\r\n\r\nv\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz",
      'The Content-Disposition header field "name" must be provided.'),
@@ -416,6 +527,55 @@ def test_json_nested_too_deep_is_400_malformed_json(client):
     body = response.json()
     assert (body["code"], body["field"]) == ("malformed-json", "body")
     assert "recursion limit" in body["detail"]
+
+
+def json_body_of(size: int) -> bytes:
+    """A valid EchoRequest of exactly ``size`` bytes (padded with a string the schema ignores)."""
+    head, tail = b'{"instances": [1], "pad": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+def test_a_json_body_over_max_json_mb_is_413_and_one_at_the_limit_is_read(client, app, monkeypatch):
+    monkeypatch.setattr(app.state.settings, "max_json_mb", 0.5)  # under the 1 MiB upload limit
+    at_limit = client.post("/test/echo", content=json_body_of(512 * 1024), headers={"content-type": "application/json"})
+    assert at_limit.status_code == 200, at_limit.text
+    over = client.post("/test/echo", content=json_body_of(512 * 1024 + 1), headers={"content-type": "application/json"})
+    assert over.status_code == 413
+    problem = over.json()
+    assert (problem["code"], problem["field"]) == ("json-too-large", "body")
+    assert problem["detail"] == ("A JSON body is limited to 0.5 MiB (MAX_JSON_MB); send large inputs as files or "
+                                 "binary tensors.")
+    raw = client.post("/test/echo", content=json_body_of(512 * 1024 + 1), headers={"content-type": "image/png"})
+    assert raw.status_code == 200  # the JSON limit is the JSON body's only: a raw upload may be larger
+
+
+def grid_body(values: int) -> bytes:
+    """A valid GridRequest (one row of four) holding ``values`` values by the comma count: commas + 1."""
+    body = b'{"instances": [[1, 2, 3, 4]], "pad": [' + b", ".join([b"0"] * (values - 4)) + b"]}"
+    assert body.count(b",") + 1 == values
+    return body
+
+
+def test_a_json_body_with_more_values_than_the_endpoint_reads_is_413_before_it_is_parsed(client):
+    """The bound: instances x values per instance + JSON_VALUES_SLACK (keys, ids, parameters)."""
+    allowed = GRID.max_instances * GRID.json_values_per_instance + JSON_VALUES_SLACK
+    at_bound = client.post("/test/grid", content=grid_body(allowed), headers={"content-type": "application/json"})
+    assert at_bound.status_code == 200, at_bound.text
+    assert at_bound.json()["predictions"][0]["value"] == [1, 2, 3, 4]
+    over = client.post("/test/grid", content=grid_body(allowed + 1), headers={"content-type": "application/json"})
+    assert over.status_code == 413
+    problem = over.json()
+    assert (problem["code"], problem["field"], problem["max_values"]) == ("too-many-values", "body", allowed)
+    assert problem["detail"] == (f"The JSON body holds about {allowed + 1:,} values; this endpoint reads at most "
+                                 f"{allowed:,} (its instance limit).")
+
+
+def test_an_endpoints_own_code_names_a_kind_of_json_validation_error(client):
+    missing = client.post("/test/grid", json={"rows": [[1, 2, 3, 4]]})
+    assert missing.status_code == 422
+    assert (missing.json()["code"], missing.json()["field"]) == ("missing-rows", "instances")
+    other = client.post("/test/grid", json={"instances": [["a"]]})  # a kind without its own code
+    assert (other.status_code, other.json()["code"]) == (422, "invalid-request")
 
 
 def test_an_invalid_query_parameter_on_a_json_request_is_422(client):
@@ -532,6 +692,63 @@ def test_an_answer_without_a_shadow_has_nothing_left_to_run(client, caplog):
     assert not [r for r in caplog.records if r.name == "app.errors"]
 
 
+def test_an_answer_orjson_cannot_encode_is_written_by_the_standard_encoder(client):
+    response = client.post("/test/huge", json={"instances": [1]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == [{"n": 2 ** 70}]
+    assert response.content.endswith(b'"predictions":[{"n":1180591620717411303424}]}')
+
+
+def test_the_prediction_log_gets_the_request_id_and_the_clients_release(client, logged):
+    response = client.post("/test/echo", json={"instances": [1]}, headers={"X-Client-Version": "app/1.4.2"})
+    assert response.status_code == 200
+    assert logged[0]["request_id"] == response.headers["x-request-id"] == response.json()["request_id"]
+    assert logged[0]["client_version"] == "app/1.4.2"
+    client.post("/test/echo", json={"instances": [1]})
+    assert logged[1]["client_version"] is None
+
+
+class StoppedClock:
+    """``time.perf_counter`` for the pipeline: the first reading, then ``elapsed_s`` later for good."""
+
+    def __init__(self, elapsed_s: float) -> None:
+        self.readings = iter([100.0])
+        self.elapsed_s = elapsed_s
+
+    def perf_counter(self) -> float:
+        return next(self.readings, 100.0 + self.elapsed_s)
+
+
+def test_server_timing_total_and_the_logged_latency_are_the_requests_time_in_ms(client, logged, monkeypatch):
+    monkeypatch.setattr(pipeline, "time", StoppedClock(0.25))
+    response = client.post("/test/echo", json={"instances": [1]})
+    assert response.status_code == 200
+    assert response.headers["server-timing"] == "decode;dur=0.00, inference;dur=0.00, total;dur=250.00"
+    assert logged[0]["latency_ms"] == 250.0
+
+
+def test_an_inline_endpoint_runs_its_job_on_the_event_loop_and_others_on_a_thread(client):
+    for path, on_loop in (("/test/inline", True), ("/test/threaded", False)):
+        response = client.post(path, content=b"x", headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["on_loop"] is on_loop
+
+
+def test_the_job_knows_the_bodys_size_and_a_big_one_holds_a_dyno_place(client, app, monkeypatch, tmp_path):
+    """A body of BIG_JOB_BYTES or more takes one of the dyno's places for its run (given back after);
+    a smaller one takes none."""
+    places = DynoPlaces(1, tmp_path / "places")
+    monkeypatch.setattr(app.state.execution, "places", places)
+    monkeypatch.setattr(pipeline, "BIG_JOB_BYTES", 64)
+    monkeypatch.setattr(PlaceWatch, "places", places)
+    for size, held in ((63, 0), (64, 1), (65, 1)):
+        response = client.post("/test/threaded", content=b"x" * size, headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        [prediction] = response.json()["predictions"]
+        assert (prediction["body_bytes"], prediction["places_held"]) == (size, held)
+        assert places.status()["held_here"] == 0
+
+
 def test_a_binary_answer_is_sent_as_is_with_the_headers(client, logged):
     response = client.post("/test/single", content=b"wav!", headers={"content-type": "audio/wav"})
     assert response.status_code == 200
@@ -586,6 +803,63 @@ def test_a_refused_access_check_answers_before_the_body_is_read(client, app, mon
     assert logged == []
 
 
+# --- a durable prediction log (LOG_DURABLE) --------------------------------------------------
+
+
+class Settler:
+    """An observer that promises durability (the prediction log with LOG_DURABLE): says whether the
+    request's predictions were made durable, and keeps what it was asked."""
+
+    def __init__(self, durable: bool) -> None:
+        self.durable = durable
+        self.asked: list[tuple[str, float]] = []
+
+    async def on_settle(self, request_id: str, timeout_s: float) -> bool:
+        self.asked.append((request_id, timeout_s))
+        return self.durable
+
+
+@pytest.fixture
+def settler(app, logged) -> Iterator[Settler]:
+    """A settling observer beside the recorder of ``logged``; ``durable`` as the test sets it."""
+    observer = Settler(durable=True)
+    app.state.observers.add(observer)
+    yield observer
+
+
+def context_layer(app) -> RequestContextMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, RequestContextMiddleware):
+        layer = layer.app
+    return layer
+
+
+def test_a_durable_log_is_waited_for_at_most_the_database_timeout(client, logged, settler):
+    response = client.post("/test/echo", json={"instances": [1]})
+    assert response.status_code == 200, response.text
+    assert settler.asked == [(response.headers["x-request-id"], DB_CALL_TIMEOUT_S)]  # 25 s left: 5 s
+    assert len(logged) == 1
+
+
+def test_a_durable_log_is_never_waited_for_past_the_requests_deadline(client, app, settler, monkeypatch):
+    monkeypatch.setattr(context_layer(app).context, "request_timeout_s", 3.0)
+    assert client.post("/test/echo", json={"instances": [1]}).status_code == 200
+    [(_, timeout_s)] = settler.asked
+    assert 0.0 < timeout_s <= 3.0 < DB_CALL_TIMEOUT_S
+
+
+def test_a_prediction_the_log_could_not_make_durable_is_503_not_answered(client, logged, settler):
+    settler.durable = False
+    response = client.post("/test/echo", json={"instances": [1]})
+    assert response.status_code == 503
+    problem = response.json()
+    assert (problem["code"], problem["status"]) == ("log-unavailable", 503)
+    assert problem["detail"] == ("The prediction could not be recorded in time (LOG_DURABLE is set, so it is not "
+                                 "answered unrecorded); retry shortly.")
+    assert response.headers["retry-after"] == "5"
+    assert "predictions" not in problem and len(logged) == 1  # told, but not answered
+
+
 # --- consent to keep the raw inputs ----------------------------------------------------------
 
 
@@ -608,6 +882,38 @@ def test_a_consent_other_than_granted_or_denied_is_422_naming_the_header(client,
     assert logged == []
     long = client.post("/test/echo", files=files(b"abc"), headers={"X-Data-Consent": "y" * 100}).json()
     assert long["detail"] == f"X-Data-Consent must be 'granted' or 'denied'; got '{'y' * 64}'."
+
+
+@pytest.mark.parametrize("headers", [
+    [("X-Data-Consent", "granted, denied")],
+    [("X-Data-Consent", "granted"), ("X-Data-Consent", "DENIED")],
+])
+def test_consent_values_that_disagree_are_422_never_a_guess(client, logged, headers):
+    response = client.post("/test/echo", files=files(b"abc"), headers=headers)
+    assert response.status_code == 422
+    problem = response.json()
+    assert (problem["code"], problem["field"]) == ("invalid-consent", "X-Data-Consent")
+    assert problem["detail"] == ("X-Data-Consent was sent with values that disagree ('granted' and 'denied'); "
+                                 "send it once.")
+    assert logged == []
+
+
+@pytest.mark.parametrize("headers, stored", [
+    ([("X-Data-Consent", "granted,granted")], "true"),
+    ([("X-Data-Consent", "granted"), ("X-Data-Consent", " Granted")], "true"),
+    ([("X-Data-Consent", "denied"), ("X-Data-Consent", "denied")], "false"),
+])
+def test_consent_sent_more_than_once_counts_when_every_value_agrees(client, logged, headers, stored):
+    response = client.post("/test/echo", files=files(b"abc"), headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-inputs-stored"] == stored
+
+
+def test_an_invalid_consent_among_several_shows_every_value_sent(client):
+    response = client.post("/test/echo", files=files(b"abc"),
+                           headers=[("X-Data-Consent", "granted"), ("X-Data-Consent", "maybe")])
+    assert response.status_code == 422
+    assert response.json()["detail"] == "X-Data-Consent must be 'granted' or 'denied'; got 'granted, maybe'."
 
 
 def test_no_raw_input_is_kept_when_the_operator_says_never(client, app, logged, monkeypatch):
@@ -660,6 +966,14 @@ def test_an_active_shadow_gets_each_model_prediction_after_its_answer(client, ap
     response = client.post("/test/model", json={"instances": [4, 5]})
     assert response.status_code == 200
     assert shadows.events == ["started", "finished", ("test_model", [4, 5], response.headers["x-request-id"])]
+
+
+def test_an_active_shadow_gets_a_binary_answers_prediction_after_it_too(client, app, monkeypatch, shadows):
+    monkeypatch.setattr(app.state.registry, "get", lambda task: FakeModel())
+    response = client.post("/test/binary-model", content=b"wav!", headers={"content-type": "audio/wav"})
+    assert response.status_code == 200
+    assert response.content == b"\x89PNGwav!"
+    assert shadows.events == ["started", "finished", ("test_binary_model", [None], response.headers["x-request-id"])]
 
 
 def test_predictions_without_a_model_are_counted_in_progress_but_not_shadowed(client, shadows):
@@ -743,9 +1057,11 @@ def test_a_json_schema_without_examples_documents_no_example():
 @pytest.fixture
 def registered() -> Iterator[None]:
     """register() records endpoints for the whole app's contract: leave the records as found."""
-    endpoints, schemas = list(pipeline.REGISTERED), dict(pipeline.EXTRA_SCHEMAS)
+    endpoints, schemas, handlers = list(pipeline.REGISTERED), dict(pipeline.EXTRA_SCHEMAS), dict(pipeline.HANDLERS)
     yield
     pipeline.REGISTERED[:] = endpoints
+    pipeline.HANDLERS.clear()
+    pipeline.HANDLERS.update(handlers)
     pipeline.EXTRA_SCHEMAS.clear()
     pipeline.EXTRA_SCHEMAS.update(schemas)
 
@@ -823,6 +1139,17 @@ def test_the_handler_is_named_and_documented_after_its_operation():
     predict = handler(ECHO)
     assert predict.__name__ == "test_echo"
     assert predict.__doc__ == "Echoes its inputs."
+
+
+def test_the_direct_dispatch_calls_the_function_fastapis_route_calls_under_its_path(registered):
+    router = APIRouter()
+    register(router, ECHO)
+    [route] = router.routes
+    routes = pipeline.PredictionRoutes(None, [ECHO])
+    found, predict, params = routes.find("/test/echo")
+    assert (found.path, params) == ("/test/echo", {})  # what the access log and metrics read as the route
+    assert predict is route.endpoint and predict.__name__ == "test_echo"
+    assert routes.find("/test/echo/") is None and routes.find("/test/single") is None
 
 
 @contextlib.contextmanager

@@ -139,3 +139,21 @@ def test_a_quiet_copy_of_a_clip_gives_the_same_windows():
     loud, _ = clip_windows(y, SMALL)
     quiet, _ = clip_windows((y * 10 ** (-44 / 20)).astype(np.float32), SMALL)
     np.testing.assert_allclose(quiet, loud, atol=1e-3)
+
+
+def test_a_quiet_clip_is_gained_to_full_scale_and_one_near_full_scale_is_left_as_it_is():
+    """EmoDB is peak-normalised: a clip peaking under QUIET_PEAK_DBFS (-6 dBFS) is scaled to a peak
+    of 1; one at or above it is used sample for sample; silence and an empty clip stay as they are."""
+    y = noise(1.0, 16000)
+    y = (y / np.abs(y).max()).astype(np.float32)  # a peak of exactly 1
+    for level in (0.1, 0.5):  # -20 dBFS, -6.02 dBFS
+        quiet = (y * level).astype(np.float32)
+        gained = peak_normalised(quiet)
+        np.testing.assert_array_equal(gained, quiet / np.float32(np.abs(quiet).max()))
+        assert np.abs(gained).max() == pytest.approx(1.0, abs=1e-6)
+    for level in (0.51, 0.9, 1.0):  # -5.85, -0.92 and 0 dBFS
+        clip = (y * level).astype(np.float32)
+        np.testing.assert_array_equal(peak_normalised(clip), clip)
+    silence = np.zeros(800, dtype=np.float32)
+    np.testing.assert_array_equal(peak_normalised(silence), silence)
+    assert peak_normalised(np.zeros(0, dtype=np.float32)).size == 0
