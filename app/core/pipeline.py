@@ -266,13 +266,26 @@ async def read_multipart(request: Request, endpoint: Endpoint,
 
 def part_bytes(text: str) -> bytes:
     """The bytes of a multipart part that came without a file name. Starlette hands such a part
-    over as text: decoded as UTF-8 when it is valid UTF-8, else as Latin-1, which maps every byte to
-    one character. Images and audio are never valid UTF-8 (their first bytes alone are not), so
-    encoding back as Latin-1 restores them exactly; text that was UTF-8 goes back the same way."""
+    over as text: decoded as UTF-8 when it is valid UTF-8, else as Latin-1 (one character per
+    byte). Text beyond Latin-1, or whose Latin-1 bytes are valid UTF-8, can only have come as UTF-8.
+    Otherwise either way is possible (``é`` is one Latin-1 byte or two UTF-8 ones): control
+    characters mark a binary file (images and audio hold them within their first bytes), restored
+    byte for byte as Latin-1; text without them is taken as the UTF-8 that text almost always is."""
     try:
-        return text.encode("latin-1")
+        latin = text.encode("latin-1")
     except UnicodeEncodeError:
         return text.encode("utf-8")
+    if text.isascii():
+        return latin
+    try:
+        latin.decode("utf-8")
+    except UnicodeDecodeError:  # either way is possible
+        return latin if _BINARY_CHARACTER.search(text) else text.encode("utf-8")
+    return text.encode("utf-8")  # Latin-1 decodes only bytes that are not UTF-8
+
+
+# C0 controls but tab, line feed and carriage return; DEL and the C1 controls.
+_BINARY_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def too_many_values(found: int, allowed: int) -> ProblemError:

@@ -446,6 +446,28 @@ def test_a_part_without_a_file_name_holding_utf8_text_is_kept_as_sent(client, lo
     assert response.json()["predictions"][0]["size"] == len(text)
 
 
+@pytest.mark.parametrize("sent", [
+    "café, 3,50 €".encode(),  # beyond Latin-1: only UTF-8 decodes to it
+    "café; naïve".encode(),  # all within Latin-1: é is one Latin-1 byte or two UTF-8 ones
+    "Ã©".encode(),  # its Latin-1 bytes are themselves valid UTF-8: it came as UTF-8
+    b"\x89PNG\r\n\x1a\n\xe9\x00",  # not UTF-8, with control characters: a binary file
+])
+def test_a_part_without_a_file_name_is_kept_as_the_bytes_sent(client, logged, sent):
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n" + sent + b"\r\n--B--\r\n")
+    response = client.post("/test/echo", content=body, headers={"Content-Type": "multipart/form-data; boundary=B",
+                                                                 "X-Data-Consent": "granted"})
+    assert response.status_code == 200, response.text
+    assert logged[0]["raw_inputs"] == [sent]
+
+
+def test_latin1_text_without_a_file_name_is_read_as_the_utf8_that_text_almost_always_is():
+    """The one case the part's text cannot tell apart: Latin-1 text with no control characters."""
+    from app.core.pipeline import part_bytes
+
+    assert part_bytes(b"\xe9t\xe9".decode("latin-1")) == "été".encode()
+    assert part_bytes(b"\xe9t\xe9\x00".decode("latin-1")) == b"\xe9t\xe9\x00"
+
+
 def test_a_file_without_a_file_name_is_no_parameter_for_a_schema_that_refuses_unknown_ones(client):
     """The file field's part sent without a file name arrives as text, beside the text parameters; only
     the parameters reach the schema, so one that forbids unknown keys still takes the request."""
