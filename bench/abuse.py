@@ -23,7 +23,15 @@ from typing import Any
 
 import httpx
 
-from bench.attacks import HonestClient, Trickle, closed_by_peer, host_port, open_sockets, request_head
+from bench.attacks import (
+    HonestClient,
+    Trickle,
+    closed_by_peer,
+    host_port,
+    open_sockets,
+    post_many,
+    request_head,
+)
 from bench.common import cpu_model, mnist_digit_png, write_results
 from bench.hostile_inputs import padded_png
 from bench.liveserver import REPO_ROOT, MemorySampler, running_server
@@ -58,13 +66,8 @@ def shadow_queue(checkout: Path) -> dict[str, Any]:
     """200 uploads of a 9.9 MB digit from 8 clients, a shadow version set."""
     big = padded_png(mnist_digit_png(), 9_900_000)
     with running_server(workers=1, env={"SHADOW_VERSIONS": '{"digits": "1.0.0"}'}, cwd=checkout) as live:
-        def upload(_: int) -> int:
-            return httpx.post(live.base_url + "/v1/digits/predict", content=big, timeout=60,
-                              headers={"Content-Type": "image/png"}).status_code
-
-        with MemorySampler(live) as memory, HonestClient(live.base_url) as honest, \
-                concurrent.futures.ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(upload, range(200)))
+        with MemorySampler(live) as memory, HonestClient(live.base_url) as honest:
+            statuses = post_many(live.base_url, "/v1/digits/predict", big, "image/png", 200, 8)
         return {"worker_growth_mib": round(memory.peak_growth_mib, 1),
                 "answered_200": statuses.count(200), "answered_503": statuses.count(503),
                 **honest_figures(honest)}

@@ -3,6 +3,7 @@ abuse contract tests (tests/contract/test_abuse.py) and bench/abuse.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import socket
 import threading
@@ -81,6 +82,15 @@ class HonestClient:
         assert len(self.latencies_s) >= 10, f"only {len(self.latencies_s)} honest requests were made"
         assert not self.failures, f"{len(self.failures)} of {len(self.latencies_s)} failed: {self.failures[:3]}"
         assert self.p99_s < 1.0, f"honest p99 {self.p99_s:.2f} s"
+
+
+def post_many(base_url: str, path: str, body: bytes, content_type: str, count: int, clients: int) -> list[int]:
+    """``count`` POSTs of ``body`` to ``path`` from ``clients`` threads at once; their statuses, in order."""
+    def post(_: int) -> int:
+        return httpx.post(base_url + path, content=body, timeout=60, headers={"Content-Type": content_type}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(post, range(count)))
 
 
 def host_port(base_url: str) -> tuple[str, int]:

@@ -37,6 +37,7 @@ from bench.attacks import (
     closed_by_peer,
     host_port,
     open_sockets,
+    post_many,
     request_head,
 )
 from tests.monitoring_db import TcpProxy, database_url, pg_address
@@ -138,13 +139,8 @@ def test_large_uploads_cannot_fill_memory_through_the_shadow_queue():
     with running_server(workers=1, env={"SHADOW_VERSIONS": '{"digits": "1.0.0"}'}) as live:
         warm(live)
 
-        def upload(_: int) -> int:
-            return httpx.post(live.base_url + "/v1/digits/predict", content=big, timeout=60,
-                              headers={"Content-Type": "image/png"}).status_code
-
-        with MemorySampler(live) as memory, HonestClient(live.base_url) as honest, \
-                concurrent.futures.ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(upload, range(200)))
+        with MemorySampler(live) as memory, HonestClient(live.base_url) as honest:
+            statuses = post_many(live.base_url, "/v1/digits/predict", big, "image/png", 200, 8)
         assert set(statuses) <= {200, 503}, statuses
         assert statuses.count(200) >= 100
         assert memory.peak_growth_mib < MAX_GROWTH_MIB, f"worker RSS grew by {memory.peak_growth_mib:.0f} MiB"
