@@ -1,7 +1,8 @@
 """Tasks. Each package ``app/tasks/<task>/`` declares everything about its task in ``task.py``, as
 ``TASK``: its v1 endpoints (registered on its router), its model class, its V2 model, its rows of the
-limits table, the kind of input it takes and where its evaluation gate lives. The app serves the packages named in ``TASK_MODULES``
-(the four here by default; a package anywhere on the path works the same way). A task whose code
+limits table, the kind of input it takes, the module of its evaluation gate and its web panel. The
+app serves the packages named in ``TASK_MODULES`` (the four here by default; a package anywhere on
+the path works the same way). A task whose code
 fails to import is reported as a model that is not ready rather than taking the service down."""
 
 from __future__ import annotations
