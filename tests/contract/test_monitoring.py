@@ -184,11 +184,12 @@ def test_two_server_processes_share_one_prediction_log(server: LiveServer, backe
     issued: list[str] = []
     with running_server(env=server_env(backend[0]), workers=1, ready=False) as second:
         assert predict_digits(server.base_url, mnist_test_digits[:40], issued).status_code == 200
-        assert predict_digits(second.base_url, mnist_test_digits[40:100], issued).status_code == 200
-        # Feedback sent to the other process finds the prediction (waiting for its buffer if needed).
+        # Feedback sent to the other process finds the prediction (waiting for its buffer if needed),
+        # sent while the id is fresh: a wait covers only ids issued within two flush intervals.
         cross = httpx.post(second.base_url + "/v1/feedback",
                            json={"request_id": issued[0], "index": 0, "label": "7"})
         assert cross.status_code == 201, cross.text
+        assert predict_digits(second.base_url, mnist_test_digits[40:100], issued).status_code == 200
         assert wait_for_rows(backend[1], issued, 100) == 100
         from_first = drift_report(server.base_url, "100")
         from_second = drift_report(second.base_url, "100")
