@@ -64,8 +64,10 @@ def backend(request, tmp_path_factory):
 
 
 def server_env(database_url: str) -> dict[str, str]:
+    """One deployment's settings: every server started with them is a dyno of it (one REQUEST_ID_SECRET,
+    so each recognises the others' fresh request ids)."""
     return {"DATABASE_URL": database_url, "ADMIN_TOKEN": TOKEN, "LOG_FLUSH_INTERVAL_S": "0.1",
-            "DRIFT_REFRESH_S": "1"}
+            "DRIFT_REFRESH_S": "1", "REQUEST_ID_SECRET": "monitoring-test-request-id-secret"}
 
 
 @pytest.fixture(scope="module")
