@@ -7,7 +7,9 @@ Served by gunicorn with one uvicorn worker (the serving environment when it exis
 (``/v1/digits/predict``, a raw PNG body: decode, real-world preprocessing, prediction log, drift
 features, metrics, access log), the project as it was at ``--before`` (a commit, extracted with
 ``git archive`` into ``var/``; ``--before ''`` leaves it out) and ``bench/floor_app.py`` (Pillow
-decode + one LiteRT call).
+decode + one LiteRT call). The project is also sent the same digit as a V2 binary tensor
+(``/v2/models/digits/infer``: FP32 ``pixels`` [1, 28, 28] after a JSON header, the ``label`` output
+binary, as tritonclient sends it), for the V2 protocol's throughput beside v1's.
 
 Where ``.venv-frameworks`` exists (``make .venv-frameworks/.installed``; or ``--frameworks``, a
 Python with ``bench/requirements-frameworks.txt``), the floor's work is also served by MLServer (a
@@ -18,7 +20,8 @@ body, so they get the PNG in base64 inside JSON, and so does a second project ta
 
 ``hey`` posts the same MNIST digit to each in turn, ``rounds`` times; reported are the medians and,
 as the ratio to the floor, the median of the rounds' ratios (each round's targets run back to back,
-so the machine's drift over the run cancels); the ratio of the medians is kept beside it. Then ``bench/digits_stages.py`` breaks one request down by stage, in one
+so the machine's drift over the run cancels); the ratio of the medians is kept beside it, and V2's to
+v1's the same way. Then ``bench/digits_stages.py`` breaks one request down by stage, in one
 process, for both trees. Writes ``bench/results/digits_floor.json``.
 """
 
@@ -41,6 +44,7 @@ from bench.common import REPO_ROOT, mnist_digit_png, serving_python, write_resul
 from bench.liveserver import free_port, running_server, stop
 from bench.load import hey
 
+RAW_BODY = "application/octet-stream"
 FRAMEWORKS_PYTHON = REPO_ROOT / ".venv-frameworks" / "bin" / "python"
 
 
@@ -68,6 +72,20 @@ def floor_server(python: str | None):
     gunicorn = str(Path(python or sys.executable).parent / "gunicorn")
     return serving([gunicorn, "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--bind", f"127.0.0.1:{port}",
                     "bench.floor_app:app"], f"http://127.0.0.1:{port}/predict", mnist_digit_png(), "image/png")
+
+
+def v2_binary_body(png: bytes) -> tuple[bytes, dict[str, str]]:
+    """The digit in ``png`` as the V2 binary request tritonclient makes, and its one extra header."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)[None] / 255.0
+    header = json.dumps({"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": pixels.nbytes}}],
+                         "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}).encode()
+    return header + pixels.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
 def b64(png: bytes) -> str:
@@ -123,29 +141,33 @@ def main() -> int:
     before = checkout(args.before) if args.before else None
     with contextlib.ExitStack() as stack:
         live = stack.enter_context(running_server(workers=1, python=python))
-        targets = {"project": (live.base_url + "/v1/digits/predict", png, "image/png"),
-                   "floor": (stack.enter_context(floor_server(python)), png, "image/png")}
+        v2_body, v2_headers = v2_binary_body(png)
+        targets = {"project": (live.base_url + "/v1/digits/predict", png, "image/png", {}),
+                   "floor": (stack.enter_context(floor_server(python)), png, "image/png", {}),
+                   "project_v2_binary": (live.base_url + "/v2/models/digits/infer", v2_body,
+                                         RAW_BODY, v2_headers)}
         if before is not None:
             old = stack.enter_context(running_server(workers=1, python=python, cwd=before))
-            targets["before"] = (old.base_url + "/v1/digits/predict", png, "image/png")
+            targets["before"] = (old.base_url + "/v1/digits/predict", png, "image/png", {})
         if args.frameworks.exists():
-            targets["project_json_base64"] = (live.base_url + "/v1/digits/predict", json_png, "application/json")
+            targets["project_json_base64"] = (live.base_url + "/v1/digits/predict", json_png,
+                                              "application/json", {})
             for name, start in (("mlserver", mlserver_server), ("litserve", litserve_server)):
                 server, body = start(args.frameworks, png)
-                targets[name] = (stack.enter_context(server), body, "application/json")
+                targets[name] = (stack.enter_context(server), body, "application/json", {})
         else:
             print(f"MLServer and LitServe left out: no {args.frameworks} (make .venv-frameworks/.installed)", flush=True)
         runs: dict[str, list[dict]] = {name: [] for name in targets}
-        for url, body, content_type in targets.values():  # warm up
-            hey(url, body, content_type, 300, args.concurrency)
+        for url, body, content_type, headers in targets.values():  # warm up
+            hey(url, body, content_type, 300, args.concurrency, headers=headers)
         for _ in range(args.rounds):
-            for name, (url, body, content_type) in targets.items():
-                runs[name].append(hey(url, body, content_type, args.requests, args.concurrency))
+            for name, (url, body, content_type, headers) in targets.items():
+                runs[name].append(hey(url, body, content_type, args.requests, args.concurrency, headers=headers))
                 print(f"{name}: {runs[name][-1]['throughput_rps']} req/s, p50 {runs[name][-1]['p50_ms']} ms",
                       flush=True)
     result = {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
               "before_commit": args.before or None,
-              "bodies": {name: content_type for name, (_, _, content_type) in targets.items()}}
+              "bodies": {name: content_type for name, (_, _, content_type, _) in targets.items()}}
     for name, rs in runs.items():
         result[name] = {"throughput_rps": statistics.median(r["throughput_rps"] for r in rs),
                         "p50_ms": statistics.median(r["p50_ms"] for r in rs),
@@ -160,6 +182,10 @@ def main() -> int:
         name: round(result[name]["throughput_rps"] / result["floor"]["throughput_rps"], 3) for name in runs}
     print("of the floor: " + ", ".join(f"{name} {ratio}" for name, ratio in result["ratios_to_floor"].items()),
           flush=True)
+    result["v2_binary_to_v1"] = round(statistics.median(
+        v2["throughput_rps"] / v1["throughput_rps"]
+        for v2, v1 in zip(runs["project_v2_binary"], runs["project"], strict=True)), 3)
+    print(f"V2 binary to v1 PNG on the project: {result['v2_binary_to_v1']}", flush=True)
     # Per stage, in one process, after the load runs (nothing else on the cores).
     result["stages_us"] = {"project": stages(python, REPO_ROOT)}
     if before is not None:

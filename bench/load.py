@@ -242,9 +242,10 @@ def run_soak(inputs: Inputs, workers: int, concurrency: int, seconds: float,
 
 
 def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: int,
-        qps: float | None = None) -> dict[str, Any]:
+        qps: float | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """``hey`` (Debian's package) posting ``body`` ``requests`` times at ``concurrency``, keep-alive
-    (each client at most ``qps`` requests per second when given: an open rather than closed loop).
+    (each client at most ``qps`` requests per second when given: an open rather than closed loop),
+    with ``headers`` besides the content type.
 
     hey's CSV lists one row per answered request (transport errors are not rows), so failures are
     the requests asked for minus the 200 rows."""
@@ -256,8 +257,9 @@ def hey(url: str, body: bytes, content_type: str, requests: int, concurrency: in
         f.flush()
         started = time.perf_counter()
         rate = ["-q", f"{qps:g}"] if qps else []
+        extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
         out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), *rate, "-m", "POST",
-                              "-T", content_type, "-D", f.name, "-o", "csv", url],
+                              "-T", content_type, *extra, "-D", f.name, "-o", "csv", url],
                              capture_output=True, text=True, timeout=600, check=True).stdout
         elapsed = time.perf_counter() - started
     rows = [line.split(",") for line in out.splitlines()[1:] if line.strip()]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.limits import JSON_VALUES_SLACK, MAX_ECHOED_ID
@@ -366,8 +367,10 @@ def encode_response(response: InferenceResponse, outputs: list[Output],
         else:
             item.data = _json_values(output)
         response.outputs.append(item)
-    header = json.dumps(response.model_dump(exclude_none=True), separators=(",", ":"),
-                        allow_nan=False).encode()
+    document = response.model_dump(exclude_none=True)
+    header = orjson.dumps(document)
+    if b"null" in header:  # orjson writes NaN and infinity as null; the standard encoder refuses them
+        header = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return header + b"".join(chunks), {"content-type": BINARY_MEDIA_TYPE,

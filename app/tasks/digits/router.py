@@ -95,10 +95,12 @@ def run(job: Job) -> Outcome:
     predictions, rows = [], []
     for digit, probs in zip(digits, probabilities.tolist(), strict=True):
         label = max(range(len(probs)), key=probs.__getitem__)  # the first of the largest, as argmax
-        rounded = [round(p, 6) for p in probs]  # 6 decimals in the answer
-        predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
-                            "probabilities": dict(zip(LABELS, rounded, strict=True)),
-                            "classes": [{"label": d, "probability": p} for d, p in zip(LABELS, rounded, strict=True)]})
+        if not job.tensors:  # the v1 answer; the V2 protocol answers with the tensors below
+            rounded = [round(p, 6) for p in probs]  # 6 decimals in the answer
+            predictions.append({"label": LABELS[label], "digit": label, "confidence": rounded[label],
+                                "probabilities": dict(zip(LABELS, rounded, strict=True)),
+                                "classes": [{"label": d, "probability": p}
+                                            for d, p in zip(LABELS, rounded, strict=True)]})
         rows.append({"prediction": LABELS[label], "confidence": probs[label],
                      "features": summary_features(digit)})
     raw = None
