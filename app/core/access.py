@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItem, parse, storage, strategies
 from starlette.requests import Request
@@ -82,6 +83,25 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value ("Bearer" in any case), else None."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def client_key(authorization: str, x_api_key: str) -> str | None:
+    """The API key a request carries: its bearer token, else its ``X-API-Key``; None without either.
+    What the access check verifies and what owns a job or an idempotency key."""
+    return bearer_token(authorization) or x_api_key.strip() or None
+
+
+def is_admin_token(token: str | None, settings: Any) -> bool:
+    """Whether ``token`` is the configured ``ADMIN_TOKEN``; never when none is configured."""
+    admin = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    return bool(admin) and token is not None and hmac.compare_digest(token.encode(), admin.encode())
+
+
 @dataclass
 class Access:
     digests: tuple[str, ...]
@@ -103,10 +123,7 @@ class Access:
         return cls(digests, parse(settings.rate_limit), strategies.MovingWindowRateLimiter(backend))
 
     def _key(self, request: Request) -> str | None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return request.headers.get("x-api-key") or None
+        return client_key(request.headers.get("authorization", ""), request.headers.get("x-api-key", ""))
 
     def check(self, request: Request) -> dict[str, str]:
         """Raise the 401/429 problem a request deserves; else the RateLimit headers to send."""

@@ -36,6 +36,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.access import client_key
 from app.core.errors import PROBLEM_MEDIA_TYPE, is_v2, problem_body, v2_error
 from app.core.execution import BlockingCalls, Deadline
 from app.core.limits import (
@@ -176,10 +177,9 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 def api_key_owner(scope: Scope) -> bytes:
     """Whose request it is (an idempotency key's, a job's): the API key's digest when one is sent,
     else everyone's."""
-    authorization = _header(scope, b"authorization") or b""
-    api_key = _header(scope, b"x-api-key") or (authorization.partition(b" ")[2]
-                                               if authorization.lower().startswith(b"bearer ") else b"")
-    return hashlib.sha256(api_key).digest() if api_key else b""
+    key = client_key((_header(scope, b"authorization") or b"").decode("latin-1"),
+                     (_header(scope, b"x-api-key") or b"").decode("latin-1"))
+    return hashlib.sha256(key.encode("latin-1")).digest() if key else b""
 
 
 def parse_key(raw: bytes) -> str | None:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.access import bearer_token, is_admin_token
 from app.core.errors import ProblemError, problem_answer
 from app.core.execution import BlockingCalls
 from app.core.idempotency import api_key_owner, read_whole_body
@@ -258,15 +259,6 @@ def _service(request: Request) -> JobService:
     return jobs
 
 
-def _is_admin(request: Request) -> bool:
-    token = request.app.state.settings.admin_token
-    if token is None or not token.get_secret_value():
-        return False
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              token.get_secret_value().encode())
-
-
 async def _job(request: Request, job_id: str) -> tuple[JobService, Job]:
     jobs = _service(request)
     try:
@@ -276,7 +268,8 @@ async def _job(request: Request, job_id: str) -> tuple[JobService, Job]:
         raise ProblemError(503, "jobs-unavailable", "The job store cannot be reached; retry shortly.",
                            headers={"Retry-After": "5"}) from None
     owner = owner_of(request.scope)
-    if job is None or not (hmac.compare_digest(job.owner, owner) or _is_admin(request)):
+    admin = is_admin_token(bearer_token(request.headers.get("authorization", "")), request.app.state.settings)
+    if job is None or not (hmac.compare_digest(job.owner, owner) or admin):
         raise ProblemError(404, "unknown-job", "No job with this id: it expired, or it is another API key's.",
                            field="job_id")
     return jobs, job

@@ -13,7 +13,6 @@ answers 503 in time and never holds the threads other requests use.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -23,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.core.access import bearer_token, is_admin_token
 from app.core.errors import ProblemError
 from app.core.limits import FEEDBACK_MAX_WAITERS
 from app.core.middleware import REQUEST_ID_PATTERN, request_id_age_s
@@ -65,12 +65,12 @@ async def require_admin(request: Request, monitoring: Annotated[Monitoring, Depe
     token = settings.admin_token
     if token is None or not token.get_secret_value():
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    given = bearer_token(request.headers.get("authorization", ""))
+    if given is None:
         raise ProblemError(401, "admin-token-required",
                            "This endpoint needs an 'Authorization: Bearer <ADMIN_TOKEN>' header.",
                            field="Authorization", headers={"WWW-Authenticate": 'Bearer realm="monitoring"'})
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    if not is_admin_token(given, settings):
         raise ProblemError(403, "admin-token-invalid", "The bearer token is not the admin token.",
                            field="Authorization")
 
