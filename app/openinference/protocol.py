@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.core.jsonbody import strict_json
 from app.core.limits import JSON_VALUES_SLACK, MAX_ECHOED_ID
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -367,10 +366,7 @@ def encode_response(response: InferenceResponse, outputs: list[Output],
         else:
             item.data = _json_values(output)
         response.outputs.append(item)
-    document = response.model_dump(exclude_none=True)
-    header = orjson.dumps(document)
-    if b"null" in header:  # orjson writes NaN and infinity as null; the standard encoder refuses them
-        header = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    header = strict_json(response.model_dump(exclude_none=True))
     if not chunks:
         return header, {"content-type": "application/json"}
     return header + b"".join(chunks), {"content-type": BINARY_MEDIA_TYPE,
