@@ -54,7 +54,7 @@ from bench.common import REPO_ROOT, RESULTS_DIR
 
 WORK = REPO_ROOT / "var" / "mutation"
 SCOPE = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "app" / "tasks").glob("*/preprocess.py")) + [
-    "app/monitoring/drift.py", "app/core/pipeline.py", "app/core/errors.py"]
+    "app/monitoring/drift.py", "app/core/pipeline.py", "app/core/errors.py", "app/core/jsonbody.py"]
 # The unit tests that exercise the modules in scope without loading a model or starting a server.
 # (The pipeline and the error handlers run in-process on endpoints declared by the tests, on an app
 # with no model loaded.)
@@ -75,6 +75,8 @@ TESTS = [
     "tests/unit/test_core_pipeline.py",
     "tests/unit/test_core_pipeline_parts.py",
     "tests/unit/test_core_inline.py",
+    "tests/unit/test_v2_protocol.py",
+    "tests/unit/test_core_logging.py",
 ]
 SURVIVORS_NOTE = RESULTS_DIR / "mutation-survivors.md"
 MUTANT_NAME = re.compile(r"`([^`\s]+__mutmut_\d+)`")

@@ -19,7 +19,7 @@ import pytest
 
 from app.core import logging as app_logging
 from app.core.logging import JsonFormatter, info_with_fields, json_line
-from app.core.pipeline import _json
+from app.core.jsonbody import strict_json
 
 
 @pytest.fixture()
@@ -97,12 +97,12 @@ def test_a_line_orjson_cannot_write_is_the_standard_encoders():
 ])
 def test_envelopes_parse_as_the_standard_encoders(body):
     expected = json.dumps(body, separators=(",", ":"), allow_nan=False)
-    assert json.loads(_json(body)) == json.loads(expected)
+    assert json.loads(strict_json(body)) == json.loads(expected)
     if None in body["predictions"][0].values():
-        assert _json(body) == expected.encode()
+        assert strict_json(body) == expected.encode()
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_an_envelope_with_nan_or_infinity_is_refused(value):
     with pytest.raises(ValueError):
-        _json({"predictions": [{"score": value}]})
+        strict_json({"predictions": [{"score": value}]})
