@@ -84,7 +84,7 @@ lock:
 clean:
 	rm -rf .venv .venv-dev var .pytest_cache
 
-.PHONY: docker-test dynos-test docker-tools haproxy
+.PHONY: docker-test dynos-test docker-tools haproxy perf-analyzer-root
 
 # Debian's docker.io (the client beside dockerd drives BuildKit) and debootstrap (the base image's
 # stand-in where no registry can be reached); HAProxy routes the dynos test, whose Redis speaks TLS.
@@ -96,6 +96,20 @@ docker-tools:
 haproxy:
 	@command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq haproxy redis-server)
+
+## perf-analyzer-root: a Debian trixie root (glibc 2.41) holding Triton's perf_analyzer, for
+## bench/perf_analyzer.py where this machine's glibc is older than its wheels need (2.38); the wheels
+## are downloaded here (this machine's pip settings) and installed offline inside (root needed)
+PA_ROOT := var/perf-analyzer-root
+perf-analyzer-root:
+	@command -v debootstrap >/dev/null || (apt-get update -qq && apt-get install -y -qq debootstrap)
+	@[ -x $(PA_ROOT)/opt/pa/bin/perf_analyzer ] || ( \
+		debootstrap --variant=minbase --include=python3,python3-venv trixie $(PA_ROOT) http://deb.debian.org/debian && \
+		rm -rf $(PA_ROOT)/wheels && $(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.13 \
+			--platform manylinux_2_38_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+			--platform any -d $(PA_ROOT)/wheels perf-analyzer && \
+		chroot $(PA_ROOT) python3 -m venv /opt/pa && \
+		chroot $(PA_ROOT) /opt/pa/bin/pip install -q --no-index --find-links /wheels perf-analyzer )
 
 ## docker-test: build the Dockerfile with a Docker daemon of its own and run the image as a 512 MiB
 ## dyno: health, every task, the heaviest requests' memory, docker stop (tests/deploy/check_docker.py)

@@ -18,6 +18,8 @@ when it is installed (``loop: auto``), as MLServer and LitServe run it. Each get
   runs out of file descriptors, so ``accept`` never fails in a loop.
 * **A write deadline.** A response the client does not read for ``WRITE_TIMEOUT_S`` (the socket's
   buffers full, no progress) is abandoned and its memory freed.
+* **One write per small answer** (httptools): uvicorn writes a response's head and its body with
+  two system calls; :class:`HeadWithBody` holds the head and sends it with the body's first part.
 
 The client address and scheme behind a proxy are resolved by the app
 (:mod:`app.core.clients`), not by uvicorn's proxy-headers middleware.
@@ -229,6 +231,52 @@ class GuardedH11Protocol(ConnectionGuard, H11Protocol):
             self._close_after_response()
 
 
+class HeadWithBody:
+    """The connection's transport as one response cycle sees it: the status line and headers are
+    held and sent with the body's first part in one write (one system call, and one packet for a
+    small answer). A body that does not follow in the same turn of the event loop (a stream that
+    waits for its first part) gets the head sent at the end of that turn; a body part over
+    ``JOIN_MAX`` bytes is written after the head rather than copied onto it."""
+
+    JOIN_MAX = 64 * 1024
+    __slots__ = ("_cycle", "_head", "_head_seen", "_loop", "_transport")
+
+    def __init__(self, transport: Any, cycle: Any, loop: Any) -> None:
+        self._transport, self._cycle, self._loop = transport, cycle, loop
+        self._head: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self._head_seen and self._cycle.response_started:  # the head (not a 100 Continue)
+            self._head_seen = True
+            self._head = data
+            self._loop.call_soon(self._send_head)
+            return
+        head, self._head = self._head, None
+        if head is None:
+            self._transport.write(data)
+        elif len(data) <= self.JOIN_MAX:
+            self._transport.write(head + data)
+        else:
+            self._transport.write(head)
+            self._transport.write(data)
+
+    def _send_head(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self._send_head()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface, as it is
+        return getattr(self._transport, name)
+
+
 if importlib.util.find_spec("httptools") is not None:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -237,7 +285,10 @@ if importlib.util.find_spec("httptools") is not None:
             self.cycle.keep_alive = False  # the response then carries "Connection: close"
 
         def on_headers_complete(self) -> None:
+            previous = self.cycle
             super().on_headers_complete()
+            if self.cycle is not previous:  # a new request (not an upgrade)
+                self.cycle.transport = HeadWithBody(self.transport, self.cycle, self.loop)
             if self.draining and not self._is_idle():
                 self._close_after_response()
 
