@@ -125,9 +125,17 @@ class Access:
     def _key(self, request: Request) -> str | None:
         return client_key(request.headers.get("authorization", ""), request.headers.get("x-api-key", ""))
 
+    def identity(self, request: Request) -> str:
+        """Who a request counts as for its limits (the rate limit, the jobs it may have waiting):
+        its API key's digest where keys are required (the access check verifies it), else its
+        address (as resolved behind trusted proxies)."""
+        key = self._key(request) if self.digests else None
+        if key:
+            return f"key:{key_digest(key)[:16]}"
+        return f"ip:{request.client.host if request.client else 'unknown'}"
+
     def check(self, request: Request) -> dict[str, str]:
         """Raise the 401/429 problem a request deserves; else the RateLimit headers to send."""
-        identity = f"ip:{request.client.host if request.client else 'unknown'}"
         if self.digests:
             key = self._key(request)
             digest = key_digest(key) if key else ""
@@ -136,9 +144,9 @@ class Access:
                                    "This endpoint needs a valid API key: 'Authorization: Bearer <key>' or "
                                    "'X-API-Key: <key>'.", field="Authorization",
                                    headers={"WWW-Authenticate": 'Bearer realm="predictions"'})
-            identity = f"key:{digest[:16]}"
         if self.limit is None or self.limiter is None or time.monotonic() < self.unmetered_until:
             return {}
+        identity = self.identity(request)
         try:
             allowed = self.limiter.hit(self.limit, identity)
             stats = self.limiter.get_window_stats(self.limit, identity)

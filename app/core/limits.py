@@ -103,3 +103,4 @@ JOB_MAX_PARTS = 50  # a batch job holds up to this many times its endpoint's syn
 JOB_MAX_AUDIO_SECONDS = 600.0  # a clip in a job (synchronous: MAX_AUDIO_SECONDS)
 JOB_MAX_PENDING = 500  # jobs queued or running, all clients together; beyond, 503 jobs-full
 JOB_MAX_PENDING_BYTES = 512 * 1024 * 1024  # their stored request bodies together
+JOB_MAX_PENDING_PER_CLIENT = 50  # jobs queued or running of one client (API key, else address); beyond, 429

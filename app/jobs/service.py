@@ -42,10 +42,11 @@ from app.core.limits import (
     DB_THREADS,
     JOB_MAX_PENDING,
     JOB_MAX_PENDING_BYTES,
+    JOB_MAX_PENDING_PER_CLIENT,
     JOB_POLL_AFTER_S,
 )
 from app.jobs.queue import build_queue
-from app.jobs.store import Job, JobStore, QueueFull, new_job_id
+from app.jobs.store import ClientQueueFull, Job, JobStore, QueueFull, new_job_id
 
 log = logging.getLogger("app.jobs")
 
@@ -147,8 +148,8 @@ class JobService:
         self.calls = BlockingCalls(DB_THREADS, DB_QUEUE, DB_CALL_TIMEOUT_S, "jobs")
 
     def submit(self, job_id: str, owner: str, request_id: str, path: str, query: str,
-               headers: list[tuple[str, str]], body: bytes) -> Job:
-        self.store.submit(job_id, owner, request_id, path, query, headers, body)
+               headers: list[tuple[str, str]], body: bytes, client: str) -> Job:
+        self.store.submit(job_id, owner, request_id, path, query, headers, body, client=client)
         self.task(job_id)
         job = self.store.get(job_id)
         assert job is not None
@@ -195,7 +196,14 @@ class JobsMiddleware:
         owner = owner_of(scope)
         try:
             job = await jobs.run(jobs.submit, new_job_id(), owner, state["request_id"], scope["path"],
-                                 scope.get("query_string", b"").decode("latin-1"), headers, body)
+                                 scope.get("query_string", b"").decode("latin-1"), headers, body,
+                                 scope["app"].state.access.identity(request))
+        except ClientQueueFull:
+            error = ProblemError(429, "too-many-jobs", f"This client has {JOB_MAX_PENDING_PER_CLIENT} jobs waiting "
+                                 "or running, the most one client may have; retry once one has finished.",
+                                 headers={"Retry-After": "30"})
+            await problem_answer(request, error)(scope, receive, send)
+            return
         except QueueFull:
             error = ProblemError(503, "jobs-full", f"As many jobs are waiting as the service keeps "
                                  f"({JOB_MAX_PENDING}, or {JOB_MAX_PENDING_BYTES // 1048576} MiB of them); "
@@ -334,4 +342,9 @@ def add_job_contract(schema: dict[str, Any], paths: list[str], patterns: Any) ->
             continue
         operation = operations["post"]
         operation.setdefault("parameters", []).append(PREFER_PARAMETER)
-        operation.setdefault("responses", {})["202"] = accepted
+        responses = operation.setdefault("responses", {})
+        responses["202"] = accepted
+        if "429" in responses:
+            responses["429"] = {**responses["429"], "description": responses["429"]["description"] + (
+                f"; with `Prefer: respond-async`, `too-many-jobs`: {JOB_MAX_PENDING_PER_CLIENT} of this "
+                "client's jobs are waiting or running")}

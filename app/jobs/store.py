@@ -9,6 +9,7 @@ taken over once its lease has run out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import case, delete, func, insert, or_, select, update
 
-from app.core.limits import JOB_MAX_PENDING, JOB_MAX_PENDING_BYTES
+from app.core.limits import JOB_MAX_PENDING, JOB_MAX_PENDING_BYTES, JOB_MAX_PENDING_PER_CLIENT
 from app.core.tables import TableStore
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -44,6 +45,7 @@ jobs_table = Table(
     Column("status_code", Integer),
     Column("media_type", Text),
     Column("result", LargeBinary),
+    Column("client", String(32)),  # who submitted it, for the per-client bound: a digest, never the address
 )
 
 
@@ -81,6 +83,15 @@ class QueueFull(Exception):
     """As many jobs (or bytes of them) are waiting or running as the service keeps."""
 
 
+class ClientQueueFull(Exception):
+    """As many of this client's jobs are waiting or running as one client may have."""
+
+
+def client_digest(identity: str) -> str:
+    """What the jobs table keeps of a client's identity (``Access.identity``)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
 class JobStore(TableStore):
     """The jobs table in ``url``'s database; each operation one short transaction."""
 
@@ -88,19 +99,26 @@ class JobStore(TableStore):
 
 
     def submit(self, job_id: str, owner: str, request_id: str, path: str, query: str,
-               headers: list[tuple[str, str]], body: bytes) -> None:
+               headers: list[tuple[str, str]], body: bytes, *, client: str) -> None:
+        """Queue a job; ``client`` (``Access.identity``) is who it counts against: at most
+        ``JOB_MAX_PENDING_PER_CLIENT`` waiting or running per client (:class:`ClientQueueFull`),
+        ``JOB_MAX_PENDING`` in all (:class:`QueueFull`)."""
         self.create()
         now = time.time()
+        digest = client_digest(client)
         with self.engine.begin() as conn:
-            pending, stored = conn.execute(
-                select(func.count(), func.coalesce(func.sum(func.length(jobs_table.c.body)), 0))
+            pending, stored, mine = conn.execute(
+                select(func.count(), func.coalesce(func.sum(func.length(jobs_table.c.body)), 0),
+                       func.coalesce(func.sum(case((jobs_table.c.client == digest, 1), else_=0)), 0))
                 .where(jobs_table.c.state.in_(("queued", "running")), jobs_table.c.expires_at >= now)).one()
+            if mine >= JOB_MAX_PENDING_PER_CLIENT:
+                raise ClientQueueFull(f"{mine} of this client's jobs waiting")
             if pending >= JOB_MAX_PENDING or stored + len(body) > JOB_MAX_PENDING_BYTES:
                 raise QueueFull(f"{pending} jobs, {stored} bytes waiting")
             conn.execute(insert(jobs_table).values(
                 id=job_id, owner=owner, state="queued", request_id=request_id, path=path, query=query,
                 headers=json.dumps(headers), body=body, tries=0, progress=0.0, created=now, updated=now,
-                expires_at=now + self.ttl_s))
+                expires_at=now + self.ttl_s, client=digest))
 
     def get(self, job_id: str) -> Job | None:
         self.create()

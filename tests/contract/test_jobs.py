@@ -391,3 +391,28 @@ def test_the_embedded_job_worker_is_started_again_when_it_dies(tmp_path):
         assert wait_until(lambda: [p.pid for p in job_workers(live)] not in ([], [first.pid]), 30)
         submitted = httpx.post(live.base_url + "/v1/digits/predict", files=digit_files("digit-7.png"), headers=ASYNC)
         assert finished(live, submitted.headers["location"], timeout=90)["status"] == "done"
+
+
+def test_one_client_cannot_fill_the_queue_for_everyone(tmp_path):
+    """JOBS=worker with no worker running: jobs stay queued. One address gets its share, then 429;
+    another address (behind the trusted proxy, as Heroku's router sends it) is still served."""
+    from app.core.limits import JOB_MAX_PENDING_PER_CLIENT
+
+    env = {"JOBS": "worker", "JOBS_QUEUE_PATH": str(tmp_path / "queue.db")}
+    body = (EXAMPLES / "mall-customers.json").read_bytes()
+
+    def submit(client: httpx.Client, address: str) -> httpx.Response:
+        return client.post("/v1/clustering/predict", content=body, headers={
+            **ASYNC, "Content-Type": "application/json", "X-Forwarded-For": address})
+
+    with running_server(workers=1, env=env) as live, httpx.Client(base_url=live.base_url, timeout=30) as client:
+        accepted = [submit(client, "203.0.113.7") for _ in range(JOB_MAX_PENDING_PER_CLIENT)]
+        assert {r.status_code for r in accepted} == {202}
+        refused = submit(client, "203.0.113.7")
+        assert refused.status_code == 429 and refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["code"] == "too-many-jobs" and refused.headers["retry-after"] == "30"
+        assert submit(client, "203.0.113.8").status_code == 202  # someone else is not held back
+        assert client.delete(accepted[0].headers["location"]).status_code == 200  # a finished job frees a place
+        assert submit(client, "203.0.113.7").status_code == 202
+        kept = rows(live.database_url, "SELECT DISTINCT client FROM jobs")
+        assert len(kept) == 2 and not any("203.0.113" in str(row) for row in kept)

@@ -1,5 +1,5 @@
-"""The jobs table's claims (one run at a time, takeover after the lease, poison jobs) and the job
-runner's handling of answers, on SQLite."""
+"""The jobs table's claims (one run at a time, takeover after the lease, poison jobs), its bounds,
+and the job runner's handling of answers, on SQLite; the table's upgrade on PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import time
 
 import pytest
+from sqlalchemy import Column, MetaData, Table, create_engine, insert, inspect, select
 
 from app.jobs.service import document, owner_of, preference, wants_async
-from app.jobs.store import JobStore, new_job_id
+from app.jobs.store import JobStore, jobs_table, new_job_id
 from app.jobs.batches import Part
 from app.jobs.worker import JobRunner
+from tests.monitoring_db import BACKENDS, database_url
 
 
 @pytest.fixture
@@ -19,10 +21,10 @@ def store(tmp_path) -> JobStore:
     return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", ttl_s=3600, lease_s=0.2)
 
 
-def submit(store: JobStore, body: bytes = b"{}") -> str:
+def submit(store: JobStore, body: bytes = b"{}", client: str = "ip:127.0.0.1") -> str:
     job_id = new_job_id()
     store.submit(job_id, "", "rid-" + job_id[:8], "/v1/clustering/predict", "",
-                 [("content-type", "application/json")], body)
+                 [("content-type", "application/json")], body, client=client)
     return job_id
 
 
@@ -163,3 +165,42 @@ def test_submissions_beyond_the_pending_bounds_are_refused(store, monkeypatch):
     with pytest.raises(module.QueueFull):
         submit(store, body=b"x" * 11)
     assert store.get(second).state == "queued"
+
+
+def test_one_client_may_have_only_its_share_of_the_pending_jobs(store, monkeypatch):
+    import app.jobs.store as module
+
+    monkeypatch.setattr(module, "JOB_MAX_PENDING_PER_CLIENT", 2)
+    first = submit(store, client="ip:203.0.113.7")
+    submit(store, client="ip:203.0.113.7")
+    with pytest.raises(module.ClientQueueFull):
+        submit(store, client="ip:203.0.113.7")
+    submit(store, client="ip:203.0.113.8")  # another client is not held back
+    submit(store, client="key:0123456789abcdef")
+    store.cancel(first)  # a finished job no longer counts
+    submit(store, client="ip:203.0.113.7")
+    with store.engine.connect() as conn:
+        kept = {row.client for row in conn.execute(select(jobs_table.c.client))}
+    assert len(kept) == 3 and not any("203.0.113" in c for c in kept)  # a digest, never the address
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_jobs_table_made_before_the_client_column_gains_it(backend, tmp_path):
+    with database_url(backend, tmp_path) as url:
+        older = MetaData()
+        Table("jobs", older, *(Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                               for c in jobs_table.columns if c.name != "client"))
+        engine = create_engine(url)
+        older.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(older.tables["jobs"]).values(
+                id="a" * 32, owner="", state="queued", request_id="r", path="/v1/clustering/predict", query="",
+                headers="[]", body=b"{}", tries=0, progress=0.0, created=time.time(), updated=time.time(),
+                expires_at=time.time() + 60))
+        engine.dispose()
+        store = JobStore(url, ttl_s=3600, lease_s=1)
+        job_id = submit(store)
+        assert {c["name"] for c in inspect(store.engine).get_columns("jobs")} >= {"client"}
+        assert store.get("a" * 32).state == "queued" and store.get(job_id).state == "queued"
+        assert JobStore(url, ttl_s=3600, lease_s=1).get(job_id) is not None  # a second process: nothing to add
+        store.dispose()
