@@ -44,6 +44,8 @@ IN_ROOT = "/opt/pa/bin/perf_analyzer"
 def runner(root: Path) -> tuple[list[str], Path, str]:
     """The command prefix, the folder where input files go and that folder as perf_analyzer sees it."""
     if (root / IN_ROOT.lstrip("/")).exists():
+        if os.geteuid() != 0:
+            raise SystemExit(f"perf_analyzer is in {root}: entering it with chroot needs root")
         folder = root / "tmp"
         return ["chroot", str(root), IN_ROOT], folder, "/tmp"
     native = shutil.which("perf_analyzer")

@@ -35,9 +35,12 @@ class TableStore:
 
     def _add_missing_columns(self, table) -> None:
         preparer = self.engine.dialect.identifier_preparer
+        present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
         for column in table.columns:
-            if column.name in {c["name"] for c in inspect(self.engine).get_columns(table.name)}:
+            if column.name in present:
                 continue
+            if not column.nullable:  # an existing table's rows would have no value for it
+                raise RuntimeError(f"{table.name}.{column.name} is missing and not nullable: add it by hand")
             kind = column.type.compile(dialect=self.engine.dialect)
             try:
                 with self.engine.begin() as conn:
