@@ -67,6 +67,27 @@ def mnist_digit_png(index: int = 0) -> bytes:
         return png_bytes(data["x_test"][index])
 
 
+def mnist_digit_pixels(index: int = 0) -> Any:
+    """The same MNIST test digit as :func:`mnist_digit_png`, as float32 28 x 28 in [0, 1] (the
+    ``pixels`` a V2 client sends)."""
+    import numpy as np
+
+    with np.load(SHARED_DATA / "mnist" / "mnist.npz") as data:
+        return data["x_test"][index].astype(np.float32) / 255.0
+
+
+def checkout(ref: str) -> Path:
+    """The tree of commit ``ref`` (its code and models), extracted once under ``var/``."""
+    import subprocess
+
+    tree = REPO_ROOT / "var" / f"before-{ref}"
+    if not (tree / "app" / "main.py").exists():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", ref], cwd=REPO_ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def timed_post(base_url: str, path: str, **kwargs: Any) -> tuple[Any, float]:
     """``httpx.post`` and its wall time in seconds."""
     import time

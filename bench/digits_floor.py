@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import REPO_ROOT, mnist_digit_png, serving_python, write_results
+from bench.common import REPO_ROOT, checkout, mnist_digit_pixels, mnist_digit_png, serving_python, write_results
 from bench.liveserver import free_port, running_server, stop
 from bench.load import hey
 
@@ -74,14 +74,9 @@ def floor_server(python: str | None):
                     "bench.floor_app:app"], f"http://127.0.0.1:{port}/predict", mnist_digit_png(), "image/png")
 
 
-def v2_binary_body(png: bytes) -> tuple[bytes, dict[str, str]]:
-    """The digit in ``png`` as the V2 binary request tritonclient makes, and its one extra header."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)[None] / 255.0
+def v2_binary_body() -> tuple[bytes, dict[str, str]]:
+    """The benches' MNIST digit as the V2 binary request tritonclient makes, and its one extra header."""
+    pixels = mnist_digit_pixels()[None]
     header = json.dumps({"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "FP32",
                                      "parameters": {"binary_data_size": pixels.nbytes}}],
                          "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}).encode()
@@ -110,16 +105,6 @@ def litserve_server(python: Path, png: bytes):
                    body, "application/json"), body
 
 
-def checkout(ref: str) -> Path:
-    """The tree of commit ``ref`` (its code and models), extracted once under ``var/``."""
-    tree = REPO_ROOT / "var" / f"before-{ref}"
-    if not (tree / "app" / "main.py").exists():
-        tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", ref], cwd=REPO_ROOT, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return tree
-
-
 def stages(python: str | None, tree: Path) -> dict:
     out = subprocess.run([python or sys.executable, str(REPO_ROOT / "bench" / "digits_stages.py"),
                           "--tree", str(tree)], capture_output=True, text=True, check=True)
@@ -141,7 +126,7 @@ def main() -> int:
     before = checkout(args.before) if args.before else None
     with contextlib.ExitStack() as stack:
         live = stack.enter_context(running_server(workers=1, python=python))
-        v2_body, v2_headers = v2_binary_body(png)
+        v2_body, v2_headers = v2_binary_body()
         targets = {"project": (live.base_url + "/v1/digits/predict", png, "image/png", {}),
                    "floor": (stack.enter_context(floor_server(python)), png, "image/png", {}),
                    "project_v2_binary": (live.base_url + "/v2/models/digits/infer", v2_body,

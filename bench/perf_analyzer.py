@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import os
 import shutil
@@ -30,10 +29,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
-from bench.common import REPO_ROOT, mnist_digit_png, serving_python, write_results
+from bench.common import REPO_ROOT, mnist_digit_pixels, mnist_digit_png, serving_python, write_results
 from bench.digits_floor import FRAMEWORKS_PYTHON, mlserver_server
 from bench.liveserver import running_server
 
@@ -56,7 +53,7 @@ def runner(root: Path) -> tuple[list[str], Path, str]:
 
 
 def digit_input(folder: Path, seen_as: str) -> str:
-    pixels = np.asarray(Image.open(io.BytesIO(mnist_digit_png())).convert("L"), dtype=np.float32) / 255.0
+    pixels = mnist_digit_pixels()
     path = folder / "digit-input.json"
     path.write_text(json.dumps({"data": [{"pixels": {"content": [float(v) for v in pixels.ravel()],
                                                       "shape": [28, 28]}}]}))

@@ -44,12 +44,12 @@ from app.tasks.segmentation.preprocess import (
 from bench.common import (
     REPO_ROOT,
     SHARED_DATA,
+    checkout,
     percentiles,
     png_bytes,
     serving_python,
     write_results,
 )
-from bench.digits_floor import checkout
 from bench.liveserver import running_server
 from bench.segmentation import URL, held_out
 
