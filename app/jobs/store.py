@@ -9,7 +9,6 @@ taken over once its lease has run out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -19,6 +18,7 @@ from typing import Any
 from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text
 from sqlalchemy import case, delete, func, insert, or_, select, update
 
+from app.core.access import key_digest
 from app.core.limits import JOB_MAX_PENDING, JOB_MAX_PENDING_BYTES, JOB_MAX_PENDING_PER_CLIENT
 from app.core.tables import TableStore
 
@@ -89,7 +89,7 @@ class ClientQueueFull(Exception):
 
 def client_digest(identity: str) -> str:
     """What the jobs table keeps of a client's identity (``Access.identity``)."""
-    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return key_digest(identity)[:32]
 
 
 class JobStore(TableStore):

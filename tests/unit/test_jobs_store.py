@@ -202,5 +202,7 @@ def test_a_jobs_table_made_before_the_client_column_gains_it(backend, tmp_path):
         job_id = submit(store)
         assert {c["name"] for c in inspect(store.engine).get_columns("jobs")} >= {"client"}
         assert store.get("a" * 32).state == "queued" and store.get(job_id).state == "queued"
-        assert JobStore(url, ttl_s=3600, lease_s=1).get(job_id) is not None  # a second process: nothing to add
+        second = JobStore(url, ttl_s=3600, lease_s=1)  # a second process: nothing to add
+        assert second.get(job_id) is not None
+        second.dispose()
         store.dispose()
