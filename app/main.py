@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             degraded = log_status is not None and log_status["database"] != "ok"
             return JSONResponse({"status": "degraded" if degraded else "ready", "models": status,
                                  "gates": execution.status(), "places": execution.places_status(),
-                                 "prediction_log": log_status})
+                                 "model_calls": execution.model_calls.status(), "prediction_log": log_status})
         if not registry.ready:
             not_ready = sorted(task for task, s in status.items() if not s["ready"])
             return problem_response(request, 503, "models-not-ready",

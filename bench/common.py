@@ -37,11 +37,31 @@ def cpu_model() -> str:
     return f"{names[0] if names else platform.processor() or 'unknown'} x {len(names) or '?'}"
 
 
+# The CPU's vector instructions that the inference kernels (XNNPACK) choose between.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd",
+              "asimddp", "sve", "i8mm")
+
+
+def cpu_features() -> list[str]:
+    """Which of :data:`SIMD_FLAGS` the CPU reports (``/proc/cpuinfo``), in that order."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [flag for flag in SIMD_FLAGS if flag in flags]
+
+
 def write_results(name: str, results: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_model(),
-               **results}
+               "cpu_features": cpu_features(), **results}
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))

@@ -66,6 +66,9 @@ class Readiness(BaseModel):
     places: dict[str, int] | None = Field(None, description="the dyno's places for big requests (0: not "
                                           "bounded), those this worker holds, and its refusals for want "
                                           "of one")
+    model_calls: dict[str, int] | None = Field(None, description="this worker's model calls made "
+                                               "together on the event loop: `groups` run and `calls` "
+                                               "made in them (calls / groups is the mean group size)")
     prediction_log: dict[str, Any] | None = Field(None, description="database (`ok` or `unavailable`), "
                                                   "buffered_rows, buffered_input_bytes")
 

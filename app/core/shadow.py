@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from app.core.events import Observers
-from app.core.execution import lower_priority
+from app.core.execution import lower_priority, run_to_end
 from app.core.limits import SHADOW_QUEUE, SHADOW_QUEUE_BYTES
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class ShadowRunner:
                                                  tensors=frozenset({"mask"}), store_inputs=False)
                 started = time.perf_counter()
                 try:
-                    outcome = endpoint.run(shadow_job)
+                    outcome = run_to_end(endpoint.run, shadow_job)
                 except Exception as exc:  # the shadow version refusing an input is worth knowing
                     self.observers.shadow_dropped(model.task, "error")
                     log.warning("shadow prediction failed", extra={

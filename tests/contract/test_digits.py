@@ -220,3 +220,42 @@ def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client
     as_file = client.post(URL, files=files(("7.png", png, "image/png")))
     assert digits_of(raw) == digits_of(as_file) == [7]
     assert raw.json()["predictions"][0]["probabilities"] == as_file.json()["predictions"][0]["probabilities"]
+
+
+def test_requests_that_arrive_together_share_model_calls_and_each_gets_its_own_answer(live_server, client,
+                                                                                      mnist_test):
+    """Requests that arrive together have their model calls made together on the event loop
+    (``/health/ready`` counts the groups); each still gets the answer it gets alone."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    images, _ = mnist_test
+    bodies = [encode(d) for d in images[:48]]
+    alone = [client.post(URL, content=b, headers={"Content-Type": "image/png"}).json()["predictions"][0]
+             for b in bodies]
+    address = urlsplit(live_server)
+    for start in range(0, len(bodies), 16):  # 16 connections open, then 16 requests sent at once
+        batch = range(start, start + 16)
+        sockets = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in batch]
+        try:
+            for sock, i in zip(sockets, batch, strict=True):
+                sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: image/png\r\n"
+                             f"Content-Length: {len(bodies[i])}\r\n\r\n".encode() + bodies[i])
+            for sock, i in zip(sockets, batch, strict=True):
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                body = response.read()
+                assert response.status == 200, body
+                assert json.loads(body)["predictions"][0] == alone[i], i
+        finally:
+            for sock in sockets:
+                sock.close()
+    counts = []
+    for _ in range(8):  # fresh connections: both workers answer
+        with httpx.Client(base_url=live_server, timeout=30.0) as own:
+            counts.append(own.get("/health/ready").json()["model_calls"])
+    assert all(c["calls"] >= c["groups"] > 0 for c in counts), counts
+    assert any(c["calls"] > c["groups"] for c in counts), counts  # some calls were made together

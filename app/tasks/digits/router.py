@@ -3,7 +3,8 @@
 Inputs: image files (multipart field ``image``, repeated; or one raw ``image/*`` body), or JSON
 ``{"instances": [{"pixels": [[...]]} | {"image_b64": "..."}]}``. Every image's header is checked
 against the limits before any is decoded; each instance is normalised as MNIST was built
-(``preprocess``), then all go through the model in one batch.
+(``preprocess``), then all go through the model in one batch: ``run`` yields that call, which core
+makes together with other requests' calls (``app.core.execution.ModelCalls``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from app.core.codecs.image import check_request_pixels, load_image, open_image
 from app.core.errors import ProblemError
-from app.core.execution import checkpoint, inline_budget
+from app.core.execution import Call, checkpoint, inline_budget
 from app.core.limits import MAX_REQUEST_PIXELS
 from app.core.pipeline import Endpoint, Instance, Job, Outcome, register
 from app.tasks.digits.preprocess import (
@@ -72,7 +74,7 @@ def pixels_png(pixels: Any) -> bytes:
     return buffer.getvalue()
 
 
-def run(job: Job) -> Outcome:
+def run(job: Job) -> Generator[Call, np.ndarray, Outcome]:
     settings = job.settings
     with job.timing.measure("decode"):
         images = [open_image(i.data, i.field, max_pixels=settings.max_image_pixels, formats=IMAGE_FORMATS)
@@ -88,10 +90,10 @@ def run(job: Job) -> Outcome:
                               if image is not None else prepare_pixels(instance.value, instance.field))
             except DigitInputError as exc:
                 raise ProblemError(422, exc.code, str(exc), field=exc.field or instance.field) from exc
-    with job.timing.measure("inference"):
+    with job.timing.measure("inference"):  # core makes the call: on the event loop, with other requests' calls
         batch = (digits[0].array.reshape(1, SIZE, SIZE, 1) if len(digits) == 1
                  else np.stack([d.array for d in digits]))
-        probabilities = job.model.predict(batch)
+        probabilities = yield job.model.predict, batch
     predictions, rows = [], []
     for digit, probs in zip(digits, probabilities.tolist(), strict=True):
         label = max(range(len(probs)), key=probs.__getitem__)  # the first of the largest, as argmax

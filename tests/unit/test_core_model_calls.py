@@ -1,0 +1,215 @@
+"""Model calls in groups: a job's ``run`` yields its model call; on the event loop the calls of the
+inline jobs that reach them in the same turn are made together, each job gets its own result, and
+on a thread (or a shadow) the calls are made at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.core.errors import ProblemError
+from app.core.execution import (
+    Execution,
+    GateSpec,
+    ModelCalls,
+    checkpoint,
+    inline_budget,
+    run_to_end,
+)
+from app.core.limits import INLINE_MAX_INSTANCES
+from tests.support import open_request
+
+
+def steps(n: int, events: list[str], model):
+    """A job as a task writes it: prepare, ask for the model call, use its result."""
+    events.append(f"prepare {n}")
+    result = yield model, n
+    events.append(f"finish {n}")
+    return {"job": n, "result": result, "thread": threading.get_ident()}
+
+
+def run_jobs(count: int, make_job, *, gate_concurrency: int = 2, inline: bool = True, deadline_s: float = 25.0):
+    """``count`` jobs through one light gate, started together; their results (or exceptions) in
+    order, the event loop's thread and the execution."""
+    execution = Execution([GateSpec("light", gate_concurrency, 32, 0, "light work")], deadline_s)
+
+    async def one(n: int):
+        async with execution.ticket(open_request(), "light") as ticket:
+            return await ticket.run(make_job(n), inline=inline)
+
+    async def scenario():
+        results = await asyncio.gather(*(one(n) for n in range(count)), return_exceptions=True)
+        return results, threading.get_ident()
+
+    try:
+        results, loop_thread = asyncio.run(scenario())
+    finally:
+        execution.shutdown()
+    return results, loop_thread, execution
+
+
+def test_the_calls_of_jobs_in_the_same_turn_are_made_together_and_each_job_gets_its_own_result():
+    events: list[str] = []
+
+    def model(n: int) -> int:
+        events.append(f"call {n}")
+        return n * 10
+
+    results, loop_thread, execution = run_jobs(5, lambda n: (lambda: steps(n, events, model)),
+                                               gate_concurrency=1)
+    assert [r["result"] for r in results] == [0, 10, 20, 30, 40]  # each its own, in order
+    assert all(r["thread"] == loop_thread for r in results)
+    # Every job prepared, then every call, then every job finished: one group of five, although the
+    # gate runs one job at a time (a job waiting for its call holds no slot).
+    assert events == ([f"prepare {n}" for n in range(5)] + [f"call {n}" for n in range(5)]
+                      + [f"finish {n}" for n in range(5)])
+    assert execution.model_calls.status() == {"groups": 1, "calls": 5}
+    gate = execution.gates["light"]
+    assert gate.running == 0 and gate.waiting == 0 and not gate.started
+
+
+def test_calls_are_grouped_by_function_in_the_order_they_came():
+    events: list[str] = []
+
+    def first(n: int) -> str:
+        events.append(f"first {n}")
+        return "a"
+
+    def second(n: int) -> str:
+        events.append(f"second {n}")
+        return "b"
+
+    results, _, _ = run_jobs(4, lambda n: (lambda: steps(n, [], first if n % 2 else second)))
+    assert events == ["second 0", "second 2", "first 1", "first 3"]
+    assert [r["result"] for r in results] == ["b", "a", "b", "a"]
+
+
+def test_a_failing_call_fails_its_own_job_only_and_reaches_the_job_where_it_asked():
+    caught: list[str] = []
+
+    def model(n: int) -> int:
+        if n == 1:
+            raise ValueError("bad tensor")
+        return n
+
+    def job(n: int):
+        def run():
+            try:
+                value = yield model, n
+            except ValueError as exc:
+                caught.append(str(exc))
+                raise ProblemError(422, "bad-input", f"job {n}: {exc}") from exc
+            return value
+        return run
+
+    results, _, execution = run_jobs(3, job)
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], ProblemError) and results[1].code == "bad-input"
+    assert caught == ["bad tensor"]
+    assert execution.gates["light"].running == 0
+
+
+def test_a_job_may_ask_for_several_calls_and_may_ask_for_none():
+    def model(n: int) -> int:
+        return n + 1
+
+    def chain():
+        a = yield model, 1
+        b = yield model, a
+        return b
+
+    def none():
+        return "no call"
+        yield  # a generator all the same
+
+    for job, expected in ((chain, 3), (none, "no call")):
+        results, _, _ = run_jobs(1, lambda n, job=job: job)
+        assert results == [expected]
+
+
+def test_off_the_event_loop_the_calls_are_made_at_once_on_the_gate_thread():
+    events: list[str] = []
+    results, loop_thread, execution = run_jobs(
+        3, lambda n: (lambda: steps(n, events, lambda m: m * 10)), inline=False)
+    assert [r["result"] for r in results] == [0, 10, 20]
+    assert all(r["thread"] != loop_thread for r in results)
+    assert execution.model_calls.status() == {"groups": 0, "calls": 0}
+
+
+def test_a_job_past_the_inline_budget_runs_all_its_steps_on_the_gate_thread():
+    def job(n: int):
+        def run():
+            inline_budget(instances=INLINE_MAX_INSTANCES + 1)  # too big for the loop
+            result = yield (lambda m: m * 10), n
+            return result, threading.current_thread().name
+        return run
+
+    results, _, execution = run_jobs(2, job)
+    assert [r[0] for r in results] == [0, 10]
+    assert all(r[1].startswith("gate-light") for r in results)
+    assert execution.model_calls.status()["calls"] == 0
+
+
+def test_the_steps_after_the_call_see_the_request_deadline():
+    def job(n: int):
+        def run():
+            yield (lambda m: __import__("time").sleep(0.06)), n  # the call outlasts the deadline
+            checkpoint()
+            return "ran past its deadline"
+        return run
+
+    results, _, _ = run_jobs(1, job, deadline_s=0.05)
+    assert isinstance(results[0], ProblemError) and results[0].code == "deadline-exceeded"
+
+
+def test_a_call_whose_job_has_gone_is_not_made():
+    calls = ModelCalls()
+    made: list[int] = []
+
+    async def scenario():
+        gone = calls.submit(made.append, 1)
+        kept = calls.submit(made.append, 2)
+        gone.cancel()
+        await asyncio.wait_for(kept, 1.0)
+
+    asyncio.run(scenario())
+    assert made == [2] and calls.status() == {"groups": 1, "calls": 1}
+
+
+def test_no_job_waits_for_a_call_that_a_broken_group_did_not_make():
+    calls = ModelCalls()
+
+    async def scenario():
+        first = calls.submit(lambda n: (_ for _ in ()).throw(KeyboardInterrupt()), 1)  # not an Exception
+        second = calls.submit(lambda n: n, 2)
+        with pytest.raises(KeyboardInterrupt):
+            calls.run()
+        assert first.done() and second.done()
+        with pytest.raises(RuntimeError, match="not made"):
+            second.result()
+        first.exception()
+
+    asyncio.run(scenario())
+
+
+def test_run_to_end_makes_the_calls_in_turn_and_throws_a_failure_into_the_steps():
+    def model(n: int) -> int:
+        if n < 0:
+            raise ValueError("negative")
+        return n * 2
+
+    def job(first: int):
+        try:
+            a = yield model, first
+        except ValueError:
+            return "caught"
+        b = yield model, a
+        return b
+
+    assert run_to_end(job, 3) == 12
+    assert run_to_end(job, -1) == "caught"
+    assert run_to_end(lambda: "plain") == "plain"  # a plain function's result as it is
+    with pytest.raises(ValueError):
+        run_to_end(lambda: (yield model, -1))
