@@ -143,6 +143,8 @@ def run_to_end(fn: Callable[..., Any], *args: Any) -> Any:
                 call = steps.send(value)
     except StopIteration as stop:
         return stop.value
+    finally:
+        steps.close()
 
 
 class ModelCalls:
@@ -151,47 +153,58 @@ class ModelCalls:
     :meth:`submit` queues a call and returns a future for its result; the first call of a turn
     schedules :meth:`run`, which the loop runs after the callbacks already due, so every job that
     reaches its call in the same turn joins the group. The calls run in the order they came,
-    grouped by function; a call whose job has gone (its future cancelled) is skipped, and an
-    exception fails only its own call."""
+    grouped by function, each in its own request's context (its deadline included); a call whose
+    job has gone (its future cancelled) is skipped, and an exception fails only its own call."""
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[Callable[[Any], Any], Any, asyncio.Future]] = []
+        self._waiting: list[tuple[Callable[[Any], Any], Any, asyncio.Future, contextvars.Context]] = []
         self.groups = 0  # groups run, and calls made in them: their ratio is the mean group size
         self.calls = 0
 
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future:
+    def submit(self, fn: Callable[[Any], Any], arg: Any, context: contextvars.Context | None = None) -> asyncio.Future:
+        """Queue ``fn(arg)``, to be made in ``context`` (a copy of the caller's by default)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._waiting.append((fn, arg, future))
+        self._waiting.append((fn, arg, future, context or contextvars.copy_context()))
         if len(self._waiting) == 1:
             loop.call_soon(self.run)
         return future
 
     def run(self) -> None:
         waiting, self._waiting = self._waiting, []
-        by_function: dict[Callable[[Any], Any], list[tuple[Any, asyncio.Future]]] = {}
-        for fn, arg, future in waiting:
-            by_function.setdefault(fn, []).append((arg, future))
-        self.groups += 1
         try:
-            for fn, calls in by_function.items():
-                for arg, future in calls:
+            self.groups += 1
+            by_function: dict[Any, list[tuple[Callable[[Any], Any], Any, asyncio.Future, contextvars.Context]]] = {}
+            for item in waiting:  # a model's bound methods are equal, not identical
+                by_function.setdefault(_function_key(item[0]), []).append(item)
+            for calls in by_function.values():
+                for fn, arg, future, context in calls:
                     if future.done():
                         continue
                     self.calls += 1
                     try:
-                        result = fn(arg)
+                        result = context.run(fn, arg)
+                    except StopIteration as exc:  # a future cannot hold one
+                        future.set_exception(RuntimeError(f"the model call raised {exc!r}"))
                     except Exception as exc:
                         future.set_exception(exc)
                     else:
                         future.set_result(result)
         finally:  # whatever stopped the group, no job waits for a call that will not be made
-            for _, _, future in waiting:
+            for _, _, future, _ in waiting:
                 if not future.done():
                     future.set_exception(RuntimeError("the model call was not made"))
 
     def status(self) -> dict[str, int]:
         return {"groups": self.groups, "calls": self.calls}
+
+
+def _function_key(fn: Callable[[Any], Any]) -> Any:
+    try:
+        hash(fn)
+    except TypeError:  # an unhashable callable object groups with itself only
+        return id(fn)
+    return fn
 
 
 class JobPlace:
@@ -540,28 +553,40 @@ class Ticket:
         loop is done when it asks for its first call: its gate slot is free from then on."""
         self.gate.release()
         self._state = "done"
-        while True:
-            try:
-                value = await self.model_calls.submit(*call)
-            except Exception as exc:
-                call, done, result = self._step(steps.throw, exc)
-            else:
-                call, done, result = self._step(steps.send, value)
-            if done:
-                return result
+        context = contextvars.copy_context()
+        context.run(_deadline.set, self.deadline)
+        context.run(_job_place.set, self._place)
+        try:
+            while True:
+                try:
+                    value = await self.model_calls.submit(call[0], call[1], context)
+                except Exception as exc:
+                    call, done, result = self._step(steps.throw, exc)
+                else:
+                    call, done, result = self._step(steps.send, value)
+                if done:
+                    return result
+        finally:
+            steps.close()  # a request cancelled while it waited: its steps end now, not when collected
 
     def _step(self, resume: Callable[[Any], Call], value: Any) -> tuple[Call, bool, Any]:
         """Resume the job's steps with a call's result (or its exception): (the next call, False,
-        None), or (None, True, the job's result) once they return."""
-        deadline_token, place_token = _deadline.set(self.deadline), _job_place.set(self._place)
+        None), or (None, True, the job's result) once they return. They run on the event loop, as
+        the first step did, but can no longer move to a thread."""
+        deadline_token, inline_token = _deadline.set(self.deadline), _inline.set(True)
+        place_token = _job_place.set(self._place)
         try:
             return resume(value), False, None
         except StopIteration as stop:
             return None, True, stop.value  # type: ignore[return-value]
         except Cancelled:
             raise deadline_problem(self.deadline.seconds) from None
+        except Offload:
+            raise RuntimeError("a job's steps asked to leave the event loop after its first model "
+                               "call; call inline_budget before it") from None
         finally:
             _deadline.reset(deadline_token)
+            _inline.reset(inline_token)
             _job_place.reset(place_token)
 
 

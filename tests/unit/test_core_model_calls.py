@@ -85,6 +85,52 @@ def test_calls_are_grouped_by_function_in_the_order_they_came():
     assert events == ["second 0", "second 2", "first 1", "first 3"]
     assert [r["result"] for r in results] == ["b", "a", "b", "a"]
 
+    class Model:  # each job asks for its model's bound method, a new object each time
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def predict(self, n: int) -> str:
+            events.append(f"{self.name} {n}")
+            return self.name
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, n: int) -> str:
+            events.append(f"unhashable {n}")
+            return "u"
+
+    models, odd = [Model("a"), Model("b")], Unhashable()
+    events.clear()
+    results, _, _ = run_jobs(5, lambda n: (lambda: steps(n, [], odd if n == 4 else models[n % 2].predict)))
+    assert events == ["a 0", "a 2", "b 1", "b 3", "unhashable 4"]
+    assert [r["result"] for r in results] == ["a", "b", "a", "b", "u"]
+
+
+def test_each_call_runs_in_its_own_request_context_with_its_deadline():
+    import contextvars
+
+    from app.core.execution import _deadline
+
+    who = contextvars.ContextVar("who", default=None)
+    seen: list[tuple] = []
+
+    def model(n: int) -> int:
+        deadline = _deadline.get()
+        seen.append((n, who.get(), deadline is not None and deadline.remaining() > 0))
+        return n
+
+    def job(n: int):
+        who.set(f"request {n}")  # set in the request's task, before its ticket
+
+        def run():
+            return (yield model, n)
+        return run
+
+    results, _, _ = run_jobs(3, job)
+    assert results == [0, 1, 2]
+    assert seen == [(0, "request 0", True), (1, "request 1", True), (2, "request 2", True)]
+
 
 def test_a_failing_call_fails_its_own_job_only_and_reaches_the_job_where_it_asked():
     caught: list[str] = []
@@ -162,6 +208,58 @@ def test_the_steps_after_the_call_see_the_request_deadline():
 
     results, _, _ = run_jobs(1, job, deadline_s=0.05)
     assert isinstance(results[0], ProblemError) and results[0].code == "deadline-exceeded"
+
+
+def test_a_request_cancelled_while_it_waits_frees_its_slot_and_ends_its_steps():
+    execution = Execution([GateSpec("light", 1, 32, 0, "light work")], 25.0)
+    ended: list[str] = []
+
+    def run():
+        try:
+            yield (lambda n: n), 1
+        finally:
+            ended.append("closed")
+
+    async def scenario():
+        async def one():
+            async with execution.ticket(open_request(), "light") as ticket:
+                return await ticket.run(run, inline=True)
+
+        task = asyncio.ensure_future(one())
+        await asyncio.sleep(0)  # the job has asked for its call
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ended == ["closed"]  # now, not when the generator is collected
+        async with execution.ticket(open_request(), "light") as ticket:  # the one slot is free
+            return await asyncio.wait_for(ticket.run(lambda: "next", inline=True), 1.0)
+
+    assert asyncio.run(scenario()) == "next"
+    gate = execution.gates["light"]
+    assert gate.running == 0 and gate.waiting == 0
+    assert execution.model_calls.status()["calls"] == 0  # the cancelled job's call was not made
+    execution.shutdown()
+
+
+def test_steps_after_a_call_cannot_leave_the_event_loop():
+    def job(n: int):
+        def run():
+            yield (lambda m: m), n
+            inline_budget(instances=INLINE_MAX_INSTANCES + 1)
+        return run
+
+    results, _, _ = run_jobs(1, job)
+    assert isinstance(results[0], RuntimeError) and "after its first model call" in str(results[0])
+
+
+def test_a_call_raising_stopiteration_fails_its_own_job_only():
+    def model(n: int) -> int:
+        if n == 0:
+            raise StopIteration
+        return n
+
+    results, _, _ = run_jobs(2, lambda n: (lambda: (yield model, n)))
+    assert isinstance(results[0], RuntimeError) and results[1] == 1
 
 
 def test_a_call_whose_job_has_gone_is_not_made():
