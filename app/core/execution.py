@@ -32,7 +32,8 @@ so code deep inside a task (a tile loop) reaches it without being passed anythin
   turn of the loop are made together, after all those jobs' preparation and before any of their
   answers: under load each phase's code and the model's weights stay in the CPU's caches across
   several requests instead of being pushed out by the next request's work. Each call is the call
-  the job would have made alone, so the answers are the same to the bit.
+  the job would have made alone, so the answers are the same to the bit. A ``big`` job (a body of
+  ``BIG_JOB_BYTES`` or more) makes its calls at once, so its memory is freed without waiting.
 """
 
 from __future__ import annotations
@@ -484,7 +485,8 @@ class Ticket:
             # It waited its turn, but at the gate's recent pace it could not finish in time.
             raise deadline_problem(deadline.seconds)
         if inline:
-            done, result = self._run_inline(fn, *args)
+            # A big upload makes its calls at once: its body is freed as soon as it can be.
+            done, result = self._run_inline(run_to_end, fn, *args) if big else self._run_inline(fn, *args)
             if done:
                 if isinstance(result, _Suspended):
                     return await self._finish_inline(result.steps, result.call)

@@ -184,6 +184,25 @@ def test_off_the_event_loop_the_calls_are_made_at_once_on_the_gate_thread():
     assert execution.model_calls.status() == {"groups": 0, "calls": 0}
 
 
+def test_a_big_job_makes_its_calls_at_once_on_the_event_loop():
+    execution = Execution([GateSpec("light", 2, 32, 0, "light work")], 25.0)
+    events: list[str] = []
+
+    async def scenario():
+        async def one(n: int, big: bool):
+            async with execution.ticket(open_request(), "light") as ticket:
+                return await ticket.run(lambda: steps(n, events, lambda m: m), inline=True, big=big)
+
+        return await asyncio.gather(one(0, True), one(1, False), one(2, True)), threading.get_ident()
+
+    (results, loop_thread) = asyncio.run(scenario())
+    execution.shutdown()
+    assert [r["result"] for r in results] == [0, 1, 2] and all(r["thread"] == loop_thread for r in results)
+    # The big jobs finished in their first step; the small one waited for its group.
+    assert events == ["prepare 0", "finish 0", "prepare 1", "prepare 2", "finish 2", "finish 1"]
+    assert execution.model_calls.status() == {"groups": 1, "calls": 1}
+
+
 def test_a_job_past_the_inline_budget_runs_all_its_steps_on_the_gate_thread():
     def job(n: int):
         def run():
