@@ -3,7 +3,8 @@
 A task declares an :class:`Endpoint` (compare LitServe's ``LitAPI`` and Seldon MLServer's codecs +
 ``MLModel``): where its inputs come from (a multipart file field, a raw ``image/*`` or ``audio/*``
 body, a JSON schema), its parameters, its limits, its admission gate and one blocking ``run(job)``
-that decodes, predicts and encodes each instance. The core owns everything around it:
+that decodes, predicts and encodes each instance (or a generator that yields its model call, which
+core makes with other requests' calls: ``execution.ModelCalls``). The core owns everything around it:
 
 1. the model (503 while it is not loaded) and the parameters (query string or multipart text
    fields, validated by the endpoint's schema: 422 naming the parameter);
@@ -27,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.errors import ProblemError, problem_answer, problem_from_validation
 from app.core.events import Observers
-from app.core.execution import Deadline, Offload, execution_of
+from app.core.execution import Call, Deadline, Offload, execution_of
 from app.core.limits import DB_CALL_TIMEOUT_S as SETTLE_MAX_S
 from app.core.idempotency import IDEMPOTENCY_PARAMETER
 from app.core.jsonbody import strict_json
@@ -151,7 +152,7 @@ class Endpoint:
     tag: str
     summary: str
     description: str
-    run: Callable[[Job], Outcome]
+    run: Callable[[Job], Outcome | Generator[Call, Any, Outcome]]
     response_schema: type[BaseModel]
     gate: str = "light"
     # Run on the event loop while the job stays within ``execution.inline_budget`` (which ``run``

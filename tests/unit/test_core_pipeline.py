@@ -810,9 +810,12 @@ def test_a_model_backed_endpoint_is_503_while_its_model_is_not_loaded(client, lo
 
 
 def test_the_access_checks_headers_go_out_with_the_answer(client, app, monkeypatch):
-    monkeypatch.setattr(app.state.access, "check", lambda request: {"RateLimit-Limit": "5"})
-    response = client.post("/test/echo", json={"instances": [1]})
+    seen = []
+    monkeypatch.setattr(app.state.access, "check",
+                        lambda request: seen.append(request.headers.get("x-api-key")) or {"RateLimit-Limit": "5"})
+    response = client.post("/test/echo", json={"instances": [1]}, headers={"X-API-Key": "k-1"})
     assert response.headers["ratelimit-limit"] == "5"
+    assert seen == ["k-1"]  # the check is asked about this request, with its headers
 
 
 def test_a_refused_access_check_answers_before_the_body_is_read(client, app, monkeypatch, logged):
