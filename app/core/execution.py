@@ -491,9 +491,7 @@ class Ticket:
                 if isinstance(result, _Suspended):
                     return await self._finish_inline(result.steps, result.call)
                 return result
-        context = contextvars.copy_context()
-        context.run(_deadline.set, deadline)
-        context.run(_job_place.set, self._place)
+        context = self._job_context()
         loop = asyncio.get_running_loop()
         token = object()
         started = gate.started[id(token)] = time.monotonic()
@@ -524,28 +522,29 @@ class Ticket:
                          extra={"request_id": request.scope.get("state", {}).get("request_id")})
             raise deadline_problem(deadline.seconds) from None
 
+    def _job_context(self) -> contextvars.Context:
+        """A copy of the current context holding the job's deadline and place, for its work elsewhere
+        (the gate's thread, a grouped model call)."""
+        context = contextvars.copy_context()
+        context.run(_deadline.set, self.deadline)
+        context.run(_job_place.set, self._place)
+        return context
+
     def _run_inline(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
         """(True, result) when ``fn`` ran to the end on the event loop; (False, None) when it
         raised :class:`Offload` and must run on the gate's thread instead."""
         started = time.monotonic()
-        deadline_token, inline_token = _deadline.set(self.deadline), _inline.set(True)
-        place_token = _job_place.set(self._place)
-        try:
-            result = fn(*args)
-            if isinstance(result, Generator):
-                try:
-                    result = _Suspended(result, next(result))
-                except StopIteration as stop:
-                    result = stop.value
-        except Offload:
-            self._place.declared = 0  # declared again on the thread
-            return False, None
-        except Cancelled:
-            raise deadline_problem(self.deadline.seconds) from None
-        finally:
-            _deadline.reset(deadline_token)
-            _inline.reset(inline_token)
-            _job_place.reset(place_token)
+        with _OnTheLoop(self):
+            try:
+                result = fn(*args)
+                if isinstance(result, Generator):
+                    try:
+                        result = _Suspended(result, next(result))
+                    except StopIteration as stop:
+                        result = stop.value
+            except Offload:
+                self._place.declared = 0  # declared again on the thread
+                return False, None
         self.gate.record(time.monotonic() - started)
         return True, result
 
@@ -555,9 +554,7 @@ class Ticket:
         loop is done when it asks for its first call: its gate slot is free from then on."""
         self.gate.release()
         self._state = "done"
-        context = contextvars.copy_context()
-        context.run(_deadline.set, self.deadline)
-        context.run(_job_place.set, self._place)
+        context = self._job_context()
         try:
             while True:
                 try:
@@ -575,21 +572,35 @@ class Ticket:
         """Resume the job's steps with a call's result (or its exception): (the next call, False,
         None), or (None, True, the job's result) once they return. They run on the event loop, as
         the first step did, but can no longer move to a thread."""
-        deadline_token, inline_token = _deadline.set(self.deadline), _inline.set(True)
-        place_token = _job_place.set(self._place)
-        try:
-            return resume(value), False, None
-        except StopIteration as stop:
-            return None, True, stop.value  # type: ignore[return-value]
-        except Cancelled:
-            raise deadline_problem(self.deadline.seconds) from None
-        except Offload:
-            raise RuntimeError("a job's steps asked to leave the event loop after its first model "
-                               "call; call inline_budget before it") from None
-        finally:
-            _deadline.reset(deadline_token)
-            _inline.reset(inline_token)
-            _job_place.reset(place_token)
+        with _OnTheLoop(self):
+            try:
+                return resume(value), False, None
+            except StopIteration as stop:
+                return None, True, stop.value  # type: ignore[return-value]
+            except Offload:
+                raise RuntimeError("a job's steps asked to leave the event loop after its first model "
+                                   "call; call inline_budget before it") from None
+
+
+class _OnTheLoop:
+    """While a ticket's job runs on the event loop: its deadline, its place and the inline flag set
+    (and reset after), and a passed deadline (:class:`Cancelled`) turned into the 503 problem."""
+
+    __slots__ = ("ticket", "tokens")
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+
+    def __enter__(self) -> None:
+        self.tokens = (_deadline.set(self.ticket.deadline), _inline.set(True), _job_place.set(self.ticket._place))
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        deadline_token, inline_token, place_token = self.tokens
+        _deadline.reset(deadline_token)
+        _inline.reset(inline_token)
+        _job_place.reset(place_token)
+        if kind is not None and issubclass(kind, Cancelled):
+            raise deadline_problem(self.ticket.deadline.seconds) from None
 
 
 @dataclass
