@@ -70,10 +70,12 @@ mutation: .venv-dev/.installed
 	.venv-dev/bin/python -m bench.mutation
 
 ## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU); the new segmentation
-## U-Net is then quantised to int8 as the next version, the one served
+## U-Net is then quantised to int8 as the next version and pinned to 272 px tiles as the one after,
+## the one served
 train: .venv-train/.installed
 	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
 	.venv-train/bin/python -m training.segmentation --quantize-from latest
+	.venv-train/bin/python -m training.segmentation --retile-from latest --tile 272 --margin 16
 
 ## lock: re-pin requirements.txt from requirements.in
 lock:

@@ -1,6 +1,6 @@
 """A 512 x 512 segmentation end to end, model versions side by side on the same code, one run.
 
-    .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.2.0 1.1.0] [--rounds 5]
+    .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.3.0 1.2.0 1.1.0] [--rounds 5]
                                                      [--code-before 2a37e37] [--threads 2] [--large 2]
 
 One server per version (gunicorn, one worker, the serving environment), the same code, each pinned
@@ -98,7 +98,7 @@ def describe(version: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="1.0.0")
-    parser.add_argument("--after", nargs="+", default=["1.2.0", "1.1.0"])
+    parser.add_argument("--after", nargs="+", default=["1.3.0", "1.2.0", "1.1.0"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--code-before", default=None, help="a commit whose code and models also serve")

@@ -12,6 +12,8 @@ The U-Net (Ronneberger et al. 2015) is scaled down for CPU training: ``--base-fi
 rotations, elastic deformation and intensity jitter, and is exported as an fp32 ``.tflite`` for the
 fixed tile size the server then uses (``--tile``, 320: four overlapping tiles per 512 x 512 image;
 a 576 px tile, one per 512 x 512 image, needs 2.9x the interpreter memory for 20 % fewer MACs).
+``--retile-from`` trains nothing either: it pins a committed int8 version to another ``--tile`` and
+``--margin`` (272 and 16: four tiles per 512 x 512 image, 0.72 of the pixels of 320 px tiles).
 ``--teacher`` distils from a committed version: the targets blend the labels with its
 probabilities. ``--quantize-from`` trains nothing: it quantises a committed version to full integer
 (int8 weights per channel and int8 activations, float32 input and output) with Google's
@@ -24,8 +26,11 @@ threshold on the validation slices, whichever way the model was made.
     # 1.1.0, the light one: 8 filters, distilled from 1.0.0 (~31 min on one core)
     .venv-train/bin/python -m training.segmentation --base-filters 8 --epochs 45 --max-minutes 31 \
         --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
-    # 1.2.0, the served one: 1.0.0 quantised to int8 (under a minute)
+    # 1.2.0: 1.0.0 quantised to int8 (under a minute)
     .venv-train/bin/python -m training.segmentation --quantize-from 1.0.0 --threads 1 --version 1.2.0
+    # 1.3.0, the served one: 1.2.0 pinned to 272 px tiles with a 16 px margin (seconds)
+    .venv-train/bin/python -m training.segmentation --retile-from 1.2.0 --tile 272 --margin 16 \
+        --threads 1 --version 1.3.0
 """
 
 from __future__ import annotations
@@ -104,6 +109,9 @@ def parse_args() -> argparse.Namespace:
                    help="train nothing: quantise this committed fp32 version ('latest': the newest) to "
                         "full-integer int8, calibrated on the server's tiles of the training slices, and "
                         "evaluate it as a new version; its tile and margin are the parent's")
+    p.add_argument("--retile-from", default=None, metavar="VERSION",
+                   help="train nothing: this committed int8 version's model, unchanged but for its input, "
+                        "pinned to --tile px tiles and served with --margin; evaluated as a new version")
     p.add_argument("--dice-weight", type=float, default=0.25)
     p.add_argument("--max-minutes", type=float, default=34.0,
                    help="stop fitting after this long (a cap for a shared CPU; the epoch count is recorded)")
@@ -113,6 +121,8 @@ def parse_args() -> argparse.Namespace:
     if args.quantize_from and (args.teacher or (args.tile, args.margin) != (TILE, MARGIN)):
         p.error("--quantize-from takes the parent's tile and margin and trains nothing: "
                 "--tile, --margin and --teacher do not apply")
+    if args.retile_from and (args.teacher or args.quantize_from):
+        p.error("--retile-from trains and quantises nothing: --teacher and --quantize-from do not apply")
     return args
 
 
@@ -299,13 +309,18 @@ def main() -> None:
             "on per-pixel masks and /v1/feedback records one string label per instance, so there is "
             "nothing to train on. Annotate the exported images (e.g. in CVAT) and add them to the "
             "membrane data instead.")
-    if args.quantize_from == "latest":
+    if "latest" in (args.quantize_from, args.retile_from):
         from training.common import existing_versions
 
-        args.quantize_from = existing_versions("segmentation", args.models_dir)[-1]
+        latest = existing_versions("segmentation", args.models_dir)[-1]
+        args.quantize_from = latest if args.quantize_from == "latest" else args.quantize_from
+        args.retile_from = latest if args.retile_from == "latest" else args.retile_from
     args.version = output_version("segmentation", args.version, args.models_dir)
     if args.quantize_from:
         quantized(args)
+        return
+    if args.retile_from:
+        retiled(args)
         return
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
@@ -455,18 +470,62 @@ def quantized(args: argparse.Namespace) -> None:
                      "parent_training": parent.get("training", {})})
 
 
-def pin_batch_one(path: Path) -> int:
+def retiled(args: argparse.Namespace) -> None:
+    """``--retile-from``: a committed int8 version, its weights and quantisation unchanged, pinned to
+    another tile size (``pin_batch_one``), then :func:`finish` as for a trained one. A 512 x 512
+    slice is four tiles either way; 272 px tiles with a margin of 16 are 0.72 of the pixels of
+    320 px tiles with a margin of 32, and the interpreter's memory shrinks with the tile."""
+    import shutil
+
+    clock = Stopwatch()
+    parent_dir = Path(args.models_dir) / "segmentation" / args.retile_from
+    parent = json.loads((parent_dir / "metadata.json").read_text())
+    if parent["artifact"]["format"] != "tflite-int8":
+        raise SystemExit(f"--retile-from {args.retile_from}: its model is {parent['artifact']['format']}; "
+                         "only a full-integer version has its batch and tile pinned")
+    out = model_dir("segmentation", args.version, args.models_dir)
+    path = out / "model.tflite"
+    shutil.copyfile(parent_dir / "model.tflite", path)
+    pin_batch_one(path, tile=args.tile)
+    tiling = {"tile": args.tile, "margin": args.margin}
+    print(f"{parent_dir} pinned to {args.tile} px tiles, margin {args.margin}", flush=True)
+    finish(args, out, clock, tiling=tiling,
+           description=f"{parent['description'].rstrip('.')}; {args.retile_from} pinned to {args.tile} px "
+                       f"tiles with a margin of {args.margin} (the same weights).",
+           artifact={"file": "model.tflite", "format": "tflite-int8", "bytes": path.stat().st_size,
+                     "sha256": sha256_file(path)},
+           params={**{k: v for k, v in parent["params"].items() if k != "threshold"}, **tiling,
+                   "stride": args.tile - 2 * args.margin, "retiled_from": args.retile_from,
+                   "tiling": "overlapping tiles inside the image, seams in the middle of each overlap "
+                             "(overlap-tile)"},
+           training={"retiled_from": args.retile_from, "parent_training": parent.get("training", {})})
+
+
+def pin_batch_one(path: Path, tile: int | None = None) -> int:
     """Rewrite ``path`` for batches of one tile, the way the server calls it: the input's batch
     becomes 1 and each transposed convolution gets a constant output shape instead of one computed
     at run time (SHAPE -> STRIDED_SLICE -> PACK from the input's batch of -1). XNNPACK only takes a
     TRANSPOSE_CONV whose output shape is constant; otherwise the graph splits around all four and
-    they run on LiteRT's reference kernels (1.0.0 in int8: 41 -> 29 ms per 320 px tile). Uses
-    LiteRT's own flatbuffer tools; returns how many operators were dropped as dead."""
+    they run on LiteRT's reference kernels (1.0.0 in int8: 41 -> 29 ms per 320 px tile). With
+    ``tile``, every activation's height and width is scaled from the input's side to ``tile`` first
+    (the network is fully convolutional; the side must stay divisible by 2 ** depth). Uses LiteRT's
+    own flatbuffer tools; returns how many operators were dropped as dead."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model(str(path))
     (graph,) = model.subgraphs
+    if tile is not None:
+        side = int(graph.tensors[graph.inputs[0]].shape[1])
+        for tensor in graph.tensors:
+            constant = model.buffers[tensor.buffer].data is not None
+            if constant or tensor.shape is None or len(tensor.shape) != 4:
+                continue
+            height, width = (int(d) for d in tensor.shape[1:3])
+            if (height * tile) % side or (width * tile) % side:
+                raise ValueError(f"a {height}x{width} activation does not scale from {side} to {tile} px")
+            tensor.shape = np.array([tensor.shape[0], height * tile // side, width * tile // side,
+                                     tensor.shape[3]], dtype=np.int32)
     for index in [*graph.inputs, *graph.outputs]:
         tensor = graph.tensors[index]
         tensor.shape = np.array([1, *list(tensor.shape)[1:]], dtype=np.int32)
@@ -477,8 +536,13 @@ def pin_batch_one(path: Path) -> int:
         out = graph.tensors[op.outputs[0]]
         if any(int(d) <= 0 for d in list(out.shape)[1:]):
             raise ValueError(f"a TRANSPOSE_CONV output of shape {list(out.shape)}: the tile must be fixed")
+        data = np.frombuffer(np.array([1, *list(out.shape)[1:]], dtype=np.int32).tobytes(), dtype=np.uint8)
+        pinned = graph.tensors[op.inputs[0]]
+        if model.buffers[pinned.buffer].data is not None:  # pinned before: a constant of its own
+            model.buffers[pinned.buffer].data = data
+            continue
         buffer = schema.BufferT()
-        buffer.data = np.frombuffer(np.array([1, *list(out.shape)[1:]], dtype=np.int32).tobytes(), dtype=np.uint8)
+        buffer.data = data
         model.buffers.append(buffer)
         shape = schema.TensorT()
         shape.shape, shape.type, shape.buffer = np.array([4], dtype=np.int32), schema.TensorType.INT32, len(model.buffers) - 1

@@ -75,13 +75,40 @@ def test_tiles_are_sent_in_batches_of_at_most_batch_size():
     assert sizes == [4, 4, 4, 4, 4, 4, 1]  # 5 x 5 = 25 tiles of stride 256
 
 
-def test_borders_get_reflected_context_not_zeros():
+def test_a_side_shorter_than_a_tile_is_reflected_at_its_end_and_the_image_starts_the_tile():
     image = ramp(40, 50)
     tiles, layout = tile_image(image)
     first = tiles[0]
-    # the row MARGIN above the image's first row mirrors the image's row 1 (reflect, edge excluded)
-    np.testing.assert_array_equal(first[MARGIN - 1, MARGIN:MARGIN + 50], image[1])
-    np.testing.assert_array_equal(first[MARGIN:MARGIN + 40, MARGIN - 1], image[:, 1])
+    np.testing.assert_array_equal(first[:40, :50], image)
+    # the row below the image's last row mirrors the image's row 38 (reflect, edge excluded)
+    np.testing.assert_array_equal(first[40, :50], image[38])
+    np.testing.assert_array_equal(first[:40, 50], image[:, 48])
+
+
+@pytest.mark.parametrize("length", [TILE, TILE + 1, 512, 700, 1100, 2048, 4093])
+@pytest.mark.parametrize(("tile", "margin"), [(TILE, MARGIN), (272, 16), (32, 0), (33, 16)])
+def test_tiles_lie_inside_the_image_and_every_seam_has_margin_context_on_both_sides(length, tile, margin):
+    layout = TileLayout(length, 7, tile, margin)
+    places = layout.placements()
+    assert len(layout) == layout.rows == len(places)
+    # as few tiles as cover the side with steps of at most the stride
+    assert layout.rows == (1 if length <= tile else 1 + -(-(length - tile) // layout.stride))
+    covered = np.zeros(length, dtype=int)
+    for place in places:
+        assert 0 <= place.y <= max(0, length - tile)  # no tile starts outside the image
+        assert place.y <= place.top < place.bottom <= place.y + tile
+        covered[place.top:place.bottom] += 1
+        if place.top > 0:  # a seam above: at least `margin` rows of real context above it
+            assert place.top - place.y >= margin
+        if place.bottom < length:  # a seam below
+            assert place.y + tile - place.bottom >= margin
+    np.testing.assert_array_equal(covered, 1)
+
+
+def test_the_seam_lies_in_the_middle_of_the_overlap():
+    layout = TileLayout(512, 512, 272, 16)  # two tiles each way, starting at 0 and 240
+    assert [(p.y, p.top, p.bottom) for p in layout.placements()[::2]] == [(0, 0, 256), (240, 256, 512)]
+    assert layout.pad(np.zeros((512, 512))).shape == (512, 512)  # no padding when a tile fits
 
 
 def test_tile_layout_rejects_empty_images_and_a_margin_that_eats_the_tile():

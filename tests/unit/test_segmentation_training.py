@@ -1,9 +1,10 @@
-"""The segmentation trainer's distillation and tile options (issue 18's light U-Net, 1.1.0) and its
-int8 quantisation (1.2.0, the served one)."""
+"""The segmentation trainer's distillation and tile options (the light U-Net, 1.1.0), its int8
+quantisation (1.2.0) and its re-tiling (1.3.0, the served one)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ from app.tasks.segmentation.preprocess import (
 )
 from tests.support import REPO_ROOT, SHARED_DATA
 from training.common import load_version as load
+from training.common import sha256_file
 from training.segmentation import distilled_targets, elastic, pin_batch_one
 
 MODELS = REPO_ROOT / "models" / "segmentation"
@@ -125,3 +127,27 @@ def test_pinning_the_batch_keeps_the_model_and_frees_the_transposed_convolutions
     tile = np.random.default_rng(1).random((1, 320, 320, 1)).astype(np.float32)
     original = TFLiteRunner(MODELS / "1.0.0" / "model.tflite", 1).run(tile)
     np.testing.assert_allclose(TFLiteRunner(pinned, 1).run(tile), original, atol=1e-5)
+
+
+def test_the_served_unet_is_1_2_0_pinned_to_smaller_tiles_and_rebuilds_to_the_byte(tmp_path):
+    """1.3.0 is 1.2.0's graph and weights with every activation scaled from 320 px tiles to 272 px
+    ones (``pin_batch_one(tile=272)``): rebuilding it from 1.2.0 gives the committed file, its input
+    is the tile its metadata declares, and its masks of a validation slice are 1.2.0's but for a
+    few pixels near the seams, which moved."""
+    meta = json.loads((MODELS / "1.3.0" / "metadata.json").read_text())
+    assert meta["params"]["retiled_from"] == "1.2.0"
+    assert (meta["params"]["tile"], meta["params"]["margin"]) == (272, 16)
+    rebuilt = tmp_path / "model.tflite"
+    shutil.copyfile(MODELS / "1.2.0" / "model.tflite", rebuilt)
+    pin_batch_one(rebuilt, tile=272)
+    assert sha256_file(rebuilt) == sha256_file(MODELS / "1.3.0" / "model.tflite") == meta["artifact"]["sha256"]
+    runner = TFLiteRunner(MODELS / "1.3.0" / "model.tflite", 1)
+    assert runner.input_shape == runner.output_shape == (1, 272, 272, 1)
+    _, _, ops = _graph(MODELS / "1.3.0" / "model.tflite")
+    _, _, parent_ops = _graph(MODELS / "1.2.0" / "model.tflite")
+    assert [op["op_name"] for op in ops] == [op["op_name"] for op in parent_ops]
+
+    gray = to_grayscale(Image.open(MEMBRANE / "image" / "22.png"))
+    small, large = load("segmentation", "1.3.0", REPO_ROOT / "models"), load("segmentation", "1.2.0", REPO_ROOT / "models")
+    agree = np.mean((small.probability(gray) >= 0.45) == (large.probability(gray) >= 0.45))
+    assert 0.99 < agree < 1.0

@@ -1,14 +1,19 @@
 """Segmentation preprocessing shared by training and serving: normalisation, overlap-tiling, masks.
 
 The U-Net is fully convolutional but is exported for one fixed tile size, so an image of any size
-is cut into overlapping tiles (the U-Net paper's "overlap-tile" strategy):
+is cut into overlapping tiles (the U-Net paper's "overlap-tile" strategy, with the tiles kept
+inside the image):
 
-* the image is reflect-padded by ``margin`` pixels on every side (and a little more at the bottom
-  and right so the tiles fit exactly), which gives the border pixels real-looking context;
-* tiles of ``tile`` x ``tile`` pixels are taken every ``stride = tile - 2 * margin`` pixels;
-* of each tile's prediction only the centre ``stride`` x ``stride`` square is kept, where every
-  pixel has at least ``margin`` pixels of context on each side, and the centres tile the output
-  exactly once: no seams, no averaging, and the mask has the input's width and height.
+* along each side, as few tiles as cover it are spread evenly from the first pixel to the last,
+  with neighbours overlapping by at least ``2 * margin`` pixels;
+* each output pixel is taken from one tile: where two tiles overlap, the seam lies in the middle
+  of the overlap, so every pixel beside a seam has at least ``margin`` pixels of real context on
+  that side; the image's own edges take no invented context;
+* a side shorter than a tile is reflect-padded at its end (bottom or right) to the tile's size.
+
+No seams, no averaging, and the mask has the input's width and height. A 512 x 512 slice is four
+tiles of 320 px (or of 272 px with a margin of 16); the stride ``tile - 2 * margin`` is the largest
+step between two tiles.
 
 Everything here is pure NumPy/Pillow (no TensorFlow), so training evaluates with the same code the
 server runs.
@@ -16,7 +21,6 @@ server runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +59,34 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
+def _spans(length: int, tile: int, margin: int) -> list[tuple[int, int, int]]:
+    """Along one side of ``length`` pixels: (tile start, first kept pixel, end of the kept span) of
+    each tile, in output coordinates; the kept spans cover ``0 .. length`` exactly once."""
+    if length <= tile:
+        return [(0, 0, length)]
+    gaps = 1 + (length - tile - 1) // (tile - 2 * margin)  # ceil((length - tile) / stride)
+    starts = [(i * (length - tile) + gaps // 2) // gaps for i in range(gaps + 1)]
+    cuts = [0, *((a + b + tile) // 2 for a, b in zip(starts, starts[1:])), length]
+    return [(start, cuts[i], cuts[i + 1]) for i, start in enumerate(starts)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One tile: its top-left corner (``y``, ``x``) and the output rows ``top:bottom`` and columns
+    ``left:right`` it fills, all in image coordinates."""
+
+    y: int
+    x: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    def kept(self, prediction: np.ndarray) -> np.ndarray:
+        """The part of this tile's (tile, tile) prediction that goes into the output."""
+        return prediction[self.top - self.y:self.bottom - self.y, self.left - self.x:self.right - self.x]
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """Where the tiles of one ``height`` x ``width`` image lie (see the module docstring)."""
@@ -72,30 +104,39 @@ class TileLayout:
 
     @property
     def stride(self) -> int:
+        """The largest step between two neighbouring tiles."""
         return self.tile - 2 * self.margin
 
     @property
     def rows(self) -> int:
-        return math.ceil(self.height / self.stride)
+        return len(_spans(self.height, self.tile, self.margin))
 
     @property
     def cols(self) -> int:
-        return math.ceil(self.width / self.stride)
+        return len(_spans(self.width, self.tile, self.margin))
 
     def __len__(self) -> int:
         return self.rows * self.cols
 
+    def placements(self) -> list[Placement]:
+        """Every tile, row by row."""
+        columns = _spans(self.width, self.tile, self.margin)
+        return [Placement(y, x, top, bottom, left, right)
+                for y, top, bottom in _spans(self.height, self.tile, self.margin)
+                for x, left, right in columns]
+
     def origins(self) -> list[tuple[int, int]]:
-        """Top-left corner of each tile in the padded image (= of its kept centre in the output)."""
-        return [(r * self.stride, c * self.stride) for r in range(self.rows) for c in range(self.cols)]
+        """Top-left corner of each tile in the padded image."""
+        return [(p.y, p.x) for p in self.placements()]
 
     def pad(self, image: np.ndarray) -> np.ndarray:
-        """Reflect-pad a (H, W) image so every tile lies inside it."""
+        """Reflect-pad a (H, W) image at the bottom and right to at least one tile each way."""
         if image.shape != (self.height, self.width):
             raise ValueError(f"expected a {self.height}x{self.width} image, got {image.shape}")
-        bottom = self.margin + self.rows * self.stride - self.height
-        right = self.margin + self.cols * self.stride - self.width
-        return np.pad(image, ((self.margin, bottom), (self.margin, right)), mode="reflect")
+        bottom, right = max(0, self.tile - self.height), max(0, self.tile - self.width)
+        if not bottom and not right:
+            return image
+        return np.pad(image, ((0, bottom), (0, right)), mode="reflect")
 
 
 def tile_image(image: np.ndarray, tile: int = TILE, margin: int = MARGIN) -> tuple[np.ndarray, TileLayout]:
@@ -107,17 +148,16 @@ def tile_image(image: np.ndarray, tile: int = TILE, margin: int = MARGIN) -> tup
 
 
 def stitch_tiles(tiles: np.ndarray, layout: TileLayout) -> np.ndarray:
-    """Inverse of :func:`tile_image` for per-pixel predictions: keep each tile's centre, crop to H x W."""
+    """Inverse of :func:`tile_image` for per-pixel predictions: each tile fills its kept span."""
     tiles = np.asarray(tiles)
     if tiles.ndim == 4:  # (n, tile, tile, 1) straight from the model
         tiles = tiles[..., 0]
     if tiles.shape != (len(layout), layout.tile, layout.tile):
         raise ValueError(f"expected {len(layout)} tiles of {layout.tile}px, got {tiles.shape}")
-    m, s = layout.margin, layout.stride
-    out = np.empty((layout.rows * s, layout.cols * s), dtype=tiles.dtype)
-    for (y, x), prediction in zip(layout.origins(), tiles, strict=True):
-        out[y:y + s, x:x + s] = prediction[m:m + s, m:m + s]
-    return out[:layout.height, :layout.width]
+    out = np.empty((layout.height, layout.width), dtype=tiles.dtype)
+    for place, prediction in zip(layout.placements(), tiles, strict=True):
+        out[place.top:place.bottom, place.left:place.right] = place.kept(prediction)
+    return out
 
 
 def binary_mask(probability: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
@@ -200,21 +240,20 @@ def predict_probability(gray: np.ndarray, run, *, tile: int = TILE, margin: int 
 
     ``run`` maps a float32 batch (n, tile, tile, 1) to probabilities (n, tile, tile, 1): the LiteRT
     runner at serving time, the Keras model during training. Tiles go in batches of ``batch_size``
-    and each batch's centres are written straight into the output, so memory stays bounded for a
+    and each tile's kept span is written straight into the output, so memory stays bounded for a
     2048 x 2048 image (the model's activations for one batch dominate it).
     """
     layout = TileLayout(int(gray.shape[0]), int(gray.shape[1]), tile, margin)
     padded = layout.pad(np.asarray(gray, dtype=np.float32))
-    origins = layout.origins()
-    s = layout.stride
-    out = np.empty((layout.rows * s, layout.cols * s), dtype=np.float32)
-    for start in range(0, len(origins), batch_size):
-        chunk = origins[start:start + batch_size]
-        batch = np.stack([padded[y:y + tile, x:x + tile] for y, x in chunk])[..., None]
+    places = layout.placements()
+    out = np.empty((layout.height, layout.width), dtype=np.float32)
+    for start in range(0, len(places), batch_size):
+        chunk = places[start:start + batch_size]
+        batch = np.stack([padded[p.y:p.y + tile, p.x:p.x + tile] for p in chunk])[..., None]
         prediction = np.asarray(run(batch), dtype=np.float32).reshape(len(chunk), tile, tile)
-        for (y, x), tile_prediction in zip(chunk, prediction, strict=True):
-            out[y:y + s, x:x + s] = tile_prediction[margin:margin + s, margin:margin + s]
-    return out[:layout.height, :layout.width]
+        for place, tile_prediction in zip(chunk, prediction, strict=True):
+            out[place.top:place.bottom, place.left:place.right] = place.kept(tile_prediction)
+    return out
 
 
 @dataclass
@@ -238,23 +277,22 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
     height, width = int(gray.shape[0]), int(gray.shape[1])
     layout = TileLayout(height, width, tile, margin)
     padded = layout.pad(np.asarray(gray))
-    s = layout.stride
     mask = np.empty((height, width), dtype=np.uint8)
     probability = np.empty((height, width), dtype=np.float32) if keep_probability else None
     n = float(height * width)
     foreground = probability_sum = certainty_sum = 0.0
-    for y, x in layout.origins():
-        window = padded[y:y + tile, x:x + tile]
+    for place in layout.placements():
+        window = padded[place.y:place.y + tile, place.x:place.x + tile]
         if window.dtype == np.uint8:
             window = window.astype(np.float32) / 255.0
         prediction = np.asarray(run(np.asarray(window, dtype=np.float32)[None, ..., None]),
                                 dtype=np.float32).reshape(tile, tile)
-        rows, cols = min(s, height - y), min(s, width - x)
-        kept = prediction[margin:margin + rows, margin:margin + cols]
+        kept = place.kept(prediction)
         above = kept >= threshold
-        mask[y:y + rows, x:x + cols] = np.where(above, 255, 0)
+        rows, cols = slice(place.top, place.bottom), slice(place.left, place.right)
+        mask[rows, cols] = np.where(above, 255, 0)
         if probability is not None:
-            probability[y:y + rows, x:x + cols] = kept
+            probability[rows, cols] = kept
         foreground += float(np.count_nonzero(above))
         probability_sum += float(kept.sum(dtype=np.float64))
         certainty_sum += float((np.abs(kept - 0.5) * 2.0).sum(dtype=np.float64))
