@@ -105,6 +105,14 @@ def test_tiles_lie_inside_the_image_and_every_seam_has_margin_context_on_both_si
     np.testing.assert_array_equal(covered, 1)
 
 
+def test_tiles_are_spread_evenly_each_start_the_nearest_pixel():
+    # 1101 px in 320 px tiles at most 256 apart: 5 tiles, 781 / 4 = 195.25 px apart, rounded half up
+    layout = TileLayout(1101, 5, 320, 32)
+    assert [p.y for p in layout.placements()] == [0, 195, 391, 586, 781]
+    assert [(p.top, p.bottom) for p in layout.placements()] == [(0, 257), (257, 453), (453, 648),
+                                                                (648, 843), (843, 1101)]
+
+
 def test_the_seam_lies_in_the_middle_of_the_overlap():
     layout = TileLayout(512, 512, 272, 16)  # two tiles each way, starting at 0 and 240
     assert [(p.y, p.top, p.bottom) for p in layout.placements()[::2]] == [(0, 0, 256), (240, 256, 512)]
