@@ -25,6 +25,7 @@ from fastapi import Request
 
 from app.core.config import Settings
 from app.core.errors import ProblemError
+from app.core.runtime import usable_cpus
 
 log = logging.getLogger("app.registry")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"():]+/)*")
@@ -41,6 +42,8 @@ class ServedModel:
     """A loaded model version. Subclasses set ``task`` and implement ``_load_artifacts``/``predict``."""
 
     task: ClassVar[str] = ""
+    # Threads at idle priority that this model's interpreter gains from (``app.core.runtime``).
+    idle_threads: ClassVar[int] = 0
 
     def __init__(self, path: Path, metadata: dict[str, Any], reference: dict[str, Any] | None,
                  settings: Settings) -> None:
@@ -69,6 +72,16 @@ class ServedModel:
 
     def _load_artifacts(self) -> None:
         """Load the model file(s) under ``self.path``; raise if anything is missing or broken."""
+
+    def runner_threads(self) -> dict[str, int]:
+        """The LiteRT threads of this model's interpreter: ``INFERENCE_THREADS`` at normal priority
+        and, with one of those and ``IDLE_THREADS`` on, up to ``idle_threads`` at idle priority, as
+        many as the other CPUs this process may use."""
+        threads = self.settings.inference_threads
+        idle = 0
+        if threads == 1 and self.settings.idle_threads:
+            idle = max(0, min(self.idle_threads, usable_cpus() - 1))
+        return {"num_threads": threads, "idle_threads": idle}
 
     def warm_up(self) -> None:
         """Run one dummy prediction so the first request pays no allocation cost (optional)."""

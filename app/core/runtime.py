@@ -5,10 +5,18 @@ exported by ``training/`` with ``ai-edge-litert`` (~100 MiB RSS and a fraction o
 against ~590 MiB for TF).
 An interpreter is not thread-safe, and FastAPI runs blocking work on a thread pool, so ``run`` holds
 a lock for the resize/set/invoke/get sequence.
+
+Idle threads: an interpreter of one thread may be given threads at idle priority (Linux nice 19).
+XNNPACK splits each operator between all its threads and a thread that is done takes work left to
+the others, so an idle thread does a share of the work only while a core has nothing else to run:
+on an idle machine a model with one idle thread runs as on two threads, and when the other core is
+busy (another worker, another process) it takes almost nothing from that work
+(docs/performance.md#segmentation-versions).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -22,16 +30,21 @@ class TFLiteRunner:
     Batches larger than ``max_batch`` run in slices of ``max_batch``: the interpreter's activation
     arena is sized for the largest batch it has seen and kept, so one request with many windows or
     tiles would otherwise leave the worker that much larger for good. A model exported for a batch
-    of exactly one (segmentation 1.2.0: constant shapes, so XNNPACK runs every operator) takes its
+    of exactly one (segmentation 1.2.0 and 1.3.0: constant shapes, so XNNPACK runs every operator) takes its
     rows one at a time."""
 
-    def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32) -> None:
+    def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32, idle_threads: int = 0) -> None:
         self.path = Path(path)
-        self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        known = _native_threads() if idle_threads else set()
+        self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads + idle_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.max_batch = 1 if int(self._input["shape_signature"][0]) == 1 else max_batch
         self._interpreter.allocate_tensors()
+        # The interpreter's thread pool starts with its delegate, by now: its threads are the new
+        # native threads that are not Python's. With idle threads, all of them go to idle priority;
+        # the calling thread keeps its own, so the work a model needs is done at normal priority.
+        self.idle_threads = _to_idle_priority(_native_threads() - known) if idle_threads else 0
         self._shape = tuple(int(d) for d in self._input["shape"])
         self._lock = threading.Lock()
 
@@ -61,3 +74,35 @@ class TFLiteRunner:
             self._interpreter.set_tensor(self._input["index"], batch)
             self._interpreter.invoke()
             return np.array(self._interpreter.get_tensor(self._output["index"]))
+
+
+IDLE_NICE = 19  # the lowest priority: the scheduler runs such a thread only when a core is free
+
+
+def _native_threads() -> set[int]:
+    """This process's thread ids (Linux; empty where /proc is missing)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _to_idle_priority(new: set[int]) -> int:
+    """Lower each of ``new`` (thread ids) that is not a Python thread to idle priority; how many."""
+    new -= {t.native_id for t in threading.enumerate()}
+    lowered = 0
+    for tid in sorted(new):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, IDLE_NICE)  # on Linux: that thread only
+            lowered += 1
+        except OSError:  # gone already, or not permitted: it keeps the normal priority
+            pass
+    return lowered
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -16,7 +16,7 @@ class DigitsModel(ServedModel):
     task = "digits"
 
     def _load_artifacts(self) -> None:
-        self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads)
+        self.runner = TFLiteRunner(self.path / "model.tflite", **self.runner_threads())
         expected = (SIZE, SIZE, 1)
         if self.runner.input_shape[1:] != expected or self.runner.output_shape[-1] != 10:
             raise ValueError(f"model.tflite takes {self.runner.input_shape} -> {self.runner.output_shape}; "

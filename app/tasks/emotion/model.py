@@ -58,8 +58,7 @@ class EmotionModel(ServedModel):
         # A model trained on speech spans is served speech spans; older versions, whole clips.
         self.speech_span = bool(self.metadata.get("params", {}).get("speech_span", False))
         # 8 windows (12 s of audio) per call bound the interpreter's arena; a minute is 39 windows.
-        self.runner = TFLiteRunner(self.path / "model.tflite", self.settings.inference_threads,
-                                   max_batch=8)
+        self.runner = TFLiteRunner(self.path / "model.tflite", max_batch=8, **self.runner_threads())
         expected = (self.params.n_frames, self.params.n_mfcc)
         if tuple(self.runner.input_shape[1:]) != expected:
             raise ValueError(f"model input {self.runner.input_shape} does not match the "

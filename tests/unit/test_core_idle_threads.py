@@ -1,0 +1,71 @@
+"""Idle threads: a LiteRT interpreter's extra threads at idle priority (``app.core.runtime``), and
+which models get them (``ServedModel.runner_threads``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from app.core import registry
+from app.core.config import Settings
+from app.core.registry import ServedModel
+from app.core.runtime import IDLE_NICE, TFLiteRunner, _native_threads
+from tests.support import REPO_ROOT
+
+UNET = REPO_ROOT / "models" / "segmentation" / "1.3.0" / "model.tflite"
+DIGITS = REPO_ROOT / "models" / "digits" / "1.1.0" / "model.tflite"
+
+
+def niceness(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_an_idle_thread_is_a_new_native_thread_at_the_lowest_priority_and_changes_no_answer():
+    before = {tid: niceness(tid) for tid in _native_threads()}
+    runner = TFLiteRunner(UNET, 1, idle_threads=1)
+    new = _native_threads() - set(before)
+    assert runner.idle_threads == 1 and len(new) == 1
+    assert [niceness(tid) for tid in new] == [IDLE_NICE]
+    assert {tid: niceness(tid) for tid in before if tid in _native_threads()} == {
+        tid: nice for tid, nice in before.items() if tid in _native_threads()}  # no other thread lowered
+    tiles = np.random.default_rng(0).random((2, 272, 272, 1)).astype(np.float32)
+    np.testing.assert_array_equal(runner.run(tiles), TFLiteRunner(UNET, 1).run(tiles))
+
+
+def test_without_idle_threads_the_interpreter_starts_no_thread():
+    before = _native_threads()
+    runner = TFLiteRunner(DIGITS, 1)
+    assert runner.idle_threads == 0 and _native_threads() == before
+
+
+class Heavy(ServedModel):
+    task = "heavy"
+    idle_threads = 1
+
+
+class Light(ServedModel):
+    task = "light"
+
+
+def threads(model_class: type[ServedModel], cpus: int, monkeypatch, **settings) -> dict[str, int]:
+    monkeypatch.setattr(registry, "usable_cpus", lambda: cpus)
+    return model_class(REPO_ROOT, {}, None, Settings(**settings)).runner_threads()
+
+
+def test_only_a_model_that_asks_gets_idle_threads_and_only_with_a_core_to_spare(monkeypatch):
+    assert threads(Heavy, 2, monkeypatch) == {"num_threads": 1, "idle_threads": 1}
+    assert threads(Heavy, 8, monkeypatch) == {"num_threads": 1, "idle_threads": 1}
+    assert threads(Heavy, 1, monkeypatch) == {"num_threads": 1, "idle_threads": 0}
+    assert threads(Light, 8, monkeypatch) == {"num_threads": 1, "idle_threads": 0}
+    assert threads(Heavy, 8, monkeypatch, idle_threads=False) == {"num_threads": 1, "idle_threads": 0}
+    # threads asked for at normal priority replace the idle ones
+    assert threads(Heavy, 8, monkeypatch, inference_threads=2) == {"num_threads": 2, "idle_threads": 0}
+
+
+def test_the_served_segmentation_model_runs_with_an_idle_thread_where_it_can(monkeypatch):
+    from app.tasks.segmentation.model import SegmentationModel
+
+    monkeypatch.setattr(registry, "usable_cpus", lambda: 2)
+    model = SegmentationModel.load(UNET.parent, Settings())
+    assert model.runner.idle_threads == 1
