@@ -2,16 +2,19 @@
 
     .venv-dev/bin/python -m bench.idle_threads [--rounds 3] [--seconds 12]
 
-Two servers take turns, ``--rounds`` times: the default settings (segmentation's interpreter has one
-thread and one at idle priority, ``app.core.runtime``) and ``IDLE_THREADS=false`` (one thread). Each
+Two servers take turns, ``--rounds`` times: ``IDLE_THREADS=true`` (segmentation's interpreter has
+one thread and one at idle priority, ``app.core.runtime``) and the default settings (one thread). Each
 runs gunicorn with two workers, the Procfile way, and is sent with ``hey`` (raw PNG bodies,
 keep-alive), one phase after another:
 
 * **alone**: one 512 x 512 slice at a time, 20 requests: the latency a lone client sees;
 * **segmentation**: 4 clients posting the slice for ``--seconds``: throughput when segmentations
   fill both workers;
-* **mixed**: 2 clients posting the slice and, at the same time, 4 clients posting an MNIST digit:
+* **mixed**: for the same time, 2 clients posting the slice and 4 clients posting an MNIST digit:
   each kind's throughput when the other kind keeps the other core busy.
+
+Each phase but the first runs for a fixed time (``hey -z``), so the two kinds of the mixed phase
+overlap from start to end.
 
 Reported: each phase's median over the rounds for both settings and their ratio. Writes
 ``bench/results/idle_threads.json``.
@@ -20,7 +23,10 @@ Reported: each phase's median over the rounds for both settings and their ratio.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
+import tempfile
 import threading
 from typing import Any
 
@@ -37,11 +43,22 @@ from bench.common import (
 from bench.liveserver import running_server
 from bench.load import hey
 
-MODES = {"idle threads (default)": {}, "one thread": {"IDLE_THREADS": "false"}}
+MODES = {"idle thread": {"IDLE_THREADS": "true"}, "one thread (default)": {}}
 
 
-def seconds_of(rps_guess: float, seconds: float) -> int:
-    return max(8, int(rps_guess * seconds))
+def hey_for(url: str, body: bytes, seconds: float, clients: int) -> dict[str, Any]:
+    """``hey -z``: ``clients`` keep-alive clients posting ``body`` for ``seconds``; req/s and failures."""
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        out = subprocess.run(["hey", "-z", f"{seconds:g}s", "-c", str(clients), "-m", "POST", "-T", "image/png",
+                              "-D", f.name, url], capture_output=True, text=True, timeout=seconds + 120,
+                             check=True).stdout
+    statuses = {code: int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    _, _, error_part = out.partition("Error distribution:")  # transport errors: "  [count]\tPost ...: EOF"
+    errors = sum(int(n) for n in re.findall(r"(?m)^\s+\[(\d+)\]\s", error_part))
+    return {"throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "failed": sum(n for code, n in statuses.items() if code != "200") + errors}
 
 
 def one_round(env: dict[str, str], slice_png: bytes, digit_png: bytes, seconds: float) -> dict[str, Any]:
@@ -50,14 +67,14 @@ def one_round(env: dict[str, str], slice_png: bytes, digit_png: bytes, seconds: 
         digits = live.base_url + "/v1/digits/predict"
         hey(segment, slice_png, "image/png", 8, 2)  # both workers warm
         alone = hey(segment, slice_png, "image/png", 20, 1)
-        full = hey(segment, slice_png, "image/png", seconds_of(12, seconds), 4)
+        full = hey_for(segment, slice_png, seconds, 4)
         mixed: dict[str, Any] = {}
 
-        def run(name: str, url: str, body: bytes, requests: int, clients: int) -> None:
-            mixed[name] = hey(url, body, "image/png", requests, clients)
+        def run(name: str, url: str, body: bytes, clients: int) -> None:
+            mixed[name] = hey_for(url, body, seconds, clients)
 
-        both = [threading.Thread(target=run, args=("segmentation", segment, slice_png, seconds_of(6, seconds), 2)),
-                threading.Thread(target=run, args=("digits", digits, digit_png, seconds_of(800, seconds), 4))]
+        both = [threading.Thread(target=run, args=("segmentation", segment, slice_png, 2)),
+                threading.Thread(target=run, args=("digits", digits, digit_png, 4))]
         for thread in both:
             thread.start()
         for thread in both:
@@ -84,7 +101,7 @@ def main() -> int:
     keys = ["alone_p50_ms", "segmentation_rps", "mixed_segmentation_rps", "mixed_digits_rps"]
     medians = {mode: {key: round(statistics.median(r[key] for r in results), 2) for key in keys}
                for mode, results in rounds.items()}
-    idle, one = medians["idle threads (default)"], medians["one thread"]
+    idle, one = medians["idle thread"], medians["one thread (default)"]
     ratios = {key: round(idle[key] / one[key], 3) for key in keys}
     for mode, figures in medians.items():
         print(f"{mode}: {figures}")

@@ -1,12 +1,12 @@
 """A 512 x 512 segmentation end to end, model versions side by side on the same code, one run.
 
     .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.3.0 1.2.0 1.1.0] [--rounds 5]
-                                                     [--code-before 2a37e37] [--one-thread] [--threads 2] [--large 2]
+                                                     [--code-before 2a37e37] [--idle-threads] [--threads 2] [--large 2]
 
 One server per version (gunicorn, one worker, the serving environment, its default settings: one
-LiteRT thread and one at idle priority where a second core exists), the same code, each pinned
-to its version with ``MODEL_VERSIONS``; with ``--one-thread``, each ``--after`` version a second
-time with ``IDLE_THREADS=false`` (named ``VERSION, one thread``); with ``--threads N``, each
+LiteRT thread), the same code, each pinned to its version with ``MODEL_VERSIONS``; with
+``--idle-threads``, each ``--after`` version a second time with ``IDLE_THREADS=true`` (named
+``VERSION + idle thread``: one more thread at idle priority); with ``--threads N``, each
 ``--after`` version with ``INFERENCE_THREADS=N`` (named ``VERSION x N threads``); with
 ``--code-before REF``, one more server running the code (and models) of commit ``REF`` as they
 were, extracted under ``var/``. For each:
@@ -105,8 +105,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--code-before", default=None, help="a commit whose code and models also serve")
     parser.add_argument("--threads", type=int, default=1, help="each --after version also on this many threads")
-    parser.add_argument("--one-thread", action="store_true",
-                        help="each --after version also with IDLE_THREADS=false: one LiteRT thread")
+    parser.add_argument("--idle-threads", action="store_true",
+                        help="each --after version also with IDLE_THREADS=true: a thread at idle priority")
     parser.add_argument("--large", type=int, default=0, help="2048 x 2048 requests per round")
     args = parser.parse_args()
     slice_25 = Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")
@@ -119,11 +119,11 @@ def main() -> int:
     # name -> (the version served, the server's settings, the checkout it runs)
     targets = {version: (version, {"MODEL_VERSIONS": json.dumps({"segmentation": version})}, REPO_ROOT)
                for version in versions}
-    if args.one_thread:
+    if args.idle_threads:
         for version in args.after:
-            name = f"{version}, one thread"
-            targets[name] = (version, {**targets[version][1], "IDLE_THREADS": "false"}, REPO_ROOT)
-            result["versions"][name] = {**result["versions"][version], "idle_threads": False}
+            name = f"{version} + idle thread"
+            targets[name] = (version, {**targets[version][1], "IDLE_THREADS": "true"}, REPO_ROOT)
+            result["versions"][name] = {**result["versions"][version], "idle_threads": True}
     if args.threads > 1:
         for version in args.after:
             name = f"{version} x {args.threads} threads"

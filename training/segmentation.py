@@ -516,16 +516,17 @@ def pin_batch_one(path: Path, tile: int | None = None) -> int:
     model = flatbuffer_utils.read_model(str(path))
     (graph,) = model.subgraphs
     if tile is not None:
-        side = int(graph.tensors[graph.inputs[0]].shape[1])
+        rows, cols = (int(d) for d in graph.tensors[graph.inputs[0]].shape[1:3])
         for tensor in graph.tensors:
             constant = model.buffers[tensor.buffer].data is not None
             if constant or tensor.shape is None or len(tensor.shape) != 4:
                 continue
             height, width = (int(d) for d in tensor.shape[1:3])
-            if (height * tile) % side or (width * tile) % side:
-                raise ValueError(f"a {height}x{width} activation does not scale from {side} to {tile} px")
-            tensor.shape = np.array([tensor.shape[0], height * tile // side, width * tile // side,
+            if (height * tile) % rows or (width * tile) % cols:
+                raise ValueError(f"a {height}x{width} activation does not scale from {rows}x{cols} to {tile} px")
+            tensor.shape = np.array([tensor.shape[0], height * tile // rows, width * tile // cols,
                                      tensor.shape[3]], dtype=np.int32)
+            tensor.shapeSignature = None  # static: exactly ``shape``
     for index in [*graph.inputs, *graph.outputs]:
         tensor = graph.tensors[index]
         tensor.shape = np.array([1, *list(tensor.shape)[1:]], dtype=np.int32)
@@ -538,7 +539,8 @@ def pin_batch_one(path: Path, tile: int | None = None) -> int:
             raise ValueError(f"a TRANSPOSE_CONV output of shape {list(out.shape)}: the tile must be fixed")
         data = np.frombuffer(np.array([1, *list(out.shape)[1:]], dtype=np.int32).tobytes(), dtype=np.uint8)
         pinned = graph.tensors[op.inputs[0]]
-        if model.buffers[pinned.buffer].data is not None:  # pinned before: a constant of its own
+        shared = sum(int(t.buffer) == int(pinned.buffer) for t in graph.tensors) > 1
+        if model.buffers[pinned.buffer].data is not None and not shared:  # pinned before: its own constant
             model.buffers[pinned.buffer].data = data
             continue
         buffer = schema.BufferT()

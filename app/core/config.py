@@ -25,9 +25,9 @@ class Settings(BaseSettings):
     # A second version per task predicting every request after its response, logged as shadow.
     shadow_versions: dict[str, str] = {}
     inference_threads: int = Field(1, ge=1, le=64, description="LiteRT threads per interpreter")
-    idle_threads: bool = Field(True, description="with one LiteRT thread, a model that gains from more "
-                               "cores (segmentation) also gets threads at idle priority, which work only "
-                               "on cores nothing else needs")
+    idle_threads: bool = Field(False, description="with one LiteRT thread, a model that gains from more "
+                               "cores (segmentation) also gets threads at idle priority: a lone request "
+                               "runs faster, but beside other work the model's own throughput drops")
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
     log_level: str = "INFO"
     max_upload_mb: float = Field(10.0, gt=0)

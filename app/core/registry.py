@@ -75,8 +75,8 @@ class ServedModel:
 
     def runner_threads(self) -> dict[str, int]:
         """The LiteRT threads of this model's interpreter: ``INFERENCE_THREADS`` at normal priority
-        and, with one of those and ``IDLE_THREADS`` on, up to ``idle_threads`` at idle priority, as
-        many as the other CPUs this process may use."""
+        and, with one of those and ``IDLE_THREADS`` on (off by default), up to ``idle_threads`` at
+        idle priority, as many as the other CPUs this process may use."""
         threads = self.settings.inference_threads
         idle = 0
         if threads == 1 and self.settings.idle_threads:

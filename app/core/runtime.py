@@ -7,21 +7,28 @@ An interpreter is not thread-safe, and FastAPI runs blocking work on a thread po
 a lock for the resize/set/invoke/get sequence.
 
 Idle threads: an interpreter of one thread may be given threads at idle priority (Linux nice 19).
-XNNPACK splits each operator between all its threads and a thread that is done takes work left to
-the others, so an idle thread does a share of the work only while a core has nothing else to run:
-on an idle machine a model with one idle thread runs as on two threads, and when the other core is
-busy (another worker, another process) it takes almost nothing from that work
-(docs/performance.md#segmentation-versions).
+XNNPACK splits each operator between all its threads, so on an idle machine a model with one idle
+thread runs as on two threads, and the idle thread takes little from other work. The cost is the
+model's own: when other work keeps the cores busy, the idle thread gets almost no time, and the
+operator it holds a part of waits for it (docs/performance.md#segmentation-versions: a lone 512x512
+segmentation in 0.57 of the time, but segmentations beside digit requests at half the rate).
+Where the threads cannot be lowered (no /proc, or
+not permitted), the interpreter is made again without them and a warning is logged. Interpreters
+are made one at a time in a process: an interpreter's new threads are told apart as those that
+appeared meanwhile and are not Python's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+
+log = logging.getLogger("app.runtime")
 
 
 class TFLiteRunner:
@@ -35,18 +42,35 @@ class TFLiteRunner:
 
     def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32, idle_threads: int = 0) -> None:
         self.path = Path(path)
-        known = _native_threads() if idle_threads else set()
-        self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads + idle_threads)
+        self.idle_threads = 0  # the threads at idle priority this interpreter has
+        if idle_threads:
+            with _CREATING:  # one interpreter at a time: the new threads are this one's
+                known = _native_threads()
+                self._interpreter = self._create(num_threads + idle_threads)
+                # The thread pool starts with the delegate, by now: its threads are the new native
+                # threads that are not Python's. They all go to idle priority; the calling thread
+                # keeps its own, so the work a request needs is done at normal priority.
+                pool = _native_threads() - known - {t.native_id for t in threading.enumerate()}
+                self.idle_threads = _to_idle_priority(pool)
+            if self.idle_threads != idle_threads:  # no /proc, or not permitted: no extra threads
+                log.warning("LiteRT threads at idle priority unavailable; one thread of its own",
+                            extra={"model_file": str(self.path), "asked": idle_threads,
+                                   "lowered": self.idle_threads, "pool_threads": len(pool)})
+                self.idle_threads = 0
+                self._interpreter = self._create(num_threads)
+        else:
+            with _CREATING:  # a pool thread of this one must not pass for another's idle thread
+                self._interpreter = self._create(num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.max_batch = 1 if int(self._input["shape_signature"][0]) == 1 else max_batch
-        self._interpreter.allocate_tensors()
-        # The interpreter's thread pool starts with its delegate, by now: its threads are the new
-        # native threads that are not Python's. With idle threads, all of them go to idle priority;
-        # the calling thread keeps its own, so the work a model needs is done at normal priority.
-        self.idle_threads = _to_idle_priority(_native_threads() - known) if idle_threads else 0
         self._shape = tuple(int(d) for d in self._input["shape"])
         self._lock = threading.Lock()
+
+    def _create(self, threads: int) -> Interpreter:
+        interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+        interpreter.allocate_tensors()
+        return interpreter
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -76,7 +100,9 @@ class TFLiteRunner:
             return np.array(self._interpreter.get_tensor(self._output["index"]))
 
 
-IDLE_NICE = 19  # the lowest priority: the scheduler runs such a thread only when a core is free
+IDLE_NICE = 19  # the lowest priority: a weight of 15 against a normal thread's 1024
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+_CREATING = threading.Lock()
 
 
 def _native_threads() -> set[int]:
@@ -87,11 +113,10 @@ def _native_threads() -> set[int]:
         return set()
 
 
-def _to_idle_priority(new: set[int]) -> int:
-    """Lower each of ``new`` (thread ids) that is not a Python thread to idle priority; how many."""
-    new -= {t.native_id for t in threading.enumerate()}
+def _to_idle_priority(threads: set[int]) -> int:
+    """Lower each of ``threads`` (native thread ids) to idle priority; how many were lowered."""
     lowered = 0
-    for tid in sorted(new):
+    for tid in sorted(threads):
         try:
             os.setpriority(os.PRIO_PROCESS, tid, IDLE_NICE)  # on Linux: that thread only
             lowered += 1
@@ -101,8 +126,16 @@ def _to_idle_priority(new: set[int]) -> int:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on."""
+    """The CPUs this process may use: those it may run on, fewer under a cgroup CPU quota
+    (``docker --cpus``, a dyno's share), rounded down, at least one."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus

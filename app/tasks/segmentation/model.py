@@ -23,8 +23,8 @@ TILES_PER_CALL = 1
 
 class SegmentationModel(ServedModel):
     task = "segmentation"
-    # A tile is ~35 ms of convolutions that split well between two threads; a second one at idle
-    # priority halves that on an idle machine and takes little from other work on a busy one.
+    # A tile is ~35 ms of convolutions that split well between two threads: with IDLE_THREADS on, a
+    # second one at idle priority nearly halves a lone request's time (app.core.runtime).
     idle_threads = 1
 
     def _load_artifacts(self) -> None:
