@@ -405,6 +405,17 @@ def main() -> None:
            history=history, best_epoch=best["epoch"])
 
 
+def committed_parent(args: argparse.Namespace, flag: str, version: str, fmt: str,
+                     refusal: str) -> tuple[Path, dict[str, Any]]:
+    """The directory and metadata of the committed version ``flag`` names; refused (``refusal``
+    after the model's format) unless its model is ``fmt``."""
+    parent_dir = Path(args.models_dir) / "segmentation" / version
+    parent = json.loads((parent_dir / "metadata.json").read_text())
+    if parent["artifact"]["format"] != fmt:
+        raise SystemExit(f"{flag} {version}: its model is {parent['artifact']['format']}{refusal}")
+    return parent_dir, parent
+
+
 def quantized(args: argparse.Namespace) -> None:
     """``--quantize-from``: a committed version as full-integer int8, then :func:`finish` as for a
     trained one. Calibration sees only the training slices, cut into the tiles the server cuts."""
@@ -415,11 +426,8 @@ def quantized(args: argparse.Namespace) -> None:
     from app.tasks.segmentation.preprocess import tile_image
 
     clock = Stopwatch()
-    parent_dir = Path(args.models_dir) / "segmentation" / args.quantize_from
-    parent = json.loads((parent_dir / "metadata.json").read_text())
-    if parent["artifact"]["format"] != "tflite-fp32":
-        raise SystemExit(f"--quantize-from {args.quantize_from}: its model is {parent['artifact']['format']}, "
-                         "not fp32; quantise the fp32 version it was made from")
+    parent_dir, parent = committed_parent(args, "--quantize-from", args.quantize_from, "tflite-fp32",
+                                          ", not fp32; quantise the fp32 version it was made from")
     tiling = {"tile": int(parent["params"]["tile"]), "margin": int(parent["params"]["margin"])}
     train_x, _ = load_slices(args.data, TRAIN_SLICES)
     calibration = np.concatenate([tile_image(image, **tiling)[0] for image in train_x])[..., None]
@@ -478,11 +486,8 @@ def retiled(args: argparse.Namespace) -> None:
     import shutil
 
     clock = Stopwatch()
-    parent_dir = Path(args.models_dir) / "segmentation" / args.retile_from
-    parent = json.loads((parent_dir / "metadata.json").read_text())
-    if parent["artifact"]["format"] != "tflite-int8":
-        raise SystemExit(f"--retile-from {args.retile_from}: its model is {parent['artifact']['format']}; "
-                         "only a full-integer version has its batch and tile pinned")
+    parent_dir, parent = committed_parent(args, "--retile-from", args.retile_from, "tflite-int8",
+                                          "; only a full-integer version has its batch and tile pinned")
     out = model_dir("segmentation", args.version, args.models_dir)
     path = out / "model.tflite"
     shutil.copyfile(parent_dir / "model.tflite", path)

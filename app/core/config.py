@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     inference_threads: int = Field(1, ge=1, le=64, description="LiteRT threads per interpreter")
     idle_threads: bool = Field(False, description="with one LiteRT thread, a model that gains from more "
                                "cores (segmentation) also gets threads at idle priority: a lone request "
-                               "runs faster, but beside other work the model's own throughput drops")
+                               "runs faster, but beside other work the model's throughput varies and "
+                               "can halve")
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
     log_level: str = "INFO"
     max_upload_mb: float = Field(10.0, gt=0)

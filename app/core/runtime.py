@@ -8,12 +8,11 @@ a lock for the resize/set/invoke/get sequence.
 
 Idle threads: an interpreter of one thread may be given threads at idle priority (Linux nice 19).
 XNNPACK splits each operator between all its threads, so on an idle machine a model with one idle
-thread runs as on two threads, and the idle thread takes little from other work. The cost is the
-model's own: when other work keeps the cores busy, the idle thread gets almost no time, and the
-operator it holds a part of waits for it (docs/performance.md#segmentation-versions: a lone 512x512
-segmentation in 0.57 of the time, but segmentations beside digit requests at half the rate).
-Where the threads cannot be lowered (no /proc, or
-not permitted), the interpreter is made again without them and a warning is logged. Interpreters
+thread runs as on two threads. When other work keeps the cores busy, the idle thread gets almost
+no time, and the operator it holds a part of waits for it: a lone 512x512 segmentation takes 0.58
+of the time, but beside other requests the model's rate varies, from half to nearly twice the
+one-thread rate (docs/performance.md#segmentation-versions). Where the threads cannot be lowered
+(no /proc, or not permitted), the interpreter is made again without them and a warning is logged. Interpreters
 are made one at a time in a process: an interpreter's new threads are told apart as those that
 appeared meanwhile and are not Python's.
 """
@@ -42,24 +41,21 @@ class TFLiteRunner:
 
     def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32, idle_threads: int = 0) -> None:
         self.path = Path(path)
-        self.idle_threads = 0  # the threads at idle priority this interpreter has
-        if idle_threads:
-            with _CREATING:  # one interpreter at a time: the new threads are this one's
-                known = _native_threads()
-                self._interpreter = self._create(num_threads + idle_threads)
-                # The thread pool starts with the delegate, by now: its threads are the new native
-                # threads that are not Python's. They all go to idle priority; the calling thread
-                # keeps its own, so the work a request needs is done at normal priority.
-                pool = _native_threads() - known - {t.native_id for t in threading.enumerate()}
-                self.idle_threads = _to_idle_priority(pool)
-            if self.idle_threads != idle_threads:  # no /proc, or not permitted: no extra threads
-                log.warning("LiteRT threads at idle priority unavailable; one thread of its own",
-                            extra={"model_file": str(self.path), "asked": idle_threads,
-                                   "lowered": self.idle_threads, "pool_threads": len(pool)})
-                self.idle_threads = 0
-                self._interpreter = self._create(num_threads)
-        else:
-            with _CREATING:  # a pool thread of this one must not pass for another's idle thread
+        with _CREATING:  # one interpreter at a time: the threads that appear meanwhile are its own
+            known = _native_threads() if idle_threads else set()
+            self._interpreter = self._create(num_threads + idle_threads)
+            # The thread pool starts with the delegate, by now: its threads are the new native
+            # threads that are not Python's. They all go to idle priority; the calling thread
+            # keeps its own, so the work a request needs is done at normal priority.
+            python = {t.native_id for t in threading.enumerate()}
+            pool = _native_threads() - known - python if idle_threads else set()
+            self.idle_threads = _to_idle_priority(pool)  # the threads at idle priority it has
+        if self.idle_threads != idle_threads:  # no /proc, or not permitted: no extra threads
+            log.warning("LiteRT threads at idle priority unavailable; one thread of its own",
+                        extra={"model_file": str(self.path), "asked": idle_threads,
+                               "lowered": self.idle_threads, "pool_threads": len(pool)})
+            self.idle_threads = 0
+            with _CREATING:
                 self._interpreter = self._create(num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
