@@ -1,15 +1,19 @@
 """A 512 x 512 segmentation end to end, model versions side by side on the same code, one run.
 
     .venv-dev/bin/python -m bench.segmentation_speed [--before 1.0.0] [--after 1.3.0 1.2.0 1.1.0] [--rounds 5]
-                                                     [--code-before 2a37e37] [--idle-threads] [--threads 2] [--large 2]
+                                                     [--code-before 2a37e37] [--idle-threads] [--no-spare]
+                                                     [--threads 2] [--large 2]
 
 One server per version (gunicorn, one worker, the serving environment, its default settings: one
-LiteRT thread), the same code, each pinned to its version with ``MODEL_VERSIONS``; with
-``--idle-threads``, each ``--after`` version a second time with ``IDLE_THREADS=true`` (named
-``VERSION + idle thread``: one more thread at idle priority); with ``--threads N``, each
-``--after`` version with ``INFERENCE_THREADS=N`` (named ``VERSION x N threads``); with
-``--code-before REF``, one more server running the code (and models) of commit ``REF`` as they
-were, extracted under ``var/``. For each:
+LiteRT thread, and for a big job's tiles a helper thread while the other CPU is idle), the same
+code, each pinned to its version with ``MODEL_VERSIONS``; with ``--idle-threads``, each
+``--after`` version a second time with ``IDLE_THREADS=true`` (named ``VERSION + idle thread``: one
+more thread at idle priority); with ``--no-spare``, each ``--after`` version a second time with
+``SPARE_CPU=false`` (named ``VERSION, no spare CPU``: a 2048 x 2048 image, a big job, without the
+helper thread that runs tiles on an idle CPU); with ``--threads N``, each ``--after`` version with
+``INFERENCE_THREADS=N`` (named ``VERSION x N threads``); with ``--code-before REF``, one more
+server running the code (and models) of commit ``REF`` as they were, extracted under ``var/``. For
+each:
 
 * **MACs per 512 x 512 image**, counted from the ``.tflite`` graph (every convolution, transposed
   convolution and dense layer: output elements x kernel size x input channels) times the number of
@@ -107,6 +111,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="each --after version also on this many threads")
     parser.add_argument("--idle-threads", action="store_true",
                         help="each --after version also with IDLE_THREADS=true: a thread at idle priority")
+    parser.add_argument("--no-spare", action="store_true",
+                        help="each --after version also with SPARE_CPU=false: big jobs on one thread")
     parser.add_argument("--large", type=int, default=0, help="2048 x 2048 requests per round")
     args = parser.parse_args()
     slice_25 = Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")
@@ -124,6 +130,11 @@ def main() -> int:
             name = f"{version} + idle thread"
             targets[name] = (version, {**targets[version][1], "IDLE_THREADS": "true"}, REPO_ROOT)
             result["versions"][name] = {**result["versions"][version], "idle_threads": True}
+    if args.no_spare:
+        for version in args.after:
+            name = f"{version}, no spare CPU"
+            targets[name] = (version, {**targets[version][1], "SPARE_CPU": "false"}, REPO_ROOT)
+            result["versions"][name] = {**result["versions"][version], "spare_cpu": False}
     if args.threads > 1:
         for version in args.after:
             name = f"{version} x {args.threads} threads"

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
                                "cores (segmentation) also gets threads at idle priority: a lone request "
                                "runs faster, but beside other work the model's throughput varies and "
                                "can halve")
+    spare_cpu: bool = Field(True, description="a big job (a 2048 x 2048 segmentation) also runs its "
+                            "tiles on a helper thread with a second interpreter while another CPU is "
+                            "idle; the helper leaves as soon as that CPU is busy")
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
     log_level: str = "INFO"
     max_upload_mb: float = Field(10.0, gt=0)

@@ -238,14 +238,23 @@ def memory_budget(nbytes: int) -> None:
     ``overloaded`` when none comes free in time). On the event loop (an ``inline`` job) it raises
     :class:`Offload` instead; outside a request it does nothing."""
     holder = _job_place.get()
-    if holder is None or holder.place is not None or not holder.places.count:
+    if holder is None or holder.place is not None:
         return
     holder.declared += nbytes
-    if holder.declared < BIG_JOB_BYTES:
+    if holder.declared < BIG_JOB_BYTES or not holder.places.count:
         return
     if _inline.get():
         raise Offload()
     holder.place = holder.places.take_blocking(holder.deadline.remaining(), holder.deadline.check)
+
+
+def big_job() -> bool:
+    """Whether the current job is big: it holds one of the dyno's places for big jobs, or has said
+    (:func:`memory_budget`) that it decodes ``BIG_JOB_BYTES`` or more (where the dyno has no places,
+    a developer's machine). A big job may also use another CPU while it is idle
+    (:mod:`app.core.spare`); outside a request, no job is big."""
+    holder = _job_place.get()
+    return holder is not None and (holder.place is not None or holder.declared >= BIG_JOB_BYTES)
 
 
 def deadline_problem(seconds: float) -> ProblemError:

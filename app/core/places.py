@@ -56,6 +56,28 @@ def memory_limit_bytes(paths: tuple[Path, ...] = _CGROUP_LIMITS) -> int | None:
     return None
 
 
+_CGROUP_USAGE = {_CGROUP_LIMITS[0]: Path("/sys/fs/cgroup/memory.current"),
+                 _CGROUP_LIMITS[1]: Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")}
+
+
+def memory_room_bytes(paths: tuple[Path, ...] = _CGROUP_LIMITS,
+                      usage: dict[Path, Path] | None = None) -> int | None:
+    """What this process's cgroup may still take before its memory limit (its usage counts the
+    page cache, so this errs low); None when there is no limit, 0 when the usage is not readable."""
+    usage = _CGROUP_USAGE if usage is None else usage
+    for path in paths:
+        limit = memory_limit_bytes((path,))
+        if limit is None:
+            if path.exists():
+                return None
+            continue
+        try:
+            return limit - int(usage[path].read_text().strip())
+        except (OSError, ValueError, KeyError):
+            return 0
+    return None
+
+
 def default_count(limit_bytes: int | None) -> int:
     """One place per DYNO_MIB_PER_BIG_JOB of the memory limit, at least one; 0 (no places) without one."""
     if limit_bytes is None:

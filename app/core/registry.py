@@ -25,7 +25,9 @@ from fastapi import Request
 
 from app.core.config import Settings
 from app.core.errors import ProblemError
-from app.core.runtime import usable_cpus
+from app.core.execution import big_job
+from app.core.runtime import TFLiteRunner, usable_cpus
+from app.core.spare import room_for_a_helper
 
 log = logging.getLogger("app.registry")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"():]+/)*")
@@ -82,6 +84,18 @@ class ServedModel:
         if threads == 1 and self.settings.idle_threads:
             idle = max(0, min(self.idle_threads, usable_cpus() - 1))
         return {"num_threads": threads, "idle_threads": idle}
+
+    def spare_runner(self) -> Callable[[], Callable[[np.ndarray], np.ndarray]] | None:
+        """For a big job (:func:`~app.core.execution.big_job`) whose steps are calls of this model:
+        a function that makes a second runner of the same ``.tflite`` for a helper thread
+        (:mod:`app.core.spare`), where ``SPARE_CPU`` is on, the interpreter runs on one thread with
+        none at idle priority, this process may use another CPU and its memory limit, if any, leaves
+        room; otherwise None."""
+        runner = getattr(self, "runner", None)
+        if (runner is None or not self.settings.spare_cpu or runner.threads != 1
+                or runner.idle_threads or usable_cpus() < 2 or not big_job() or not room_for_a_helper()):
+            return None
+        return lambda: TFLiteRunner(runner.path).run
 
     def warm_up(self) -> None:
         """Run one dummy prediction so the first request pays no allocation cost (optional)."""

@@ -41,6 +41,7 @@ class TFLiteRunner:
 
     def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 32, idle_threads: int = 0) -> None:
         self.path = Path(path)
+        self.threads = num_threads  # at normal priority
         with _CREATING:  # one interpreter at a time: the threads that appear meanwhile are its own
             known = _native_threads() if idle_threads else set()
             self._interpreter = self._create(num_threads + idle_threads)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from app.core.spare import Helper
 from app.tasks.segmentation.preprocess import (
     MARGIN,
     TILE,
@@ -203,3 +206,34 @@ def test_the_serving_path_gives_the_mask_and_features_of_the_whole_image_path():
         assert got.features[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     floats = segment_image(gray, run, threshold=0.45, tile=96, margin=16)
     np.testing.assert_array_equal(floats.mask, expected_mask)
+
+
+def test_tiles_shared_with_a_helper_give_the_same_mask_and_features():
+    """segment_image with a helper (app.core.spare: a second model on another thread, tiles from
+    the other end) answers exactly as without one, and the helper's model did run tiles."""
+    u8 = np.random.default_rng(6).integers(0, 256, (400, 517), dtype=np.uint8)
+
+    def run(batch):
+        time.sleep(0.002)  # a model call: the GIL is free meanwhile
+        return 1.0 / (1.0 + np.exp(-(batch - 0.5) * 6.0))
+
+    helper_calls = []
+
+    def helper():  # made on the helper's thread: a model of its own
+        def helper_run(batch):
+            helper_calls.append(batch.shape)
+            return run(batch)
+        return helper_run
+
+    nobody = Helper()
+    alone = segment_image(u8, run, threshold=0.45, tile=64, margin=8, keep_probability=True, report=nobody)
+    assert nobody.stopped is None and not nobody.steps  # without a helper, no helper thread
+    report = Helper()
+    helped = segment_image(u8, run, threshold=0.45, tile=64, margin=8, keep_probability=True,
+                           helper=helper, report=report)
+    assert report.stopped in ("done", "contended") and report.steps
+    assert len(helper_calls) == len(report.steps) and helper_calls[0] == (1, 64, 64, 1)
+    assert report.steps[0] == len(TileLayout(400, 517, 64, 8)) - 1  # from the last tile
+    np.testing.assert_array_equal(helped.mask, alone.mask)
+    np.testing.assert_array_equal(helped.probability, alone.probability)
+    assert helped.features == alone.features

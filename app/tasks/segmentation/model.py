@@ -6,6 +6,7 @@ import numpy as np
 
 from app.core.execution import checkpoint
 from app.core.registry import ServedModel
+from app.core.spare import Helper
 from app.core.runtime import TFLiteRunner
 from app.tasks.segmentation.preprocess import (
     MARGIN,
@@ -53,11 +54,13 @@ class SegmentationModel(ServedModel):
         return predict_probability(gray, self.predict, tile=self.tile, margin=self.margin,
                                    batch_size=TILES_PER_CALL)
 
-    def segment(self, gray: np.ndarray, threshold: float,
-                keep_probability: bool = False) -> TiledSegmentation:
-        """Mask and summary features of a uint8 or float image, tile by tile (the serving path)."""
+    def segment(self, gray: np.ndarray, threshold: float, keep_probability: bool = False,
+                report: Helper | None = None) -> TiledSegmentation:
+        """Mask and summary features of a uint8 or float image, tile by tile (the serving path); a
+        big image's tiles also on a helper thread while another CPU is idle (``SPARE_CPU``)."""
         return segment_image(gray, self.predict, threshold=threshold, tile=self.tile,
-                             margin=self.margin, keep_probability=keep_probability)
+                             margin=self.margin, keep_probability=keep_probability,
+                             helper=self.spare_runner(), report=report)
 
 
 MODEL_CLASS = SegmentationModel

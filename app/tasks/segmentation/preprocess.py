@@ -21,10 +21,13 @@ server runs.
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from app.core.spare import Helper, in_order
 
 TILE = 320
 MARGIN = 32
@@ -266,13 +269,18 @@ class TiledSegmentation:
 
 
 def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
-                  margin: int = MARGIN, keep_probability: bool = False) -> TiledSegmentation:
+                  margin: int = MARGIN, keep_probability: bool = False,
+                  helper=None, report: Helper | None = None) -> TiledSegmentation:
     """:func:`binary_mask` of :func:`predict_probability` plus :func:`summary_features`, in bounded
     memory: tile by tile, the mask is written and the statistics accumulated as each tile comes
-    back, so no full-size probability map (16 MB for 2048 x 2048) or temporary is ever made.
+    back, in the layout's order, so no full-size probability map (16 MB for 2048 x 2048) or
+    temporary is ever made.
 
     ``gray`` is uint8 (scaled by 1/255 tile by tile, as :func:`to_grayscale` scales) or float32 in
     [0, 1]. ``run`` maps one tile batch (1, tile, tile, 1) to probabilities; it may raise to stop.
+    ``helper`` (optional) makes a second such function for a helper thread, which runs tiles from
+    the other end while another CPU is idle (:func:`app.core.spare.in_order`, ``report`` says which);
+    the answer is the same either way.
     """
     height, width = int(gray.shape[0]), int(gray.shape[1])
     layout = TileLayout(height, width, tile, margin)
@@ -281,21 +289,32 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
     probability = np.empty((height, width), dtype=np.float32) if keep_probability else None
     n = float(height * width)
     foreground = probability_sum = certainty_sum = 0.0
-    for place in layout.placements():
+    places = layout.placements()
+
+    def tile_probability(place: Placement, model) -> np.ndarray:
         window = padded[place.y:place.y + tile, place.x:place.x + tile]
         if window.dtype == np.uint8:
             window = window.astype(np.float32) / 255.0
-        prediction = np.asarray(run(np.asarray(window, dtype=np.float32)[None, ..., None]),
-                                dtype=np.float32).reshape(tile, tile)
-        kept = place.kept(prediction)
-        above = kept >= threshold
-        rows, cols = slice(place.top, place.bottom), slice(place.left, place.right)
-        mask[rows, cols] = np.where(above, 255, 0)
-        if probability is not None:
-            probability[rows, cols] = kept
-        foreground += float(np.count_nonzero(above))
-        probability_sum += float(kept.sum(dtype=np.float64))
-        certainty_sum += float((np.abs(kept - 0.5) * 2.0).sum(dtype=np.float64))
+        return np.asarray(model(np.asarray(window, dtype=np.float32)[None, ..., None]),
+                          dtype=np.float32).reshape(tile, tile)
+
+    def helper_tiles():  # on the helper's thread: its own model
+        model = helper()
+        return lambda place: tile_probability(place, model)
+
+    predictions = in_order(places, lambda place: tile_probability(place, run),
+                           None if helper is None else helper_tiles, report)
+    with closing(predictions):  # a tile that raised stops the helper too
+        for place, prediction in zip(places, predictions, strict=True):
+            kept = place.kept(prediction)
+            above = kept >= threshold
+            rows, cols = slice(place.top, place.bottom), slice(place.left, place.right)
+            mask[rows, cols] = np.where(above, 255, 0)
+            if probability is not None:
+                probability[rows, cols] = kept
+            foreground += float(np.count_nonzero(above))
+            probability_sum += float(kept.sum(dtype=np.float64))
+            certainty_sum += float((np.abs(kept - 0.5) * 2.0).sum(dtype=np.float64))
     mean, std = _mean_std(gray)
     features = {
         "image_mean": mean, "image_std": std, "width": float(width), "height": float(height),
