@@ -49,8 +49,8 @@ QUEUE_MAX_WAIT_S = 5.0
 # digit, a few seconds of speech) by a few and never waits for a place.
 BIG_JOB_BYTES = 2 * 1024 * 1024
 DYNO_MIB_PER_BIG_JOB = 256  # places = the dyno's memory limit / this: two on a 512 MiB dyno
-# A big job's helper thread (app.core.spare) makes a second interpreter, ~40 MiB while the job
-# runs: under a memory limit it starts only while the cgroup has this much left.
+# A big job's helper thread (app.core.spare) makes a second interpreter, as large as the first,
+# for as long as the job runs: under a memory limit it starts only while the cgroup has this left.
 SPARE_CPU_MIN_ROOM_MIB = 128
 # Light work this small runs on the worker's event loop, not on the gate's thread: for a 28 x 28
 # digit the two thread hand-offs cost about as much as the job itself. Larger light jobs

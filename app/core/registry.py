@@ -90,7 +90,9 @@ class ServedModel:
         a function that makes a second runner of the same ``.tflite`` for a helper thread
         (:mod:`app.core.spare`), where ``SPARE_CPU`` is on, the interpreter runs on one thread with
         none at idle priority, this process may use another CPU and its memory limit, if any, leaves
-        room; otherwise None."""
+        room; otherwise None. The helper's runner answers as ``predict`` does only where ``predict``
+        is its runner's ``run`` (after checks): a model that changes the answer after the call does
+        not offer this."""
         runner = getattr(self, "runner", None)
         if (runner is None or not self.settings.spare_cpu or runner.threads != 1
                 or runner.idle_threads or usable_cpus() < 2 or not big_job() or not room_for_a_helper()):

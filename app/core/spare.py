@@ -3,10 +3,12 @@
 A 2048 x 2048 segmentation is 81 tiles, each a model call of tens of milliseconds that releases the
 GIL. :func:`in_order` runs such steps on the job's thread, in order, and lets a helper thread with
 a model of its own take steps from the other end at the same time: on an idle second CPU the job
-takes about half the time. The helper leaves as soon as it sees that its CPU is not idle (during a
-step it waited for a CPU for more than ``1 - CONTENDED_SHARE`` of the step's time: another worker's
-request, the load on the machine), after that step; the job's own thread, which took steps from
-the front all along, finishes the rest alone.
+takes about two thirds of the time (``bench/spare_cpu.py``). The helper's results wait for their
+turn: at most about half the steps' results are held at once. The helper leaves as soon as it sees
+that its CPU is not idle (during a step it waited for a CPU for more than ``1 - CONTENDED_SHARE``
+of the step's time: another worker's request, the load on the machine), after that step; the job's
+own thread, which took steps from the front all along, finishes the rest alone. A job of fewer than
+``MIN_STEPS`` steps gets no helper.
 
 Work is shared by step, not inside a model call: the job's thread never waits on the helper except
 for the one step the helper is running when the two meet. Results come back in the steps' order,
@@ -34,6 +36,8 @@ R = TypeVar("R")
 CONTENDED_SHARE = 0.75  # a helper step that ran for less of its time than this: its CPU is busy
 SCHEDSTAT = "/proc/thread-self/schedstat"  # Linux: time on a CPU, time waiting for one (ns), slices
 JOIN_TIMEOUT_S = 5.0  # the helper ends after its current step; a step is tens of milliseconds
+WAIT_STEP_S = 0.05  # how often the job's thread, waiting for the helper's step, checks it is alive
+MIN_STEPS = 8  # fewer steps run on the job's thread alone: making the helper's model costs about one
 
 
 class Helper:
@@ -60,7 +64,7 @@ def in_order(items: Sequence[T], run: Callable[[T], R],
     helper failed is run again here. Closing the iterator early (an exception in the caller's
     loop) stops the helper after its current step and waits for it."""
     n = len(items)
-    if helper is None or n < 2:
+    if helper is None or n < MIN_STEPS:
         for item in items:
             yield run(item)
         return
@@ -82,13 +86,14 @@ def in_order(items: Sequence[T], run: Callable[[T], R],
         try:
             helper_run = helper()
             while (i := claim_back()) is not None:
-                wall, waited = time.perf_counter(), _waited()
                 try:
+                    wall, waited = time.perf_counter(), _waited()
                     results[i] = helper_run(items[i])
+                    contended = _contended(wall, waited)
                 finally:
-                    report.steps.append(i)
-                    finished[i].set()
-                if _contended(wall, waited):
+                    finished[i].set()  # with its result, or without: the job's thread runs it then
+                report.steps.append(i)
+                if contended:
                     report.stopped = "contended"
                     return
             report.stopped = "job-ended" if stop.is_set() else "done"
@@ -109,10 +114,11 @@ def in_order(items: Sequence[T], run: Callable[[T], R],
             if mine:
                 yield run(items[i])
                 continue
-            finished[i].wait()
+            while not finished[i].wait(WAIT_STEP_S) and thread.is_alive():
+                pass
             if i in results:
                 yield results.pop(i)
-            else:  # the helper failed on it
+            else:  # the helper failed on it, or is gone
                 yield run(items[i])
         complete = True
     finally:
@@ -121,6 +127,8 @@ def in_order(items: Sequence[T], run: Callable[[T], R],
         with lock:  # items nobody has claimed stay unrun
             back[0] = -1
         thread.join(JOIN_TIMEOUT_S)
+        if thread.is_alive():
+            log.warning("helper thread still running after the job", extra={"step_s": JOIN_TIMEOUT_S})
         give_back_heap()  # the helper's interpreter was freed in its thread's own malloc arena
         log.debug("helper thread", extra={"steps": len(report.steps), "of": n, "stopped": report.stopped})
 

@@ -61,16 +61,22 @@ def test_the_helper_takes_steps_from_the_end_and_the_answers_come_in_order():
 
 
 @pytest.fixture
-def busy_cpus():
-    """Every CPU this process may use kept busy by another process, as by other workers' requests."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+def one_busy_cpu():
+    """This thread (and so the helper it starts) and another process busy on one CPU, as on a
+    machine whose other work keeps every CPU busy. The busy process ends on its own after 30 s."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\n"
+                            "while time.time() < end: pass"])
     try:
-        time.sleep(0.2)
+        os.sched_setaffinity(hog.pid, {cpu})
+        time.sleep(0.1)
         yield
     finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, before)
 
 
 def tile_like(x: int) -> int:
@@ -78,7 +84,7 @@ def tile_like(x: int) -> int:
     return int.from_bytes(hashlib.sha256(DATA * 8 + bytes([x % 256])).digest()[:4], "big") + x
 
 
-def test_a_helper_whose_cpu_is_busy_leaves_after_a_step(busy_cpus):
+def test_a_helper_whose_cpu_is_busy_leaves_after_a_step(one_busy_cpu):
     report = Helper()
     answers = list(in_order(list(range(12)), tile_like, lambda: tile_like, report))
     assert answers == [tile_like(x) for x in range(12)]
@@ -88,7 +94,8 @@ def test_a_helper_whose_cpu_is_busy_leaves_after_a_step(busy_cpus):
 def test_waiting_for_the_gil_or_sleeping_is_not_waiting_for_a_cpu(monkeypatch):
     started = spare._waited()
     time.sleep(0.05)
-    assert spare._waited() - started < 0.02  # schedstat: a sleeping thread is not waiting for a CPU
+    if os.path.exists(spare.SCHEDSTAT):  # schedstat: a sleeping thread is not waiting for a CPU
+        assert spare._waited() - started < 0.02
     monkeypatch.setattr(spare, "SCHEDSTAT", "/nonexistent/schedstat")
     started = spare._waited()  # without schedstat: every moment the thread does not run counts
     time.sleep(0.05)
@@ -100,7 +107,7 @@ def test_a_helper_that_cannot_start_leaves_the_job_to_its_own_thread(caplog):
         raise RuntimeError("no memory for a second interpreter")
 
     report = Helper()
-    assert list(in_order(list(range(6)), busy, broken, report)) == [busy(x) for x in range(6)]
+    assert list(in_order(list(range(12)), busy, broken, report)) == [busy(x) for x in range(12)]
     assert report.stopped == "failed" and report.steps == []
     assert "helper thread failed" in caplog.text
 
@@ -113,7 +120,7 @@ def test_a_step_the_helper_fails_runs_again_here():
 
     report = Helper()
     assert list(in_order(list(range(10)), busy, lambda: flaky, report)) == [busy(x) for x in range(10)]
-    assert report.steps[0] == 9
+    assert report.stopped == "failed" and report.steps == []  # it failed on its first, step 9
 
 
 def test_when_the_job_stops_the_helper_stops_after_its_step_and_is_waited_for():
@@ -128,13 +135,41 @@ def test_when_the_job_stops_the_helper_stops_after_its_step_and_is_waited_for():
     with pytest.raises(TimeoutError):
         list(steps)
     assert not helper_threads()
-    assert report.stopped == "job-ended" and len(report.steps) < 150
+    # "contended" where something else on the machine took the helper's CPU for a moment
+    assert report.stopped in ("job-ended", "contended") and len(report.steps) < 150
 
 
-def test_one_step_starts_no_helper():
+def test_a_job_of_few_steps_starts_no_helper():
     made = []
-    assert list(in_order([3], busy, lambda: made.append(1) or busy)) == [busy(3)]
-    assert made == [] and not helper_threads()
+    items = list(range(spare.MIN_STEPS - 1))
+    assert list(in_order(items, busy, lambda: made.append(1) or busy)) == [busy(x) for x in items]
+    assert made == [] and not helper_threads() and spare.MIN_STEPS == 8
+
+
+@pytest.mark.parametrize(("contended", "steps"), [(False, "several"), (True, "one")])
+def test_the_helper_stays_while_its_cpu_is_idle_and_leaves_when_it_is_busy(contended, steps, monkeypatch):
+    monkeypatch.setattr(spare, "_contended", lambda wall, waited: contended)
+    report = Helper()
+    items = list(range(40))
+    assert list(in_order(items, tile_like, lambda: tile_like, report)) == [tile_like(x) for x in items]
+    if steps == "one":
+        assert report.stopped == "contended" and report.steps == [39]
+    else:
+        assert report.stopped == "done" and len(report.steps) >= 5, report.steps
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_helper_that_dies_mid_step_leaves_no_job_waiting():
+    gate = threading.Event()
+
+    def stuck_then_gone(x):
+        gate.wait(1)
+        raise KeyboardInterrupt  # not an Exception: the thread ends without the usual handling
+
+    report = Helper()
+    items = list(range(10))
+    assert list(in_order(items, busy, lambda: stuck_then_gone, report)) == [busy(x) for x in items]
+    assert not helper_threads()
 
 
 def job(places: int = 0) -> JobPlace:
@@ -160,11 +195,12 @@ def test_a_job_is_big_once_it_declares_big_job_bytes_with_or_without_dyno_places
         execution._job_place.reset(token)
 
 
-def spare_runner(monkeypatch, cpus: int = 2, big: bool = True, **settings):
+def spare_runner(monkeypatch, cpus: int = 2, big: bool = True, room: bool = True, **settings):
     from app.tasks.segmentation.model import SegmentationModel
 
     monkeypatch.setattr(registry, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(registry, "big_job", lambda: big)
+    monkeypatch.setattr(registry, "room_for_a_helper", lambda: room)
     model = SegmentationModel.load(UNET_DIR, Settings(**{"inference_threads": 1, **settings}))
     return model.spare_runner()
 
@@ -186,6 +222,7 @@ def test_a_big_segmentation_with_the_helper_is_the_same_to_the_bit(monkeypatch):
 
     monkeypatch.setattr(registry, "usable_cpus", lambda: 2)
     monkeypatch.setattr(registry, "big_job", lambda: True)
+    monkeypatch.setattr(registry, "room_for_a_helper", lambda: True)
     model = SegmentationModel.load(UNET_DIR, Settings(inference_threads=1))
     slice_ = Image.open(SHARED_DATA / "membrane" / "train" / "image" / "22.png").convert("L")
     gray = np.asarray(slice_.resize((1100, 1000), Image.BILINEAR))
@@ -201,7 +238,6 @@ def test_a_big_segmentation_with_the_helper_is_the_same_to_the_bit(monkeypatch):
 
 def test_the_spare_cpu_is_used_unless_switched_off():
     assert Settings.model_fields["spare_cpu"].default is True
-    assert spare.CONTENDED_SHARE < 1
 
 
 def test_the_room_under_a_memory_limit_is_the_limit_less_the_usage(tmp_path):
@@ -226,5 +262,4 @@ def test_the_room_under_a_memory_limit_is_the_limit_less_the_usage(tmp_path):
 def test_a_helper_starts_only_with_room_for_its_model_under_a_memory_limit(room_mib, helper, monkeypatch):
     monkeypatch.setattr(spare, "memory_room_bytes", lambda: None if room_mib is None else room_mib << 20)
     assert spare.SPARE_CPU_MIN_ROOM_MIB == 128 and spare.room_for_a_helper() is helper
-    monkeypatch.setattr(registry, "room_for_a_helper", spare.room_for_a_helper)
-    assert (spare_runner(monkeypatch) is not None) is helper
+    assert (spare_runner(monkeypatch, room=spare.room_for_a_helper()) is not None) is helper

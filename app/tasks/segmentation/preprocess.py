@@ -280,7 +280,8 @@ def segment_image(gray: np.ndarray, run, *, threshold: float, tile: int = TILE,
     [0, 1]. ``run`` maps one tile batch (1, tile, tile, 1) to probabilities; it may raise to stop.
     ``helper`` (optional) makes a second such function for a helper thread, which runs tiles from
     the other end while another CPU is idle (:func:`app.core.spare.in_order`, ``report`` says which);
-    the answer is the same either way.
+    its tiles' predictions wait for their turn (at most about half of them), and the answer is the
+    same either way.
     """
     height, width = int(gray.shape[0]), int(gray.shape[1])
     layout = TileLayout(height, width, tile, margin)
