@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,24 @@ def hey_for(url: str, body: bytes, seconds: float, clients: int) -> dict[str, An
             "failed": sum(n for code, n in statuses.items() if code != "200") + errors}
 
 
+def side_by_side(segment: str, image: bytes, image_clients: int, digits: str, digit_png: bytes,
+                 seconds: float) -> dict[str, dict[str, Any]]:
+    """``image_clients`` clients posting ``image`` and 4 posting a digit, for the same ``seconds``:
+    each kind's :func:`hey_for` figures (``segmentation``, ``digits``)."""
+    mixed: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, url: str, body: bytes, clients: int) -> None:
+        mixed[name] = hey_for(url, body, seconds, clients)
+
+    both = [threading.Thread(target=run, args=("segmentation", segment, image, image_clients)),
+            threading.Thread(target=run, args=("digits", digits, digit_png, 4))]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join()
+    return mixed
+
+
 def one_round(env: dict[str, str], slice_png: bytes, digit_png: bytes, seconds: float) -> dict[str, Any]:
     with running_server(env, workers=2, python=serving_python()) as live:
         segment = live.base_url + "/v1/segmentation/predict?format=json"
@@ -68,17 +87,7 @@ def one_round(env: dict[str, str], slice_png: bytes, digit_png: bytes, seconds: 
         hey(segment, slice_png, "image/png", 8, 2)  # both workers warm
         alone = hey(segment, slice_png, "image/png", 20, 1)
         full = hey_for(segment, slice_png, seconds, 4)
-        mixed: dict[str, Any] = {}
-
-        def run(name: str, url: str, body: bytes, clients: int) -> None:
-            mixed[name] = hey_for(url, body, seconds, clients)
-
-        both = [threading.Thread(target=run, args=("segmentation", segment, slice_png, 2)),
-                threading.Thread(target=run, args=("digits", digits, digit_png, 4))]
-        for thread in both:
-            thread.start()
-        for thread in both:
-            thread.join()
+        mixed = side_by_side(segment, slice_png, 2, digits, digit_png, seconds)
     failed = alone["failed"] + full["failed"] + mixed["segmentation"]["failed"] + mixed["digits"]["failed"]
     return {"alone_p50_ms": alone["p50_ms"], "segmentation_rps": full["throughput_rps"],
             "mixed_segmentation_rps": mixed["segmentation"]["throughput_rps"],
@@ -92,25 +101,34 @@ def main() -> int:
     args = parser.parse_args()
     slice_png = png_bytes(np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")))
     digit_png = mnist_digit_png()
-    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for number in range(args.rounds):
-        for mode, env in MODES.items():
-            result = one_round(env, slice_png, digit_png, args.seconds)
-            rounds[mode].append(result)
-            print(f"round {number + 1}, {mode}: {result}", flush=True)
     keys = ["alone_p50_ms", "segmentation_rps", "mixed_segmentation_rps", "mixed_digits_rps"]
-    medians = {mode: {key: round(statistics.median(r[key] for r in results), 2) for key in keys}
-               for mode, results in rounds.items()}
-    idle, one = medians["idle thread"], medians["one thread (default)"]
-    ratios = {key: round(idle[key] / one[key], 3) for key in keys}
-    for mode, figures in medians.items():
-        print(f"{mode}: {figures}")
+    rounds, medians, ratios = alternate(MODES, lambda env: one_round(env, slice_png, digit_png, args.seconds),
+                                        args.rounds, keys)
     print(f"idle threads / one thread: {ratios}")
     write_results("idle_threads", {"rounds": args.rounds, "seconds": args.seconds, "workers": 2,
                                    "medians": medians, "idle_over_one_thread": ratios,
                                    "failed": sum(r["failed"] for results in rounds.values() for r in results),
                                    "rounds_detail": rounds})
     return 0
+
+
+def alternate(modes: dict[str, dict[str, str]], run_round: Callable[[dict[str, str]], dict[str, Any]],
+              rounds_n: int, keys: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, float]],
+                                                       dict[str, float]]:
+    """``run_round(env)`` for each of two modes in turn, ``rounds_n`` times: every round's figures,
+    each mode's medians of ``keys``, and the first mode's medians over the second's."""
+    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    for number in range(rounds_n):
+        for mode, env in modes.items():
+            result = run_round(env)
+            rounds[mode].append(result)
+            print(f"round {number + 1}, {mode}: {result}", flush=True)
+    medians = {mode: {key: round(statistics.median(r[key] for r in results), 2) for key in keys}
+               for mode, results in rounds.items()}
+    first, second = (medians[mode] for mode in modes)
+    for mode, figures in medians.items():
+        print(f"{mode}: {figures}")
+    return rounds, medians, {key: round(first[key] / second[key], 3) for key in keys}
 
 
 if __name__ == "__main__":

@@ -21,15 +21,19 @@ Writes ``bench/results/spare_cpu.json``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import threading
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from bench.common import SHARED_DATA, mnist_digit_png, png_bytes, serving_python, write_results
-from bench.idle_threads import hey_for
+from bench.common import (
+    SHARED_DATA,
+    mnist_digit_png,
+    png_bytes,
+    serving_python,
+    write_results,
+)
+from bench.idle_threads import alternate, hey_for, side_by_side
 from bench.liveserver import running_server
 from bench.load import hey
 
@@ -43,17 +47,7 @@ def one_round(env: dict[str, str], large_png: bytes, digit_png: bytes, seconds: 
         digits = live.base_url + "/v1/digits/predict"
         hey(segment, large_png, "image/png", 2, 2)  # both workers warm
         alone = hey(segment, large_png, "image/png", alone_n, 1)
-        mixed: dict[str, Any] = {}
-
-        def run(name: str, url: str, body: bytes, clients: int) -> None:
-            mixed[name] = hey_for(url, body, seconds, clients)
-
-        both = [threading.Thread(target=run, args=("segmentation", segment, large_png, 1)),
-                threading.Thread(target=run, args=("digits", digits, digit_png, 4))]
-        for thread in both:
-            thread.start()
-        for thread in both:
-            thread.join()
+        mixed = side_by_side(segment, large_png, 1, digits, digit_png, seconds)
         digits_alone = hey_for(digits, digit_png, seconds, 4)
     failed = alone["failed"] + mixed["segmentation"]["failed"] + mixed["digits"]["failed"] + digits_alone["failed"]
     return {"alone_2048_p50_ms": alone["p50_ms"], "mixed_2048_rps": mixed["segmentation"]["throughput_rps"],
@@ -70,18 +64,8 @@ def main() -> int:
     slice_25 = Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")
     large_png = png_bytes(np.asarray(slice_25.resize((2048, 2048), Image.BILINEAR)))
     digit_png = mnist_digit_png()
-    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for number in range(args.rounds):
-        for mode, env in MODES.items():
-            result = one_round(env, large_png, digit_png, args.seconds, args.alone)
-            rounds[mode].append(result)
-            print(f"round {number + 1}, {mode}: {result}", flush=True)
-    medians = {mode: {key: round(statistics.median(r[key] for r in results), 2) for key in KEYS}
-               for mode, results in rounds.items()}
-    spare, none = medians["spare CPU (default)"], medians["no spare CPU"]
-    ratios = {key: round(spare[key] / none[key], 3) for key in KEYS}
-    for mode, figures in medians.items():
-        print(f"{mode}: {figures}")
+    rounds, medians, ratios = alternate(
+        MODES, lambda env: one_round(env, large_png, digit_png, args.seconds, args.alone), args.rounds, KEYS)
     print(f"spare CPU / none: {ratios}")
     write_results("spare_cpu", {"rounds": args.rounds, "seconds": args.seconds, "workers": 2,
                                 "medians": medians, "spare_over_none": ratios,

@@ -274,9 +274,9 @@ def test_work_stops_at_the_deadline_and_frees_the_worker(mnist_digit_png):
 def test_a_client_that_goes_away_stops_its_work(mnist_digit_png):
     segmentation = flat_png(2048, 4)
     with running_server(workers=1) as live:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(live.base_url + "/v1/segmentation/predict", timeout=1.0,
-                       files={"image": ("big.png", segmentation, "image/png")})
+        with pytest.raises(httpx.ReadTimeout):  # four 2048 x 2048 images: seconds of work on any CPU
+            httpx.post(live.base_url + "/v1/segmentation/predict?format=json", timeout=1.0,
+                       files=[("image", (f"big-{i}.png", segmentation, "image/png")) for i in range(4)])
         # The next tile checks the deadline, finds the client gone and stops: logged, gate free.
         assert wait_until(lambda: "client went away" in live.log_text(), 10)
         gates = httpx.get(live.base_url + "/health/ready").json()["gates"]

@@ -67,8 +67,8 @@ def one_busy_cpu():
     cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
-    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\n"
-                            "while time.time() < end: pass"])
+    hog = subprocess.Popen([sys.executable, "-c", ("import time\nend = time.time() + 30\n"
+                                                   "while time.time() < end: pass")])
     try:
         os.sched_setaffinity(hog.pid, {cpu})
         time.sleep(0.1)

@@ -6,8 +6,8 @@ import numpy as np
 
 from app.core.execution import checkpoint
 from app.core.registry import ServedModel
-from app.core.spare import Helper
 from app.core.runtime import TFLiteRunner
+from app.core.spare import Helper
 from app.tasks.segmentation.preprocess import (
     MARGIN,
     THRESHOLD,
