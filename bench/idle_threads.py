@@ -102,21 +102,17 @@ def main() -> int:
     slice_png = png_bytes(np.asarray(Image.open(SHARED_DATA / "membrane" / "train" / "image" / "25.png").convert("L")))
     digit_png = mnist_digit_png()
     keys = ["alone_p50_ms", "segmentation_rps", "mixed_segmentation_rps", "mixed_digits_rps"]
-    rounds, medians, ratios = alternate(MODES, lambda env: one_round(env, slice_png, digit_png, args.seconds),
-                                        args.rounds, keys)
-    print(f"idle threads / one thread: {ratios}")
-    write_results("idle_threads", {"rounds": args.rounds, "seconds": args.seconds, "workers": 2,
-                                   "medians": medians, "idle_over_one_thread": ratios,
-                                   "failed": sum(r["failed"] for results in rounds.values() for r in results),
-                                   "rounds_detail": rounds})
+    figures = alternate(MODES, lambda env: one_round(env, slice_png, digit_png, args.seconds), args.rounds,
+                        keys, "idle_over_one_thread")
+    write_results("idle_threads", {"rounds": args.rounds, "seconds": args.seconds, "workers": 2, **figures})
     return 0
 
 
 def alternate(modes: dict[str, dict[str, str]], run_round: Callable[[dict[str, str]], dict[str, Any]],
-              rounds_n: int, keys: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, float]],
-                                                       dict[str, float]]:
-    """``run_round(env)`` for each of two modes in turn, ``rounds_n`` times: every round's figures,
-    each mode's medians of ``keys``, and the first mode's medians over the second's."""
+              rounds_n: int, keys: list[str], ratio_name: str) -> dict[str, Any]:
+    """``run_round(env)`` for each of two modes in turn, ``rounds_n`` times: each mode's medians of
+    ``keys``, the first mode's medians over the second's (as ``ratio_name``), the failed requests
+    and every round's figures."""
     rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for number in range(rounds_n):
         for mode, env in modes.items():
@@ -126,10 +122,12 @@ def alternate(modes: dict[str, dict[str, str]], run_round: Callable[[dict[str, s
     medians = {mode: {key: round(statistics.median(r[key] for r in results), 2) for key in keys}
                for mode, results in rounds.items()}
     first, second = (medians[mode] for mode in modes)
+    ratios = {key: round(first[key] / second[key], 3) for key in keys}
     for mode, figures in medians.items():
         print(f"{mode}: {figures}")
-    return rounds, medians, {key: round(first[key] / second[key], 3) for key in keys}
-
+    print(f"{ratio_name}: {ratios}")
+    return {"medians": medians, ratio_name: ratios,
+            "failed": sum(r["failed"] for results in rounds.values() for r in results), "rounds_detail": rounds}
 
 if __name__ == "__main__":
     raise SystemExit(main())

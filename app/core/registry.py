@@ -94,8 +94,8 @@ class ServedModel:
         is its runner's ``run`` (after checks): a model that changes the answer after the call does
         not offer this."""
         runner = getattr(self, "runner", None)
-        if (runner is None or not self.settings.spare_cpu or runner.threads != 1
-                or runner.idle_threads or usable_cpus() < 2 or not big_job() or not room_for_a_helper()):
+        if (runner is None or not self.settings.spare_cpu or not big_job() or runner.threads != 1
+                or runner.idle_threads or usable_cpus() < 2 or not room_for_a_helper()):
             return None
         return lambda: TFLiteRunner(runner.path).run
 
