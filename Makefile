@@ -75,7 +75,7 @@ mutation: .venv-dev/.installed
 train: .venv-train/.installed
 	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
 	.venv-train/bin/python -m training.segmentation --quantize-from latest
-	.venv-train/bin/python -m training.segmentation --retile-from latest --tile 272 --margin 16
+	.venv-train/bin/python -m training.segmentation --retile-from latest --tile 272 --margin 8
 
 ## lock: re-pin requirements.txt from requirements.in
 lock:

@@ -104,7 +104,7 @@ def describe(version: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="1.0.0")
-    parser.add_argument("--after", nargs="+", default=["1.3.0", "1.2.0", "1.1.0"])
+    parser.add_argument("--after", nargs="+", default=["1.4.0", "1.3.0", "1.2.0", "1.1.0"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--code-before", default=None, help="a commit whose code and models also serve")

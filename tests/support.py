@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
+from app.core.places import CgroupMemory
 from app.core.registry import version_key
 from app.main import create_app
 
@@ -141,3 +142,10 @@ def rows(url: str, sql: str, **params: object) -> list:
             return list(conn.execute(text(sql), params).all())
     finally:
         engine.dispose()
+
+
+def fake_cgroups(root: Path) -> tuple[CgroupMemory, CgroupMemory]:
+    """cgroup v2 and v1 memory files under ``root`` (none written yet), in the order the service reads them."""
+    return (CgroupMemory(root / "memory.max", root / "memory.current", root / "memory.stat", "inactive_file"),
+            CgroupMemory(root / "memory.limit_in_bytes", root / "memory.usage_in_bytes", root / "v1.memory.stat",
+                         "total_inactive_file"))

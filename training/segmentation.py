@@ -28,9 +28,12 @@ threshold on the validation slices, whichever way the model was made.
         --threads 1 --teacher 1.0.0 --teacher-weight 0.5 --dice-weight 0.5 --seed 7 --version 1.1.0
     # 1.2.0: 1.0.0 quantised to int8 (under a minute)
     .venv-train/bin/python -m training.segmentation --quantize-from 1.0.0 --threads 1 --version 1.2.0
-    # 1.3.0, the served one: 1.2.0 pinned to 272 px tiles with a 16 px margin (seconds)
+    # 1.3.0: 1.2.0 pinned to 272 px tiles with a 16 px margin (seconds)
     .venv-train/bin/python -m training.segmentation --retile-from 1.2.0 --tile 272 --margin 16 \
         --threads 1 --version 1.3.0
+    # 1.4.0, the served one: 1.3.0's file, its tiles laid out with an 8 px margin (seconds)
+    .venv-train/bin/python -m training.segmentation --retile-from 1.3.0 --tile 272 --margin 8 \
+        --threads 1 --version 1.4.0
 """
 
 from __future__ import annotations
@@ -494,9 +497,11 @@ def retiled(args: argparse.Namespace) -> None:
     pin_batch_one(path, tile=args.tile)
     tiling = {"tile": args.tile, "margin": args.margin}
     print(f"{parent_dir} pinned to {args.tile} px tiles, margin {args.margin}", flush=True)
+    change = (f"pinned to {args.tile} px tiles with a margin of {args.margin} (the same weights)"
+              if args.tile != int(parent["params"]["tile"]) else
+              f"with a margin of {args.margin} (the same model file): fewer tiles for some image sizes")
     finish(args, out, clock, tiling=tiling,
-           description=f"{parent['description'].rstrip('.')}; {args.retile_from} pinned to {args.tile} px "
-                       f"tiles with a margin of {args.margin} (the same weights).",
+           description=f"{parent['description'].rstrip('.')}; {args.retile_from} {change}.",
            artifact={"file": "model.tflite", "format": "tflite-int8", "bytes": path.stat().st_size,
                      "sha256": sha256_file(path)},
            params={**{k: v for k, v in parent["params"].items() if k != "threshold"}, **tiling,

@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import ProblemError
@@ -38,44 +39,74 @@ from app.core.limits import DYNO_MIB_PER_BIG_JOB, QUEUE_MAX_WAIT_S
 
 PLACES_DIR_ENV = "DYNO_PLACES_DIR"
 PLACE_POLL_S = 0.05
-_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),                      # cgroup v2
-                  Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))    # cgroup v1
 _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
 
-def memory_limit_bytes(paths: tuple[Path, ...] = _CGROUP_LIMITS) -> int | None:
+@dataclass(frozen=True)
+class CgroupMemory:
+    """Where one cgroup version keeps a cgroup's memory limit, its usage and the usage's breakdown."""
+
+    limit: Path
+    usage: Path
+    stat: Path
+    reclaimable: str  # memory.stat's page cache not used lately: the kernel drops it before the limit
+
+
+CGROUP_MEMORY = (
+    CgroupMemory(Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"),
+                 Path("/sys/fs/cgroup/memory.stat"), "inactive_file"),                       # cgroup v2
+    CgroupMemory(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+                 Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+                 Path("/sys/fs/cgroup/memory/memory.stat"), "total_inactive_file"),          # cgroup v1
+)
+
+
+def _limit(cgroup: CgroupMemory) -> tuple[bool, int | None]:
+    """(whether this cgroup version's limit file is there, the limit it sets or None)."""
+    try:
+        text = cgroup.limit.read_text().strip()
+    except OSError:
+        return False, None
+    return True, (int(text) if text.isdigit() and int(text) < _NO_LIMIT else None)
+
+
+def memory_limit_bytes(cgroups: tuple[CgroupMemory, ...] = CGROUP_MEMORY) -> int | None:
     """The memory limit of this process's cgroup, or None when there is none (or none is visible)."""
-    for path in paths:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < _NO_LIMIT:
-            return int(text)
-        return None
+    for cgroup in cgroups:
+        present, limit = _limit(cgroup)
+        if present:
+            return limit
     return None
 
 
-_CGROUP_USAGE = {_CGROUP_LIMITS[0]: Path("/sys/fs/cgroup/memory.current"),
-                 _CGROUP_LIMITS[1]: Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")}
-
-
-def memory_room_bytes(paths: tuple[Path, ...] = _CGROUP_LIMITS,
-                      usage: dict[Path, Path] | None = None) -> int | None:
-    """What this process's cgroup may still take before its memory limit (its usage counts the
-    page cache, so this errs low); None when there is no limit, 0 when the usage is not readable."""
-    usage = _CGROUP_USAGE if usage is None else usage
-    for path in paths:
-        limit = memory_limit_bytes((path,))
+def memory_room_bytes(cgroups: tuple[CgroupMemory, ...] = CGROUP_MEMORY) -> int | None:
+    """What this process's cgroup may still take before its memory limit: the limit less the usage,
+    the page cache the kernel would drop first (``inactive_file``, as ``docker stats`` leaves it out)
+    not counted; None when there is no limit, 0 when the usage is not readable."""
+    for cgroup in cgroups:
+        present, limit = _limit(cgroup)
+        if not present:
+            continue
         if limit is None:
-            if path.exists():
-                return None
-            continue
+            return None
         try:
-            return limit - int(usage[path].read_text().strip())
-        except (OSError, ValueError, KeyError):
+            usage = int(cgroup.usage.read_text().strip())
+        except (OSError, ValueError):
             return 0
+        return limit - usage + _stat_value(cgroup.stat, cgroup.reclaimable)
     return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """One ``key value`` line of a cgroup's memory.stat; 0 when the file or the line is missing."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def default_count(limit_bytes: int | None) -> int:

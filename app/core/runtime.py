@@ -99,6 +99,8 @@ class TFLiteRunner:
 
 IDLE_NICE = 19  # the lowest priority: a weight of 15 against a normal thread's 1024
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+CPU_CFS = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),  # cgroup v1: "<quota>" (-1: none)
+           Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))  # and "<period>"
 _CREATING = threading.Lock()
 
 
@@ -129,10 +131,21 @@ def usable_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = _cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return cpus
+
+
+def _cpu_quota() -> float | None:
+    """The cgroup's CPU quota in CPUs (quota over period; cgroup v2, else v1), None without one."""
     try:
         quota, period = CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
         pass
-    return cpus
+    try:
+        quota, period = (int(path.read_text()) for path in CPU_CFS)
+        return None if quota < 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None

@@ -255,7 +255,7 @@ def test_readiness_reports_a_saturated_worker(one_worker):
 
 
 def test_work_stops_at_the_deadline_and_frees_the_worker(mnist_digit_png):
-    segmentation = flat_png(2048, 4)  # 16 tiles each, four of them: about 9 s of work; the deadline is 1 s
+    segmentation = flat_png(2048, 4)  # 64 tiles each, four of them: seconds of work on any CPU; the deadline is 1 s
     with running_server(workers=1, env={"REQUEST_TIMEOUT_S": "1"}) as live:
         response, seconds = timed_post(live.base_url, "/v1/segmentation/predict", params={"format": "json"},
                                        files=[("image", (f"{i}.png", segmentation, "image/png")) for i in range(4)])

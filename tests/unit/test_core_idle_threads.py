@@ -51,13 +51,28 @@ def test_where_threads_cannot_be_lowered_the_interpreter_has_no_extra_thread(mon
 
 @pytest.mark.parametrize(("cpu_max", "cpus"), [("max 100000\n", 8), ("100000 100000\n", 1),
                                                ("250000 100000\n", 2), ("50000 100000\n", 1),
-                                               ("1600000 100000\n", 8), (None, 8)])
+                                               ("1600000 100000\n", 8), ("100000 0\n", 8), (None, 8)])
 def test_usable_cpus_follow_the_cgroup_quota(cpu_max, cpus, tmp_path, monkeypatch):
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
     path = tmp_path / "cpu.max"
     if cpu_max is not None:
         path.write_text(cpu_max)
     monkeypatch.setattr(runtime, "CPU_MAX", path)
+    monkeypatch.setattr(runtime, "CPU_CFS", (tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us"))
+    assert runtime.usable_cpus() == cpus
+
+
+@pytest.mark.parametrize(("quota", "period", "cpus"), [("-1\n", "100000\n", 8), ("100000\n", "100000\n", 1),
+                                                        ("250000\n", "100000\n", 2), ("50000", "100000", 1),
+                                                        ("100000", "0", 8), ("100000", None, 8)])
+def test_usable_cpus_follow_a_cgroup_v1_quota(quota, period, cpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runtime, "CPU_MAX", tmp_path / "cpu.max")  # no cgroup v2 file
+    files = (tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us")
+    files[0].write_text(quota)
+    if period is not None:
+        files[1].write_text(period)
+    monkeypatch.setattr(runtime, "CPU_CFS", files)
     assert runtime.usable_cpus() == cpus
 
 

@@ -19,23 +19,25 @@ from app.core.errors import ProblemError
 from app.core.execution import Execution, GateSpec, memory_budget
 from app.core.limits import BIG_JOB_BYTES, DYNO_MIB_PER_BIG_JOB
 from app.core.places import DynoPlaces, default_count, memory_limit_bytes
-from tests.support import open_request
+from tests.support import fake_cgroups, open_request
 
 
 def test_the_count_follows_the_memory_limit(tmp_path: Path):
     assert default_count(512 * 2**20) == 512 // DYNO_MIB_PER_BIG_JOB == 2
     assert default_count(100 * 2**20) == 1  # at least one
     assert default_count(None) == 0  # no limit: places are not used
-    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    cgroups = fake_cgroups(tmp_path)
+    v2, v1 = cgroups[0].limit, cgroups[1].limit
+    assert memory_limit_bytes(cgroups) is None  # no cgroup files: no limit
     v2.write_text("max\n")
-    assert memory_limit_bytes((v2, v1)) is None
+    assert memory_limit_bytes(cgroups) is None
     v2.write_text("536870912\n")
-    assert memory_limit_bytes((v2, v1)) == 512 * 2**20
+    assert memory_limit_bytes(cgroups) == 512 * 2**20
     v2.unlink()
     v1.write_text(str(2**63 - 4096))  # cgroup v1 without a limit
-    assert memory_limit_bytes((v2, v1)) is None
+    assert memory_limit_bytes(cgroups) is None
     v1.write_text("1073741824")
-    assert memory_limit_bytes((v2, v1)) == 2**30
+    assert memory_limit_bytes(cgroups) == 2**30
 
 
 def test_places_are_shared_and_given_back(tmp_path: Path):

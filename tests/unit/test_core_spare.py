@@ -21,7 +21,7 @@ from app.core.limits import BIG_JOB_BYTES
 from app.core.places import DynoPlaces
 from app.core.runtime import TFLiteRunner
 from app.core.spare import Helper, in_order
-from tests.support import REPO_ROOT, SHARED_DATA
+from tests.support import REPO_ROOT, SHARED_DATA, fake_cgroups
 
 UNET_DIR = REPO_ROOT / "models" / "segmentation" / "1.3.0"
 DATA = b"\x5a" * (4 << 20)
@@ -243,19 +243,23 @@ def test_the_spare_cpu_is_used_unless_switched_off():
 def test_the_room_under_a_memory_limit_is_the_limit_less_the_usage(tmp_path):
     from app.core.places import memory_room_bytes
 
-    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    usage = {v2: tmp_path / "memory.current", v1: tmp_path / "memory.usage_in_bytes"}
-    assert memory_room_bytes((v2, v1), usage) is None  # no cgroup files: no limit
-    v2.write_text("max\n")
-    assert memory_room_bytes((v2, v1), usage) is None
-    v2.write_text(str(512 << 20))
-    assert memory_room_bytes((v2, v1), usage) == 0  # a limit, but no usage to read: no room
-    usage[v2].write_text(str(400 << 20))
-    assert memory_room_bytes((v2, v1), usage) == 112 << 20
-    v2.unlink()
-    v1.write_text(str(256 << 20))
-    usage[v1].write_text(str(100 << 20))
-    assert memory_room_bytes((v2, v1), usage) == 156 << 20
+    cgroups = fake_cgroups(tmp_path)
+    v2, v1 = cgroups
+    assert memory_room_bytes(cgroups) is None  # no cgroup files: no limit
+    v2.limit.write_text("max\n")
+    assert memory_room_bytes(cgroups) is None
+    v2.limit.write_text(str(512 << 20))
+    assert memory_room_bytes(cgroups) == 0  # a limit, but no usage to read: no room
+    v2.usage.write_text(str(400 << 20))
+    assert memory_room_bytes(cgroups) == 112 << 20  # no memory.stat: all the usage counts
+    v2.stat.write_text(f"anon {300 << 20}\nfile {100 << 20}\nactive_file {60 << 20}\ninactive_file {40 << 20}\n")
+    assert memory_room_bytes(cgroups) == 152 << 20  # page cache the kernel drops first is room
+    v2.limit.unlink()
+    v1.limit.write_text(str(256 << 20))
+    v1.usage.write_text(str(100 << 20))
+    assert memory_room_bytes(cgroups) == 156 << 20
+    v1.stat.write_text(f"cache {30 << 20}\ninactive_file {9 << 20}\ntotal_inactive_file {20 << 20}\n")
+    assert memory_room_bytes(cgroups) == 176 << 20  # v1: total_inactive_file, children counted as in the usage
 
 
 @pytest.mark.parametrize(("room_mib", "helper"), [(None, True), (128, True), (127, False), (0, False)])

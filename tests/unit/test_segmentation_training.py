@@ -1,5 +1,5 @@
 """The segmentation trainer's distillation and tile options (the light U-Net, 1.1.0), its int8
-quantisation (1.2.0) and its re-tiling (1.3.0, the served one)."""
+quantisation (1.2.0), its re-tiling (1.3.0) and the wider tile spacing of the served 1.4.0."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 
 from app.core.runtime import TFLiteRunner
 from app.tasks.segmentation.preprocess import (
+    TileLayout,
     mask_from_label,
     predict_probability,
     to_grayscale,
@@ -151,3 +152,25 @@ def test_the_served_unet_is_1_2_0_pinned_to_smaller_tiles_and_rebuilds_to_the_by
     small, large = load("segmentation", "1.3.0", REPO_ROOT / "models"), load("segmentation", "1.2.0", REPO_ROOT / "models")
     agree = np.mean((small.probability(gray) >= 0.45) == (large.probability(gray) >= 0.45))
     assert 0.99 < agree < 1.0
+
+
+def test_the_served_unet_is_1_3_0_with_a_margin_of_8_the_same_on_slices_and_fewer_tiles_when_large():
+    """1.4.0 is 1.3.0's model file with its tiles laid out at most 256 px apart (margin 8) instead
+    of 240: a 512 x 512 slice is cut into the same four tiles, so its mask is 1.3.0's; a larger
+    image needs fewer tiles, and the masks part only along the moved seams."""
+    meta = json.loads((MODELS / "1.4.0" / "metadata.json").read_text())
+    assert meta["params"]["retiled_from"] == "1.3.0"
+    assert (meta["params"]["tile"], meta["params"]["margin"]) == (272, 8)
+    assert sha256_file(MODELS / "1.4.0" / "model.tflite") == sha256_file(MODELS / "1.3.0" / "model.tflite") \
+        == meta["artifact"]["sha256"]
+    assert TileLayout(512, 512, 272, 8).placements() == TileLayout(512, 512, 272, 16).placements()
+    assert (len(TileLayout(2048, 2048, 272, 8)), len(TileLayout(2048, 2048, 272, 16))) == (64, 81)
+
+    wide, narrow = load("segmentation", "1.4.0", REPO_ROOT / "models"), load("segmentation", "1.3.0", REPO_ROOT / "models")
+    assert (wide.tile, wide.margin, narrow.margin) == (272, 8, 16)
+    gray = to_grayscale(Image.open(MEMBRANE / "image" / "22.png"))
+    np.testing.assert_array_equal(wide.probability(gray), narrow.probability(gray))
+    large = to_grayscale(Image.open(MEMBRANE / "image" / "22.png").resize((1000, 1000), Image.BILINEAR))
+    assert (len(TileLayout(1000, 1000, 272, 8)), len(TileLayout(1000, 1000, 272, 16))) == (16, 25)
+    agree = np.mean((wide.probability(large) >= 0.45) == (narrow.probability(large) >= 0.45))
+    assert 0.97 < agree < 1.0
