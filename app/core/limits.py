@@ -21,7 +21,7 @@ DIGITS_MAX_INSTANCES = 256
 EMOTION_MAX_INSTANCES = 8
 SEGMENTATION_MAX_INSTANCES = 4  # with format=json; png and overlay answer one image
 PALETTE_MAX_INSTANCES = 4
-SEGMENTATION_MAX_SIDE = 2048  # 2048 x 2048: about 3 s on one core (segmentation_speed*.json); 4096 x 4096: 4x that
+SEGMENTATION_MAX_SIDE = 2048  # 2048 x 2048: about 2 s on one core (segmentation_speed.json); 4096 x 4096: 4x that
 CLUSTERING_MAX_ROWS = 10_000
 FIT_MAX_ROWS = 10_000
 FIT_MAX_COLUMNS = 50
