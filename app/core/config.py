@@ -31,7 +31,7 @@ class Settings(BaseSettings):
                                "can halve")
     spare_cpu: bool = Field(True, description="a big job (a 2048 x 2048 segmentation) also runs its "
                             "tiles on a helper thread with a second interpreter while another CPU is "
-                            "idle; the helper leaves as soon as that CPU is busy")
+                            "idle; the helper leaves once that CPU is busy")
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'predictions.db'}"
     log_level: str = "INFO"
     max_upload_mb: float = Field(10.0, gt=0)

@@ -1,14 +1,15 @@
 """A big job's independent steps shared with a helper thread while another CPU is idle.
 
-A 2048 x 2048 segmentation is 81 tiles, each a model call of tens of milliseconds that releases the
+A 2048 x 2048 segmentation is 64 tiles, each a model call of tens of milliseconds that releases the
 GIL. :func:`in_order` runs such steps on the job's thread, in order, and lets a helper thread with
 a model of its own take steps from the other end at the same time: on an idle second CPU the job
-takes about two thirds of the time (``bench/spare_cpu.py``). The helper's results wait for their
+takes 0.55-0.65 of the time (``bench/spare_cpu.py``). The helper's results wait for their
 turn: at most about half the steps' results are held at once. The helper leaves as soon as it sees
-that its CPU is not idle (during a step it waited for a CPU for more than ``1 - CONTENDED_SHARE``
-of the step's time: another worker's request, the load on the machine), after that step; the job's
-own thread, which took steps from the front all along, finishes the rest alone. A job of fewer than
-``MIN_STEPS`` steps gets no helper.
+that its CPU is not idle (during ``CONTENDED_STEPS`` steps in a row it waited for a CPU for more than
+``1 - CONTENDED_SHARE`` of each step's time: another worker's request, the load on the machine;
+one such step alone is a moment's blip, which would otherwise cost the rest of the job its helper);
+the job's own thread, which took steps from the front all along, finishes the rest alone. A job of
+fewer than ``MIN_STEPS`` steps gets no helper.
 
 Work is shared by step, not inside a model call: the job's thread never waits on the helper except
 for the one step the helper is running when the two meet. Results come back in the steps' order,
@@ -34,6 +35,7 @@ log = logging.getLogger("app.spare")
 T = TypeVar("T")
 R = TypeVar("R")
 CONTENDED_SHARE = 0.75  # a helper step that ran for less of its time than this: its CPU is busy
+CONTENDED_STEPS = 2  # that many such steps in a row and the helper leaves
 SCHEDSTAT = "/proc/thread-self/schedstat"  # Linux: time on a CPU, time waiting for one (ns), slices
 JOIN_TIMEOUT_S = 5.0  # the helper ends after its current step; a step is tens of milliseconds
 WAIT_STEP_S = 0.05  # how often the job's thread, waiting for the helper's step, checks it is alive
@@ -85,15 +87,16 @@ def in_order(items: Sequence[T], run: Callable[[T], R],
     def work() -> None:
         try:
             helper_run = helper()
+            in_a_row = 0  # steps in a row whose CPU was busy
             while (i := claim_back()) is not None:
                 try:
                     wall, waited = time.perf_counter(), _waited()
                     results[i] = helper_run(items[i])
-                    contended = _contended(wall, waited)
+                    in_a_row = in_a_row + 1 if _contended(wall, waited) else 0
                 finally:
                     finished[i].set()  # with its result, or without: the job's thread runs it then
                 report.steps.append(i)
-                if contended:
+                if in_a_row >= CONTENDED_STEPS:
                     report.stopped = "contended"
                     return
             report.stopped = "job-ended" if stop.is_set() else "done"

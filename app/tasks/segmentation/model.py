@@ -45,7 +45,7 @@ class SegmentationModel(ServedModel):
         """Tiles (n, tile, tile, 1) in [0, 1] -> membrane probabilities of the same shape.
 
         Stops (raises ``Cancelled``) before the tiles when the request is past its deadline or its
-        client has gone: a 2048 x 2048 image is 81 tiles of 272 px, ~35 ms each."""
+        client has gone: a 2048 x 2048 image is 64 tiles of 272 px (1.4.0), ~35 ms each."""
         checkpoint()
         return self.runner.run(batch)
 
