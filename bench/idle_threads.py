@@ -129,5 +129,6 @@ def alternate(modes: dict[str, dict[str, str]], run_round: Callable[[dict[str, s
     return {"medians": medians, ratio_name: ratios,
             "failed": sum(r["failed"] for results in rounds.values() for r in results), "rounds_detail": rounds}
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -87,10 +87,16 @@ def macs_per_call(model_path) -> int:
     return total
 
 
+def tiling(version: str) -> tuple[int, int]:
+    """The tile and margin a committed version's server cuts images with (its metadata's)."""
+    params = json.loads((MODELS / version / "metadata.json").read_text()).get("params", {})
+    return int(params.get("tile", TILE)), int(params.get("margin", MARGIN))
+
+
 def describe(version: str) -> dict:
     metadata = json.loads((MODELS / version / "metadata.json").read_text())
     params = metadata.get("params", {})
-    tile, margin = int(params.get("tile", TILE)), int(params.get("margin", MARGIN))
+    tile, margin = tiling(version)
     tiles = len(TileLayout(512, 512, tile, margin))
     per_call = macs_per_call(MODELS / version / "model.tflite")
     return {"version": version, "base_filters": params.get("base_filters"), "tile": tile, "margin": margin,

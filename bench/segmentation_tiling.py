@@ -30,11 +30,10 @@ import numpy as np
 from PIL import Image
 
 from app.tasks.segmentation.preprocess import TileLayout, segmentation_metrics
-from bench.common import REPO_ROOT, SHARED_DATA, png_bytes, serving_python, write_results
+from bench.common import SHARED_DATA, png_bytes, serving_python, write_results
 from bench.liveserver import running_server
 from bench.segmentation import TEST_SLICES, URL
-
-MODELS = REPO_ROOT / "models" / "segmentation"
+from bench.segmentation_speed import tiling
 
 
 def enlarged(index: int, side: int) -> tuple[bytes, np.ndarray]:
@@ -45,11 +44,6 @@ def enlarged(index: int, side: int) -> tuple[bytes, np.ndarray]:
     if side != image.width:
         image, label = image.resize((side, side), Image.BILINEAR), label.resize((side, side), Image.NEAREST)
     return png_bytes(np.asarray(image)), np.asarray(label) < 128
-
-
-def tiling(version: str) -> tuple[int, int]:
-    params = json.loads((MODELS / version / "metadata.json").read_text())["params"]
-    return int(params["tile"]), int(params["margin"])
 
 
 def main() -> int:
