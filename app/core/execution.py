@@ -31,9 +31,12 @@ so code deep inside a task (a tile loop) reaches it without being passed anythin
   made at once. On the event loop the calls of every inline job that reached its call in the same
   turn of the loop are made together, after all those jobs' preparation and before any of their
   answers: under load each phase's code and the model's weights stay in the CPU's caches across
-  several requests instead of being pushed out by the next request's work. Each call is the call
-  the job would have made alone, so the answers are the same to the bit. A ``big`` job (a body of
-  ``BIG_JOB_BYTES`` or more) makes its calls at once, so its memory is freed without waiting.
+  several requests instead of being pushed out by the next request's work. A model whose method is
+  marked :func:`batchable` (rows in, rows out, each row's result its own) gets the group's arguments
+  as one batch: one call instead of several, the weights read once. Its model must answer a row the
+  same in any batch (the task's tests check it on its data), so the answers are the same to the bit
+  as alone. A ``big`` job (a body of ``BIG_JOB_BYTES`` or more) makes its calls at once, so its
+  memory is freed without waiting.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from starlette.requests import Request
 
 from app.core.errors import ProblemError
@@ -125,6 +129,16 @@ def inline_budget(pixels: int = 0, instances: int = 1) -> None:
 
 
 Call = tuple[Callable[[Any], Any], Any]  # a model call a job's steps ask for: (function, argument)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def batchable(fn: F) -> F:
+    """Mark a model's method as taking a batch of rows (an array, first axis) and answering one
+    row per row, each row's answer depending on that row alone and the same in any batch: on the
+    event loop, the calls of one turn with arguments of the same row shape and type are then made
+    as one call (:class:`ModelCalls`)."""
+    fn.batchable = True  # type: ignore[attr-defined]
+    return fn
 
 
 def run_to_end(fn: Callable[..., Any], *args: Any) -> Any:
@@ -148,6 +162,9 @@ def run_to_end(fn: Callable[..., Any], *args: Any) -> Any:
         steps.close()
 
 
+_Waiting = tuple[Callable[[Any], Any], Any, asyncio.Future, contextvars.Context]
+
+
 class ModelCalls:
     """The model calls of the inline jobs of one event loop, made together once per turn.
 
@@ -155,12 +172,16 @@ class ModelCalls:
     schedules :meth:`run`, which the loop runs after the callbacks already due, so every job that
     reaches its call in the same turn joins the group. The calls run in the order they came,
     grouped by function, each in its own request's context (its deadline included); a call whose
-    job has gone (its future cancelled) is skipped, and an exception fails only its own call."""
+    job has gone (its future cancelled) is skipped, and an exception fails only its own call.
+    Calls of a :func:`batchable` function whose arguments have the same row shape and type are
+    made as one call on their arguments joined, in the context of the first of them, and each gets
+    its own rows of the answer; should that call fail, each is made alone."""
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[Callable[[Any], Any], Any, asyncio.Future, contextvars.Context]] = []
+        self._waiting: list[_Waiting] = []
         self.groups = 0  # groups run, and calls made in them: their ratio is the mean group size
         self.calls = 0
+        self.batched = 0  # calls answered by a batch they shared with others
 
     def submit(self, fn: Callable[[Any], Any], arg: Any, context: contextvars.Context | None = None) -> asyncio.Future:
         """Queue ``fn(arg)``, to be made in ``context`` (a copy of the caller's by default)."""
@@ -175,36 +196,63 @@ class ModelCalls:
         waiting, self._waiting = self._waiting, []
         try:
             self.groups += 1
-            by_function: dict[Any, list[tuple[Callable[[Any], Any], Any, asyncio.Future, contextvars.Context]]] = {}
+            by_function: dict[Any, list[_Waiting]] = {}
             for item in waiting:  # a model's bound methods are equal, not identical
-                by_function.setdefault(_function_key(item[0]), []).append(item)
+                by_function.setdefault(_function_key(item[0], item[1]), []).append(item)
             for calls in by_function.values():
-                for fn, arg, future, context in calls:
-                    if future.done():
-                        continue
-                    self.calls += 1
-                    try:
-                        result = context.run(fn, arg)
-                    except StopIteration as exc:  # a future cannot hold one
-                        future.set_exception(RuntimeError(f"the model call raised {exc!r}"))
-                    except Exception as exc:
-                        future.set_exception(exc)
-                    else:
-                        future.set_result(result)
+                live = [call for call in calls if not call[2].done()]
+                if len(live) > 1 and getattr(live[0][0], "batchable", False) and self._batch(live):
+                    continue
+                for call in live:
+                    self._one(*call)
         finally:  # whatever stopped the group, no job waits for a call that will not be made
             for _, _, future, _ in waiting:
                 if not future.done():
                     future.set_exception(RuntimeError("the model call was not made"))
 
+    def _one(self, fn: Callable[[Any], Any], arg: Any, future: asyncio.Future,
+             context: contextvars.Context) -> None:
+        self.calls += 1
+        try:
+            result = context.run(fn, arg)
+        except StopIteration as exc:  # a future cannot hold one
+            future.set_exception(RuntimeError(f"the model call raised {exc!r}"))
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def _batch(self, calls: list[_Waiting]) -> bool:
+        """The calls made as one, each answered with its rows; False (nothing answered) when the
+        joined call failed or did not answer a row per row."""
+        fn, _, _, context = calls[0]
+        try:
+            result = context.run(fn, np.concatenate([arg for _, arg, _, _ in calls]))
+            if len(result) != sum(len(arg) for _, arg, _, _ in calls):
+                return False
+        except Exception:
+            return False
+        start = 0
+        for _, arg, future, _ in calls:
+            future.set_result(result[start:start + len(arg)])
+            start += len(arg)
+        self.calls += len(calls)
+        self.batched += len(calls)
+        return True
+
     def status(self) -> dict[str, int]:
-        return {"groups": self.groups, "calls": self.calls}
+        return {"groups": self.groups, "calls": self.calls, "batched": self.batched}
 
 
-def _function_key(fn: Callable[[Any], Any]) -> Any:
+def _function_key(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """What calls group by: the function and, for a :func:`batchable` one, the row shape and
+    type of the argument (only such calls can be joined)."""
     try:
         hash(fn)
     except TypeError:  # an unhashable callable object groups with itself only
         return id(fn)
+    if getattr(fn, "batchable", False) and isinstance(arg, np.ndarray) and arg.ndim:
+        return fn, arg.shape[1:], arg.dtype
     return fn
 
 

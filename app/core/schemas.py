@@ -67,8 +67,10 @@ class Readiness(BaseModel):
                                           "bounded), those this worker holds, and its refusals for want "
                                           "of one")
     model_calls: dict[str, int] | None = Field(None, description="this worker's model calls made "
-                                               "together on the event loop: `groups` run and `calls` "
-                                               "made in them (calls / groups is the mean group size)")
+                                               "together on the event loop: `groups` run, `calls` "
+                                               "made in them (calls / groups is the mean group size) "
+                                               "and those of them `batched`: answered by one call on "
+                                               "their rows joined (a batchable model)")
     prediction_log: dict[str, Any] | None = Field(None, description="database (`ok` or `unavailable`), "
                                                   "buffered_rows, buffered_input_bytes")
 

@@ -224,7 +224,8 @@ def test_other_content_types_are_415_and_a_raw_image_body_is_one_instance(client
 
 def test_requests_that_arrive_together_share_model_calls_and_each_gets_its_own_answer(mnist_test):
     """On one worker, requests that arrive together have their model calls made together on the
-    event loop (``/health/ready`` counts the groups); each still gets the answer it gets alone."""
+    event loop, as one batch (``/health/ready`` counts the groups and the calls batched); each
+    still gets the answer it gets alone."""
     import http.client
     import socket
     import time
@@ -268,3 +269,4 @@ def test_requests_that_arrive_together_share_model_calls_and_each_gets_its_own_a
     calls, groups = after["calls"] - before["calls"], after["groups"] - before["groups"]
     assert calls == len(bodies)
     assert groups < calls / 2, after  # most calls were made with others
+    assert before["batched"] == 0 and after["batched"] > calls / 2, after  # as one batch: the model is batchable

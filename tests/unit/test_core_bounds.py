@@ -223,6 +223,23 @@ def test_only_request_ids_this_service_made_have_an_age():
     assert request_id_age_s(other) is None
 
 
+def test_a_request_id_tag_is_hmac_sha256_of_the_rest_under_the_key():
+    """The tag is the first 40 bits of HMAC-SHA256 (the ids a running service issued stay known
+    after a deploy): the same as the one-shot ``hmac.digest``, under a secret's key too."""
+    import hashlib
+    import hmac
+
+    original = request_id_key.key
+    try:
+        for secret in (None, "dyno-secret"):
+            request_id_key.use(secret)
+            made = new_request_id()
+            assert made[22:] == hmac.digest(request_id_key.key, made[:22].encode(), "sha256")[:5].hex()
+        assert request_id_key.key == hashlib.sha256(b"dyno-secret").digest()
+    finally:
+        request_id_key.key = original
+
+
 def test_request_ids_made_under_one_secret_are_known_under_the_same_secret_only():
     original = request_id_key.key
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 
 from app.core.errors import ProblemError
@@ -14,6 +15,7 @@ from app.core.execution import (
     Execution,
     GateSpec,
     ModelCalls,
+    batchable,
     checkpoint,
     inline_budget,
     run_to_end,
@@ -65,7 +67,7 @@ def test_the_calls_of_jobs_in_the_same_turn_are_made_together_and_each_job_gets_
     # gate runs one job at a time (a job waiting for its call holds no slot).
     assert events == ([f"prepare {n}" for n in range(5)] + [f"call {n}" for n in range(5)]
                       + [f"finish {n}" for n in range(5)])
-    assert execution.model_calls.status() == {"groups": 1, "calls": 5}
+    assert execution.model_calls.status() == {"groups": 1, "calls": 5, "batched": 0}
     gate = execution.gates["light"]
     assert gate.running == 0 and gate.waiting == 0 and not gate.started
 
@@ -181,7 +183,7 @@ def test_off_the_event_loop_the_calls_are_made_at_once_on_the_gate_thread():
         3, lambda n: (lambda: steps(n, events, lambda m: m * 10)), inline=False)
     assert [r["result"] for r in results] == [0, 10, 20]
     assert all(r["thread"] != loop_thread for r in results)
-    assert execution.model_calls.status() == {"groups": 0, "calls": 0}
+    assert execution.model_calls.status() == {"groups": 0, "calls": 0, "batched": 0}
 
 
 def test_a_big_job_makes_its_calls_at_once_on_the_event_loop():
@@ -200,7 +202,7 @@ def test_a_big_job_makes_its_calls_at_once_on_the_event_loop():
     assert [r["result"] for r in results] == [0, 1, 2] and all(r["thread"] == loop_thread for r in results)
     # The big jobs finished in their first step; the small one waited for its group.
     assert events == ["prepare 0", "finish 0", "prepare 1", "prepare 2", "finish 2", "finish 1"]
-    assert execution.model_calls.status() == {"groups": 1, "calls": 1}
+    assert execution.model_calls.status() == {"groups": 1, "calls": 1, "batched": 0}
 
 
 def test_a_job_past_the_inline_budget_runs_all_its_steps_on_the_gate_thread():
@@ -292,7 +294,7 @@ def test_a_call_whose_job_has_gone_is_not_made():
         await asyncio.wait_for(kept, 1.0)
 
     asyncio.run(scenario())
-    assert made == [2] and calls.status() == {"groups": 1, "calls": 1}
+    assert made == [2] and calls.status() == {"groups": 1, "calls": 1, "batched": 0}
 
 
 def test_no_job_waits_for_a_call_that_a_broken_group_did_not_make():
@@ -330,3 +332,71 @@ def test_run_to_end_makes_the_calls_in_turn_and_throws_a_failure_into_the_steps(
     assert run_to_end(lambda: "plain") == "plain"  # a plain function's result as it is
     with pytest.raises(ValueError):
         run_to_end(lambda: (yield model, -1))
+
+
+class RowModel:
+    """A batchable model as a task writes one: each row's answer is its own (its sum and the row
+    count of the call that made it, so a test can tell a joined call from single ones)."""
+
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.calls: list[int] = []  # the rows of each call made
+        self.fail_on = fail_on
+
+    @batchable
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        if self.fail_on is not None and (batch == self.fail_on).any():
+            raise ValueError(f"bad row {self.fail_on}")
+        sums = batch.reshape(len(batch), -1).sum(axis=1)
+        return np.stack([sums, np.full(len(batch), len(batch))], axis=1)
+
+
+def test_the_calls_of_a_batchable_model_are_made_as_one_and_each_job_gets_its_own_rows():
+    model = RowModel()
+    rows = {0: np.full((1, 2, 2), 1.0), 1: np.full((3, 2, 2), 2.0), 2: np.full((2, 2, 2), 3.0)}
+
+    def job(n: int):
+        def run():
+            return (yield model.predict, rows[n])
+        return run
+
+    results, _, execution = run_jobs(3, job)
+    assert model.calls == [6]  # one call for the three jobs' six rows
+    for n, result in enumerate(results):  # each job its own rows, in its order
+        assert result.tolist() == [[4.0 * (n + 1), 6.0]] * len(rows[n])
+    assert execution.model_calls.status() == {"groups": 1, "calls": 3, "batched": 3}
+
+
+def test_only_arguments_with_the_same_row_shape_and_type_are_joined():
+    model = RowModel()
+    args = [np.ones((1, 2, 2)), np.ones((1, 3, 3)), np.ones((1, 2, 2)), np.ones((1, 2, 2), np.float32)]
+
+    def job(n: int):
+        def run():
+            return (yield model.predict, args[n])
+        return run
+
+    results, _, execution = run_jobs(4, job)
+    assert sorted(model.calls) == [1, 1, 2]  # jobs 0 and 2 joined; 3 x 3 rows and float32 alone
+    assert [r[0, 0] for r in results] == [4.0, 9.0, 4.0, 4.0]
+    assert [r[0, 1] for r in results] == [2, 1, 2, 1]
+    assert execution.model_calls.status()["batched"] == 2
+
+
+def test_when_the_joined_call_fails_each_call_is_made_alone_and_only_its_own_job_fails():
+    model = RowModel(fail_on=7.0)
+    args = [np.full((2, 2), 1.0), np.full((1, 2), 7.0), np.full((1, 2), 3.0)]
+
+    def job(n: int):
+        def run():
+            try:
+                return (yield model.predict, args[n])
+            except ValueError as exc:
+                raise ProblemError(422, "bad-input", str(exc)) from exc
+        return run
+
+    results, _, execution = run_jobs(3, job)
+    assert model.calls == [4, 2, 1, 1]  # the joined call, then each alone
+    assert results[0].tolist() == [[2.0, 2.0], [2.0, 2.0]] and results[2].tolist() == [[6.0, 1.0]]
+    assert isinstance(results[1], ProblemError) and results[1].code == "bad-input"
+    assert execution.model_calls.status() == {"groups": 1, "calls": 3, "batched": 0}

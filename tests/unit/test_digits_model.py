@@ -13,7 +13,7 @@ from PIL import Image
 from app.core.config import Settings
 from app.tasks.digits.model import DigitsModel
 from app.tasks.digits.preprocess import normalize_batch, prepare_image
-from tests.support import SHARED_DATA, committed_version, photo_like, single_task_client
+from tests.support import MODELS, SHARED_DATA, committed_version, photo_like, single_task_client
 
 MNIST = SHARED_DATA / "mnist" / "mnist.npz"
 
@@ -119,3 +119,17 @@ def test_docs_describe_every_request_shape(client):
     request = spec["components"]["schemas"][content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert request["properties"]["instances"]["maxItems"] == 256
     assert operation["operationId"] == "digits_predict"
+
+@pytest.mark.parametrize("version", sorted(p.name for p in (MODELS / "digits").iterdir() if p.is_dir()))
+def test_every_version_gives_a_digit_the_same_probabilities_in_any_batch(version, mnist_test):
+    """``predict`` is batchable: the service joins the digits of requests that arrive together into
+    one call (``app.core.execution.ModelCalls``), so no digit's answer may depend on its batch."""
+    model = DigitsModel.load(MODELS / "digits" / version, Settings())
+    digits = normalize_batch(mnist_test[0][:300])[..., None]
+    alone = np.concatenate([model.predict(digits[i:i + 1]) for i in range(len(digits))])
+    sizes = [2, 3, 5, 8, 13, 7, 4, 16, 1, 6] * 10
+    starts = np.cumsum([0, *sizes])
+    batched = np.concatenate([model.predict(digits[a:b]) for a, b in zip(starts, starts[1:], strict=False)
+                              if a < len(digits)])
+    assert batched.shape == alone.shape == (len(digits), 10)
+    assert np.array_equal(batched, alone)  # to the bit

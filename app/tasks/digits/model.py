@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from app.core.execution import batchable
 from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
 from app.tasks.digits.preprocess import PREPROCESSING_PARAMS, SIZE, prepare_image
@@ -50,6 +51,7 @@ class DigitsModel(ServedModel):
     def warm_up(self) -> None:
         self.predict(np.zeros((1, SIZE, SIZE), dtype=np.float32))
 
+    @batchable  # rows in, rows out: the same probabilities in any batch (tests/unit/test_digits_model.py)
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 28, 28) or (N, 28, 28, 1) normalised digits -> (N, 10) probabilities."""
         batch = np.asarray(batch, dtype=np.float32)

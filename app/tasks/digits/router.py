@@ -92,7 +92,7 @@ def run(job: Job) -> Generator[Call, np.ndarray, Outcome]:
                 raise ProblemError(422, exc.code, str(exc), field=exc.field or instance.field) from exc
     with job.timing.measure("inference"):  # core makes the call: on the event loop, with other requests' calls
         batch = (digits[0].array.reshape(1, SIZE, SIZE, 1) if len(digits) == 1
-                 else np.stack([d.array for d in digits]))
+                 else np.stack([d.array for d in digits]).reshape(len(digits), SIZE, SIZE, 1))
         probabilities = yield job.model.predict, batch
     predictions, rows = [], []
     for digit, probs in zip(digits, probabilities.tolist(), strict=True):
