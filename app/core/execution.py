@@ -134,9 +134,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def batchable(fn: F) -> F:
     """Mark a model's method as taking a batch of rows (an array, first axis) and answering one
-    row per row, each row's answer depending on that row alone and the same in any batch: on the
-    event loop, the calls of one turn with arguments of the same row shape and type are then made
-    as one call (:class:`ModelCalls`)."""
+    array with a row per row, each row's answer depending on that row alone and the same in any
+    batch: on the event loop, the calls of one turn with arrays of the same row shape and type are
+    then made as one call (:class:`ModelCalls`). That call runs in the first request's context, so
+    the method must not use the request's (no :func:`checkpoint`, no :func:`memory_budget`)."""
     fn.batchable = True  # type: ignore[attr-defined]
     return fn
 
@@ -171,17 +172,20 @@ class ModelCalls:
     :meth:`submit` queues a call and returns a future for its result; the first call of a turn
     schedules :meth:`run`, which the loop runs after the callbacks already due, so every job that
     reaches its call in the same turn joins the group. The calls run in the order they came,
-    grouped by function, each in its own request's context (its deadline included); a call whose
-    job has gone (its future cancelled) is skipped, and an exception fails only its own call.
-    Calls of a :func:`batchable` function whose arguments have the same row shape and type are
-    made as one call on their arguments joined, in the context of the first of them, and each gets
-    its own rows of the answer; should that call fail, each is made alone."""
+    grouped by function (and, for a :func:`batchable` one, by the row shape and type of their
+    arrays), each in its own request's context (its deadline included); a call whose job has gone
+    (its future cancelled) is skipped, and an exception fails only its own call. The calls of such
+    a subgroup are made as one call on their arrays joined, in the context of the first of them,
+    and each gets its own rows of the answer; should that call fail, or answer anything but an
+    array with a row per row, each is made alone (and the first such failure of a function is
+    logged)."""
 
     def __init__(self) -> None:
         self._waiting: list[_Waiting] = []
         self.groups = 0  # groups run, and calls made in them: their ratio is the mean group size
         self.calls = 0
         self.batched = 0  # calls answered by a batch they shared with others
+        self._unbatchable: set[Any] = set()  # functions whose joined call failed (logged once)
 
     def submit(self, fn: Callable[[Any], Any], arg: Any, context: contextvars.Context | None = None) -> asyncio.Future:
         """Queue ``fn(arg)``, to be made in ``context`` (a copy of the caller's by default)."""
@@ -223,19 +227,28 @@ class ModelCalls:
             future.set_result(result)
 
     def _batch(self, calls: list[_Waiting]) -> bool:
-        """The calls made as one, each answered with its rows; False (nothing answered) when the
-        joined call failed or did not answer a row per row."""
+        """The calls made as one, each answered with its rows; False (nothing answered) when they
+        are not all arrays of rows, or the joined call failed or did not answer an array with a
+        row per row."""
         fn, _, _, context = calls[0]
-        try:
-            result = context.run(fn, np.concatenate([arg for _, arg, _, _ in calls]))
-            if len(result) != sum(len(arg) for _, arg, _, _ in calls):
-                return False
-        except Exception:
+        args = [arg for _, arg, _, _ in calls]
+        if not all(isinstance(arg, np.ndarray) and arg.ndim for arg in args):
             return False
-        start = 0
-        for _, arg, future, _ in calls:
-            future.set_result(result[start:start + len(arg)])
-            start += len(arg)
+        ends = np.cumsum([len(arg) for arg in args]).tolist()
+        try:
+            result = context.run(fn, np.concatenate(args))
+            if not isinstance(result, np.ndarray) or not result.ndim or len(result) != ends[-1]:
+                raise TypeError(f"a batchable call answered {type(result).__name__} "
+                                f"{getattr(result, 'shape', '')} for {ends[-1]} rows")
+        except Exception:
+            key = _function_key(fn, None)
+            if key not in self._unbatchable:
+                self._unbatchable.add(key)
+                log.warning("a batchable model call failed on rows joined; its calls are made alone",
+                            exc_info=True, extra={"function": getattr(fn, "__qualname__", repr(fn))})
+            return False
+        for (_, _, future, _), start, end in zip(calls, [0, *ends], ends, strict=False):
+            future.set_result(result[start:end])
         self.calls += len(calls)
         self.batched += len(calls)
         return True

@@ -93,8 +93,9 @@ class _RequestIdKey:
     A tag is HMAC-SHA256 under the key, from an HMAC keyed once and copied for each tag: there is
     one request id per request, and the one-shot ``hmac.digest`` looks the digest up in OpenSSL on
     every call, which costs most where the model has just filled the CPU's caches. The HMAC is
-    :mod:`hmac`'s own over hashlib's SHA-256 objects (given a constructor rather than the name),
-    whose copy is two hash states."""
+    :mod:`hmac`'s own over hashlib's SHA-256 objects, whose copy is two hash states: given a name
+    or ``hashlib.sha256`` itself, :func:`hmac.new` would make OpenSSL's HMAC instead, whose copy
+    costs more; a Python function (:func:`_sha256`) keeps it on the first."""
 
     def __init__(self) -> None:
         self.key = os.urandom(32)
@@ -119,6 +120,7 @@ class _RequestIdKey:
 
 
 def _sha256(data: bytes = b"") -> Any:
+    """``hashlib.sha256`` as a plain function, for :class:`_RequestIdKey` (see there)."""
     return hashlib.sha256(data)
 
 

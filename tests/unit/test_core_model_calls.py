@@ -400,3 +400,47 @@ def test_when_the_joined_call_fails_each_call_is_made_alone_and_only_its_own_job
     assert results[0].tolist() == [[2.0, 2.0], [2.0, 2.0]] and results[2].tolist() == [[6.0, 1.0]]
     assert isinstance(results[1], ProblemError) and results[1].code == "bad-input"
     assert execution.model_calls.status() == {"groups": 1, "calls": 3, "batched": 0}
+
+
+def test_a_batch_leaves_out_the_calls_whose_jobs_have_gone():
+    model = RowModel()
+    calls = ModelCalls()
+
+    async def scenario():
+        first = calls.submit(model.predict, np.full((1, 2), 1.0))
+        gone = calls.submit(model.predict, np.full((2, 2), 2.0))
+        last = calls.submit(model.predict, np.full((1, 2), 3.0))
+        gone.cancel()
+        return await asyncio.wait_for(asyncio.gather(first, last), 1.0)
+
+    first, last = asyncio.run(scenario())
+    assert model.calls == [2]  # the two live calls' rows only
+    assert first.tolist() == [[2.0, 2.0]] and last.tolist() == [[6.0, 2.0]]
+    assert calls.status() == {"groups": 1, "calls": 2, "batched": 2}
+
+
+def test_a_batchable_call_that_does_not_answer_an_array_of_rows_is_made_alone(caplog):
+    class Pair:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        @batchable
+        def predict(self, batch):  # marked batchable, but answers a tuple (two outputs)
+            self.calls.append(len(batch))
+            return np.asarray(batch).sum(axis=1), len(batch)
+
+    model = Pair()
+    args = [np.ones((1, 2)), np.ones((1, 2)), [[1.0, 2.0]], [[3.0, 4.0]]]  # two arrays, two lists
+
+    def job(n: int):
+        def run():
+            return (yield model.predict, args[n])
+        return run
+
+    with caplog.at_level("WARNING", logger="app.execution"):
+        results, _, execution = run_jobs(4, job)
+    assert model.calls == [2, 1, 1, 1, 1]  # the arrays' joined call, then each alone; lists never joined
+    assert [(r[0].tolist(), r[1]) for r in results] == [([2.0], 1), ([2.0], 1), ([3.0], 1), ([7.0], 1)]
+    assert execution.model_calls.status() == {"groups": 1, "calls": 4, "batched": 0}
+    assert [r.getMessage() for r in caplog.records].count(
+        "a batchable model call failed on rows joined; its calls are made alone") == 1
