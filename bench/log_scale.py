@@ -99,6 +99,9 @@ def fill(url: str, rows: int, feature_names: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     step = 1_000_000
     with engine.connect() as conn:
+        # A bulk load of a million rows per statement, not a request: past the service's statement
+        # timeout (``DB_STATEMENT_TIMEOUT_S``, which the engine sets), so lifted for this session.
+        conn.execute(text("SET statement_timeout = 0"))
         for start in range(0, rows, step):
             conn.execute(text(f"""
                 INSERT INTO predictions (created_at, request_id, instance, model, version, latency_ms,
