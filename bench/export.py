@@ -1,11 +1,12 @@
 """The dataset export's memory: a large export streams without the worker's memory growing with it.
 
-    .venv-dev/bin/python -m bench.export [--rows 4000] [--kib 100]
+    .venv-dev/bin/python -m bench.export [--rows 4000 8000] [--kib 100]
 
-Fills a fresh SQLite prediction log with ``rows`` consented digit inputs of ``kib`` KiB each (random
-bytes behind a PNG signature, so nothing compresses), starts the server on it (one worker), streams
-``GET /v1/monitoring/dataset`` to a file while sampling the worker's RSS, and checks the zip: every
-file there and whole. Prints and writes ``bench/results/export.json``.
+For each ``--rows``: fills a fresh SQLite prediction log with that many consented digit inputs of
+``kib`` KiB each (random bytes behind a PNG signature, so nothing compresses), starts the server on
+it (one worker), streams ``GET /v1/monitoring/dataset`` to a file while sampling the worker's RSS,
+and checks the zip: every file there and whole. Prints and writes ``bench/results/export.json``
+(one entry per ``--rows``: the worker's memory should not grow with the export).
 """
 
 from __future__ import annotations
@@ -49,12 +50,19 @@ def fill(url: str, rows: int, kib: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[4000, 8000])
     parser.add_argument("--kib", type=int, default=100)
     args = parser.parse_args()
+    runs = [export_run(rows, args.kib) for rows in args.rows]
+    write_results("export", {"runs": runs})
+    return 0
+
+
+def export_run(rows: int, kib: int) -> dict:
+    """One export of ``rows`` stored inputs of ``kib`` KiB: its speed and the worker's memory."""
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
     url = f"sqlite:///{work / 'predictions.db'}"
-    stored = fill(url, args.rows, args.kib)
+    stored = fill(url, rows, kib)
     env = {"DATABASE_URL": url, "ADMIN_TOKEN": TOKEN}
     with running_server(env=env, workers=1) as live, httpx.Client(base_url=live.base_url, timeout=120) as client:
         client.get("/v1/models")
@@ -75,15 +83,15 @@ def main() -> int:
         manifest_lines = len(archive.read("manifest.jsonl").splitlines())
     size = out.stat().st_size
     os.remove(out)
-    result = {"rows": args.rows, "input_kib": args.kib, "stored_mib": round(stored / 2**20, 1),
+    result = {"rows": rows, "input_kib": kib, "stored_mib": round(stored / 2**20, 1),
               "zip_mib": round(size / 2**20, 1), "files": len(names) - 1, "manifest_lines": manifest_lines,
               "zip_ok": bad is None, "seconds": round(seconds, 2),
               "mib_per_s": round(size / 2**20 / seconds, 1),
               "worker_rss_before_mib": round(before, 1), "worker_rss_peak_mib": round(peak, 1),
               "worker_rss_growth_mib": round(peak - before, 1)}
-    write_results("export", result)
-    assert result["files"] == args.rows == manifest_lines and result["zip_ok"]
-    return 0
+    print(result, flush=True)
+    assert result["files"] == rows == manifest_lines and result["zip_ok"]
+    return result
 
 
 if __name__ == "__main__":
