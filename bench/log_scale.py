@@ -100,7 +100,7 @@ def fill(url: str, rows: int, feature_names: list[str]) -> dict[str, Any]:
     step = 1_000_000
     with engine.connect() as conn:
         # A bulk load of a million rows per statement, not a request: past the service's statement
-        # timeout (``DB_STATEMENT_TIMEOUT_S``, which the engine sets), so lifted for this session.
+        # timeout (``DB_STATEMENT_TIMEOUT_S``, which the engine sets), so lifted on this connection.
         conn.execute(text("SET statement_timeout = 0"))
         for start in range(0, rows, step):
             conn.execute(text(f"""
