@@ -149,7 +149,8 @@ def _file_limit(files: int | None) -> Any:
 def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready: bool = True,
                    timeout: float = 90.0, python: str | None = None,
                    cwd: Path = REPO_ROOT, max_open_files: int | None = None) -> Iterator[LiveServer]:
-    """Yield a :class:`LiveServer`; ``ready=True`` waits for /health/ready 200, else /health/live.
+    """Yield a :class:`LiveServer` once its master has forked ``workers`` workers and one answers:
+    ``ready=True`` waits for /health/ready 200, else /health/live.
     ``cwd``: the checkout to serve (another one than this, e.g. an earlier commit, to compare).
     ``max_open_files``: the server's file limit (soft and hard), as a small dyno might have."""
     port = free_port()
@@ -185,7 +186,9 @@ def running_server(env: dict[str, str] | None = None, *, workers: int = 1, ready
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-5000:]}")
             try:
-                if httpx.get(base_url + path, timeout=2.0).status_code == 200:
+                # One worker answering is not all of them: the master forks them one after another.
+                if httpx.get(base_url + path, timeout=2.0).status_code == 200 \
+                        and len(server.worker_pids()) >= workers:
                     break
             except httpx.TransportError:
                 pass
