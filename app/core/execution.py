@@ -203,9 +203,9 @@ class ModelCalls:
             by_function: dict[Any, list[_Waiting]] = {}
             for item in waiting:  # a model's bound methods are equal, not identical
                 by_function.setdefault(_function_key(item[0], item[1]), []).append(item)
-            for calls in by_function.values():
+            for key, calls in by_function.items():
                 live = [call for call in calls if not call[2].done()]
-                if len(live) > 1 and getattr(live[0][0], "batchable", False) and self._batch(live):
+                if len(live) > 1 and isinstance(key, _RowsKey) and self._batch(live):
                     continue
                 for call in live:
                     self._one(*call)
@@ -227,13 +227,11 @@ class ModelCalls:
             future.set_result(result)
 
     def _batch(self, calls: list[_Waiting]) -> bool:
-        """The calls made as one, each answered with its rows; False (nothing answered) when they
-        are not all arrays of rows, or the joined call failed or did not answer an array with a
-        row per row."""
+        """The calls (arrays of rows of one shape and type: one :class:`_RowsKey`) made as one,
+        each answered with its rows; False (nothing answered) when the joined call failed or did
+        not answer an array with a row per row."""
         fn, _, _, context = calls[0]
         args = [arg for _, arg, _, _ in calls]
-        if not all(isinstance(arg, np.ndarray) and arg.ndim for arg in args):
-            return False
         ends = np.cumsum([len(arg) for arg in args]).tolist()
         try:
             result = context.run(fn, np.concatenate(args))
@@ -257,15 +255,20 @@ class ModelCalls:
         return {"groups": self.groups, "calls": self.calls, "batched": self.batched}
 
 
+class _RowsKey(tuple):
+    """The group of a :func:`batchable` function's calls on arrays of rows of one shape and type:
+    the calls that can be joined."""
+
+
 def _function_key(fn: Callable[[Any], Any], arg: Any) -> Any:
-    """What calls group by: the function and, for a :func:`batchable` one, the row shape and
-    type of the argument (only such calls can be joined)."""
+    """What calls group by: the function and, for a :func:`batchable` one given an array of rows,
+    the rows' shape and type (a :class:`_RowsKey`: only such calls are joined)."""
     try:
         hash(fn)
     except TypeError:  # an unhashable callable object groups with itself only
         return id(fn)
     if getattr(fn, "batchable", False) and isinstance(arg, np.ndarray) and arg.ndim:
-        return fn, arg.shape[1:], arg.dtype
+        return _RowsKey((fn, arg.shape[1:], arg.dtype))
     return fn
 
 
