@@ -72,10 +72,17 @@ mutation: .venv-dev/.installed
 ## train: retrain every model from ../shared/data (TensorFlow; slow on a CPU); the new segmentation
 ## U-Net is then quantised to int8 as the next version and pinned to 272 px tiles as the one after,
 ## the one served
-train: .venv-train/.installed
+train: .venv-train/.installed var/Resemblyzer-0.1.4-py3-none-any.whl
 	for task in clustering digits segmentation emotion; do .venv-train/bin/python -m training.$$task || exit 1; done
 	.venv-train/bin/python -m training.segmentation --quantize-from latest
 	.venv-train/bin/python -m training.segmentation --retile-from latest --tile 272 --margin 8
+
+## the emotion model's voice encoder: its weights ship in the resemblyzer wheel (Apache 2.0), checked
+## against training/voice_encoder.py's WHEEL_SHA256
+var/Resemblyzer-0.1.4-py3-none-any.whl:
+	mkdir -p var
+	$(PYTHON) -m pip download -q --no-deps --dest var resemblyzer==0.1.4
+	echo "8f12eb2f1a9982d32e8db7856de754709b59c93a77bcf0ff536584b619a9dd1f  $@" | sha256sum -c -
 
 ## lock: re-pin requirements.txt from requirements.in
 lock:

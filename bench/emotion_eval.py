@@ -1,6 +1,6 @@
 """Emotion models scored through HTTP on every held-out corpus and channel, as clients send them.
 
-    .venv-dev/bin/python -m bench.emotion_eval [--versions 1.3.0,1.4.0] [--requests 100] [--limit N]
+    .venv-dev/bin/python -m bench.emotion_eval [--versions 1.5.0,1.4.0] [--requests 100] [--limit N]
 
 For each version a real server is started (``running_server``, one worker) with that version pinned
 (``MODEL_VERSIONS='{"emotion": "<version>"}'``) and every clip is uploaded to
@@ -139,7 +139,7 @@ def latency(client: httpx.Client, requests: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--versions", default="1.4.0", help="comma-separated emotion versions")
+    parser.add_argument("--versions", default="1.5.0,1.4.0", help="comma-separated emotion versions")
     parser.add_argument("--requests", type=int, default=100, help="latency requests (0: none)")
     parser.add_argument("--limit", type=int, default=0, help="first N of each set (smoke runs)")
     args = parser.parse_args()

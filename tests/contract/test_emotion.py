@@ -15,7 +15,7 @@ from tests.support import SHARED_DATA, assert_problem
 
 EMODB = SHARED_DATA / "emodb" / "wav"
 URL = "/v1/emotion/predict"
-LABELS = ["anger", "boredom", "fear", "happiness", "neutral", "sadness"]
+LABELS = ["anger", "boredom", "disgust", "fear", "happiness", "neutral", "sadness"]
 # A held-out test speaker (03), angry, 1.88 s.
 CLIP = "03a01Wa.wav"
 
@@ -164,7 +164,7 @@ def test_several_clips_and_a_raw_body_each_get_their_own_answer(client, speech):
 def test_the_model_says_what_it_is_for(client):
     card = client.get("/v1/models/emotion").json()["card"]
     assert card["languages"] == ["de", "pl"]
-    assert [corpus.split(":")[0] for corpus in card["trained_on"]] == ["EmoDB", "nEMO"]
+    assert [corpus.split(":")[0] for corpus in card["trained_on"]] == ["EmoDB", "nEMO", "voice encoder"]
     assert "CC BY-NC-SA 4.0" in card["licence"] and "non-commercial" in card["licence"]
     held_out = card["held_out"]
     assert list(held_out) == ["EmoDB speakers 03+16 (German, held out)",

@@ -22,6 +22,7 @@ def run_litert(model: bytes, parity: dict) -> list[np.ndarray]:
         x = np.asarray(case["input"]["data"], dtype=case["input"]["dtype"]).reshape(case["input"]["shape"])
         interpreter.resize_tensor_input(inp["index"], list(x.shape))
         interpreter.allocate_tensors()
+        interpreter.reset_all_variables()  # as the preprocessing says: each run from the initial state
         interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
         answers.append(np.array(interpreter.get_tensor(out["index"])))

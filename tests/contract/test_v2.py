@@ -64,7 +64,7 @@ def test_model_metadata_names_the_tensors_the_version_and_the_label_order(triton
         ("probabilities", "FP32"), ("label", "BYTES"), ("confidence", "FP32")]
     emotion = triton.get_model_metadata("emotion")
     assert emotion["parameters"]["labels"] == served["emotion"]["labels"]
-    assert [t["shape"] for t in emotion["outputs"] if t["name"] == "probabilities"] == [[-1, 6]]
+    assert [t["shape"] for t in emotion["outputs"] if t["name"] == "probabilities"] == [[-1, 7]]
     version = served["segmentation"]["version"]
     assert triton.get_model_metadata("segmentation", version)["versions"] == [version]
     assert triton.is_model_ready("segmentation", version)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.tasks.emotion.model import EmotionModel
-from app.tasks.emotion.preprocess import FEATURES
+from app.tasks.emotion.preprocess import ENCODER_FEATURES, clip_windows
 from tests.support import SHARED_DATA, committed_version, single_task_client
 
 EMODB = SHARED_DATA / "emodb" / "wav"
@@ -42,9 +42,20 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
 
 
 def test_model_takes_its_feature_parameters_from_metadata(model):
-    assert model.params == FEATURES
-    assert model.runner.input_shape[1:] == (FEATURES.n_frames, FEATURES.n_mfcc)
-    assert model.labels == ["anger", "boredom", "fear", "happiness", "neutral", "sadness"]
+    assert model.params == ENCODER_FEATURES
+    assert model.runner.input_shape[1:] == (ENCODER_FEATURES.n_frames, ENCODER_FEATURES.n_mels)
+    assert model.labels == ["anger", "boredom", "disgust", "fear", "happiness", "neutral", "sadness"]
+
+
+def test_a_clips_answer_does_not_depend_on_the_clip_before_it(model):
+    """Every window starts from the model's initial state (LiteRT keeps an LSTM's state in
+    variable tensors between runs unless they are reset)."""
+    clip, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")
+    other, _ = sf.read(EMODB / "08b03Tc.wav", dtype="float32")
+    windows, _ = clip_windows(clip, model.params)
+    alone = model.predict(windows)
+    model.predict(clip_windows(other, model.params)[0])
+    np.testing.assert_array_equal(model.predict(windows), alone)
 
 
 def test_long_clip_is_scored_in_overlapping_windows_and_averaged(model):

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from app.tasks.emotion.preprocess import (
+    ENCODER_FEATURES,
     FEATURES,
     FeatureParams,
     clip_windows,
+    encoder_features,
     mfcc,
     normalise,
     peak_normalised,
@@ -37,7 +39,7 @@ def test_the_parameters_describe_themselves_for_the_models_metadata():
     assert described == {
         "sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 64, "n_mfcc": 40,
         "fmin": 0.0, "fmax": 8000.0, "top_db": 80.0, "amin": 1e-10, "window_s": 3.0, "hop_s": 1.5,
-        "window_samples": 48000, "hop_samples": 24000, "n_frames": 301,
+        "kind": "mfcc", "level_dbfs": -30.0, "window_samples": 48000, "hop_samples": 24000, "n_frames": 301,
         "window": "hann (periodic), centred, zero-padded", "power": 2.0, "mel_norm": "slaney", "htk": False,
         "dct": "type II, ortho", "db_ref": 1.0,
         "normalisation": "per window: c0 minus its mean over the audio frames; frames past a short clip's end "
@@ -157,3 +159,52 @@ def test_a_quiet_clip_is_gained_to_full_scale_and_one_near_full_scale_is_left_as
     silence = np.zeros(800, dtype=np.float32)
     np.testing.assert_array_equal(peak_normalised(silence), silence)
     assert peak_normalised(np.zeros(0, dtype=np.float32)).size == 0
+
+
+def test_the_voice_encoders_input_is_librosas_mel_power_at_minus_30_dbfs():
+    """A window for a voice-encoder model is the mel power spectrogram the encoder was trained on
+    (librosa.feature.melspectrogram, 400-sample FFT, 40 bands), of the window at -30 dBFS RMS."""
+    y = noise(3.0, 16000, seed=3)
+    features = window_features(y, params=ENCODER_FEATURES)
+    assert features.shape == (ENCODER_FEATURES.n_frames, ENCODER_FEATURES.n_features) == (301, 40)
+    level = y.astype(np.float64) * (10 ** (-30 / 20) / np.sqrt(np.mean(y.astype(np.float64) ** 2)))
+    reference = librosa.feature.melspectrogram(y=level, sr=16000, n_fft=400, hop_length=160, n_mels=40,
+                                               center=True, pad_mode="constant")
+    np.testing.assert_allclose(features, reference.T, rtol=1e-4, atol=1e-8)
+    batch, _ = clip_windows(y, ENCODER_FEATURES)
+    np.testing.assert_allclose(batch[0], features, rtol=1e-5)  # the same, from the peak-normalised clip
+
+
+def test_the_encoders_windows_do_not_depend_on_the_level_and_repeat_a_short_clip():
+    y = noise(1.0, 16000, seed=4)
+    quiet = encoder_features(y * 0.01)
+    np.testing.assert_allclose(quiet, encoder_features(y), rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(encoder_features(y), encoder_features(np.tile(y, 3)), rtol=1e-5, atol=1e-10)
+    # a window holding half a second of audio: the rest is that half second again, not zeros
+    assert encoder_features(y[:8000])[-10:].min() > 0
+    assert ENCODER_FEATURES.to_dict()["kind"] == "mel" and FEATURES.n_features == FEATURES.n_mfcc
+
+
+def test_the_voice_encoders_parameters_describe_themselves():
+    assert ENCODER_FEATURES.to_dict() == {
+        "sample_rate": 16000, "n_fft": 400, "win_length": 400, "hop_length": 160, "n_mels": 40, "n_mfcc": 40,
+        "fmin": 0.0, "fmax": 8000.0, "top_db": 80.0, "amin": 1e-10, "window_s": 3.0, "hop_s": 1.5,
+        "kind": "mel", "level_dbfs": -30.0, "window_samples": 48000, "hop_samples": 24000, "n_frames": 301,
+        "window": "hann (periodic), centred, zero-padded", "power": 2.0, "mel_norm": "slaney", "htk": False,
+        "normalisation": "per window: gained to -30 dBFS RMS over its audio; a short clip repeated to fill "
+                         "the window"}
+
+
+def test_the_encoders_window_of_nothing_or_of_one_sample():
+    empty = encoder_features(np.zeros(0, np.float32))
+    assert empty.shape == (301, 40) and empty.dtype == np.float32 and not empty.any()
+    one = encoder_features(np.array([0.5], np.float32))  # one sample repeated: a constant, at -30 dBFS
+    assert one.dtype == np.float32 and one[150, 0] > 0
+
+
+def test_the_encoders_windows_follow_the_parameters_given():
+    small = FeatureParams(sample_rate=8000, n_fft=200, win_length=200, hop_length=80, n_mels=20,
+                          fmax=4000.0, window_s=1.0, hop_s=0.5, kind="mel")
+    features = window_features(noise(0.4, 8000), params=small)
+    assert features.shape == (small.n_frames, small.n_features) == (101, 20)
+    np.testing.assert_array_equal(features, encoder_features(noise(0.4, 8000), small))

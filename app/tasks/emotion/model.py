@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
 from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
 from app.tasks.emotion.preprocess import (
+    FEATURES,
     FeatureParams,
     clip_windows,
     prepare_waveform,
@@ -59,7 +61,7 @@ class EmotionModel(ServedModel):
         self.speech_span = bool(self.metadata.get("params", {}).get("speech_span", False))
         # 8 windows (12 s of audio) per call bound the interpreter's arena; a minute is 39 windows.
         self.runner = TFLiteRunner(self.path / "model.tflite", max_batch=8, **self.runner_threads())
-        expected = (self.params.n_frames, self.params.n_mfcc)
+        expected = (self.params.n_frames, self.params.n_features)
         if tuple(self.runner.input_shape[1:]) != expected:
             raise ValueError(f"model input {self.runner.input_shape} does not match the "
                              f"preprocessing in metadata.json {expected}")
@@ -67,13 +69,24 @@ class EmotionModel(ServedModel):
             raise ValueError(f"model has {self.runner.output_shape[-1]} outputs for "
                              f"{len(self.labels)} labels")
 
+    def preprocessing(self) -> dict[str, Any]:
+        window = ("40-band mel power at -30 dBFS RMS (a short clip repeated to fill the window)"
+                  if self.params.kind == "mel" else "40 MFCCs, c0 minus its window mean")
+        return {"code": "app/tasks/emotion/preprocess.py", "parameters": self.params.to_dict(),
+                "steps": ["decode to mono at the sample rate",
+                          "cut to the speech span (app/tasks/emotion/model.py speech_span)",
+                          f"{self.params.window_s:g} s windows every {self.params.hop_s:g} s, each {window}",
+                          "one run per window, each from the model's initial state (reset the "
+                          "interpreter's variable tensors first: the LSTM state)",
+                          "the clip's probabilities: the mean over its windows"]}
+
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
         self.classify(rng.normal(0, 0.1, self.params.window_samples + 8000).astype(np.float32),
                       self.params.sample_rate)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Window probabilities ``(windows, classes)`` for a batch of MFCC maps."""
+        """Window probabilities ``(windows, classes)`` for a batch of model inputs."""
         return self.runner.run(batch)
 
     def classify(self, waveform: np.ndarray, sample_rate: int) -> EmotionResult:
@@ -81,7 +94,7 @@ class EmotionModel(ServedModel):
         from its speech span (:func:`speech_span`) when the model was trained on spans; window
         times are in the uploaded clip."""
         wav = prepare_waveform(waveform, sample_rate, self.params)
-        first, last = speech_span(wav, self.params) if self.speech_span else (0, wav.size)
+        first, last = speech_span(wav, FEATURES) if self.speech_span else (0, wav.size)
         speech = wav[first:last]
         batch, spans = clip_windows(speech, self.params)
         levels = np.array([rms_db(speech[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])

@@ -26,7 +26,7 @@ def run(job: Job) -> Outcome:
         with job.timing.measure("decode"):
             waveform = decode_audio(instance.data, instance.field, max_seconds=job.settings.max_audio_seconds,
                                     target_rate=rate, reject_silent=False)
-            if not has_speech(waveform, model.params):
+            if not has_speech(waveform):  # the voice-activity analysis is its own, whatever the model
                 raise ProblemError(422, "no-speech", f"{instance.field} holds no speech (silence, a steady "
                                    "tone or noise); send a recording of someone speaking.", field=instance.field)
         with job.timing.measure("inference"):
@@ -38,7 +38,7 @@ def run(job: Job) -> Outcome:
             "segments": [{"start_s": s["start_s"], "end_s": s["end_s"], "label": s["emotion"],
                           "confidence": s["confidence"]} for s in result.segments]})
         rows.append({"prediction": result.emotion, "confidence": result.confidence,
-                     "features": summary_features(result.waveform, model.params)})
+                     "features": summary_features(result.waveform)})
     return Outcome(predictions, rows, raw_inputs=[i.data for i in job.instances])
 
 
@@ -47,13 +47,14 @@ register(router, Endpoint(
     summary="Recognise the emotion in speech clips",
     description="One prediction per clip, in the order sent: the clip's emotion (the mean of its 3 s "
                 "windows' probabilities) and each window's. Trained on German (EmoDB) and Polish (nEMO) "
-                "acted speech through simulated phone and browser channels; non-commercial use only "
-                "(CC BY-NC-SA 4.0); see the model card (docs/models/emotion.md) for its limits.",
+                "acted speech through simulated phone and browser channels, over a voice encoder "
+                "pretrained on English speakers; non-commercial use only (CC BY-NC-SA 4.0); see the "
+                "model card (docs/models/emotion.md) for its limits.",
     run=run, response_schema=EmotionPredictResponse, gate="audio",
     file_field="audio", file_description="speech, 0.3 s to MAX_AUDIO_SECONDS (60 s by default), "
                                          "8-192 kHz: " + ", ".join(SUPPORTED_FORMATS),
     raw_media=("audio/",), max_instances=MAX_INSTANCES,
-    response_example={"model": "emotion", "version": "1.4.0", "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
+    response_example={"model": "emotion", "version": "1.5.0", "request_id": "019ab2c3d4e5f60718293a4b5c6d7e8f",
                       "predictions": [{"label": "anger", "confidence": 0.91,
                                        "probabilities": {"anger": 0.91, "boredom": 0.01, "disgust": 0.01,
                                                          "fear": 0.03, "happiness": 0.02, "sadness": 0.01,
