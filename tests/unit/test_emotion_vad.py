@@ -52,11 +52,17 @@ def test_every_held_out_speech_clip_has_speech_also_30_db_quieter_and_in_noise()
     ("a fast sweep", 0.3 * np.sin(2 * np.pi * (100 + 500 * T) * T)),
     ("a tone in noise", add_noise((0.3 * np.sin(2 * np.pi * 440 * T)).astype(np.float32), 15.0,
                                   np.random.default_rng(2))),
+    ("a constant level (DC)", np.full(2 * RATE, 0.25)),
     ("white noise", np.random.default_rng(0).normal(0, 0.1, 2 * RATE)),
     ("quiet white noise", np.random.default_rng(1).normal(0, 0.001, 2 * RATE)),
 ])
 def test_silence_tones_and_noise_have_no_speech(name, waveform):
     assert not has_speech(waveform.astype(np.float32)), name
+
+
+def test_speech_on_a_dc_offset_is_found():
+    clip = decoded(held_out_clips()[0])
+    assert has_speech(clip + np.float32(0.3))
 
 
 def test_speech_after_a_long_silence_is_found():

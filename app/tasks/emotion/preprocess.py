@@ -359,7 +359,10 @@ def speech_frames(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.
     band = (freqs >= SPEECH_BAND_HZ[0]) & (freqs <= SPEECH_BAND_HZ[1])
     energy, flatness, peak_share = (np.empty(frames.shape[0]) for _ in range(3))
     for start in range(0, frames.shape[0], MEL_CHUNK_FRAMES):
-        power = _power(frames[start:start + MEL_CHUNK_FRAMES], params)[band] + 1e-20
+        chunk = frames[start:start + MEL_CHUNK_FRAMES]
+        # Each frame's mean removed: a DC offset's window leakage would otherwise reach the band as
+        # a few strong low bins (a constant signal passed for speech).
+        power = _power(chunk - chunk.mean(axis=1, keepdims=True), params)[band] + 1e-20
         stop = start + power.shape[1]
         mean = power.mean(axis=0)
         energy[start:stop] = 10.0 * np.log10(mean)
