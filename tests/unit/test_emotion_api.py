@@ -117,3 +117,13 @@ def test_the_serving_path_imports_neither_librosa_nor_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_app_is_told_to_reset_the_lstm_state_before_each_window(model):
+    steps = model.preprocessing()["steps"]
+    assert model.preprocessing()["parameters"]["kind"] == "mel"
+    assert any("40-band mel power at -30 dBFS RMS" in step for step in steps)
+    assert any("reset the interpreter's variable tensors" in step for step in steps)
+    mfcc_model = EmotionModel.load(committed_version("emotion").parent / "1.4.0", Settings())
+    older = mfcc_model.preprocessing()["steps"]
+    assert any("40 MFCCs" in step for step in older) and not any("reset" in step for step in older)

@@ -70,15 +70,17 @@ class EmotionModel(ServedModel):
                              f"{len(self.labels)} labels")
 
     def preprocessing(self) -> dict[str, Any]:
-        window = ("40-band mel power at -30 dBFS RMS (a short clip repeated to fill the window)"
-                  if self.params.kind == "mel" else "40 MFCCs, c0 minus its window mean")
+        encoder = self.params.kind == "mel"
+        window = (f"{self.params.n_mels}-band mel power at {self.params.level_dbfs:g} dBFS RMS (a short "
+                  "clip repeated to fill the window)" if encoder
+                  else f"{self.params.n_mfcc} MFCCs, c0 minus its window mean")
+        run = ("one run per window, each from the model's initial state (reset the interpreter's "
+               "variable tensors first: the LSTM state)" if encoder else "one run per window")
         return {"code": "app/tasks/emotion/preprocess.py", "parameters": self.params.to_dict(),
                 "steps": ["decode to mono at the sample rate",
                           "cut to the speech span (app/tasks/emotion/model.py speech_span)",
                           f"{self.params.window_s:g} s windows every {self.params.hop_s:g} s, each {window}",
-                          "one run per window, each from the model's initial state (reset the "
-                          "interpreter's variable tensors first: the LSTM state)",
-                          "the clip's probabilities: the mean over its windows"]}
+                          run, "the clip's probabilities: the mean over its windows"]}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
