@@ -253,11 +253,6 @@ def group_weights(corpora: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- model
-def encode(runner: Any, windows: np.ndarray) -> np.ndarray:
-    """The voice encoder's pooled features ``(windows, 512)``, by the LiteRT graph serving runs."""
-    return np.concatenate([runner.run(windows[i:i + 256]) for i in range(0, len(windows), 256)])
-
-
 def fit_head(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, n_classes: int,
              c: float) -> dict[str, np.ndarray]:
     """Standardisation and a multinomial logistic regression (L2, inverse strength ``c``, the
@@ -439,12 +434,12 @@ def main() -> None:
     encoder_path = out_dir / "encoder.tflite"
     to_tflite(encoder_graph(weights, window_shape), encoder_path)
     encoder = TFLiteRunner(encoder_path, num_threads=2)
-    features = encode(encoder, x_dev)
+    features = encoder.run(x_dev)  # the runner takes a batch-1 model's rows one at a time
     print(f"encoder features {features.shape} [{clock.seconds}s]", flush=True)
     n_classes = len(LABELS)
 
     def window_features(clip_list: list[dict]) -> list[np.ndarray]:
-        return window_probabilities(lambda batch: encode(encoder, batch), clip_list)
+        return window_probabilities(encoder.run, clip_list)
 
     # Out-of-fold window probabilities for each head strength.
     oof: dict[float, dict[int, np.ndarray]] = {c: {} for c in HEAD_C}
@@ -522,7 +517,7 @@ def main() -> None:
     encoder_path.unlink()
     runner = TFLiteRunner(out_dir / "model.tflite", num_threads=2)
     sample = x_dev[:64]
-    expected = calibrated(head_probabilities(head, encode(encoder, sample)), offered, temperature)
+    expected = calibrated(head_probabilities(head, encoder.run(sample)), offered, temperature)
     export["max_abs_diff_vs_head"] = float(np.max(np.abs(runner.run(sample) - expected)))
     print(f"exported {out_dir / 'model.tflite'} ({export['bytes'] / 1e6:.2f} MB); max |diff| "
           f"against the encoder + head {export['max_abs_diff_vs_head']:.2e}", flush=True)
