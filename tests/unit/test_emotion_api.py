@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.tasks.emotion.model import EmotionModel
-from app.tasks.emotion.preprocess import ENCODER_FEATURES, clip_windows
+from app.tasks.emotion.preprocess import ENCODER_FEATURES, SPEECH_ENCODER_FEATURES, clip_windows
 from tests.support import SHARED_DATA, committed_version, single_task_client
 
 EMODB = SHARED_DATA / "emodb" / "wav"
@@ -127,3 +127,16 @@ def test_an_app_is_told_to_reset_the_lstm_state_before_each_window(model):
     mfcc_model = EmotionModel.load(committed_version("emotion").parent / "1.4.0", Settings())
     older = mfcc_model.preprocessing()["steps"]
     assert any("40 MFCCs" in step for step in older) and not any("reset" in step for step in older)
+
+
+def test_a_log_mel_models_steps_name_whispers_scaling_and_no_state_to_reset():
+    """A version trained with ``training.emotion --encoder whisper`` reads Whisper's log-mel; a
+    transformer keeps no state between runs."""
+    speech = object.__new__(EmotionModel)  # preprocessing() reads only the parameters
+    speech.params = SPEECH_ENCODER_FEATURES
+    steps = speech.preprocessing()["steps"]
+    assert speech.preprocessing()["parameters"]["kind"] == "logmel"
+    assert any("80-band log-mel (log10, floored 80 dB below the window's peak, then (x + 4) / 4) at "
+               "-25 dBFS RMS (a short clip repeated to fill the window)" in step for step in steps)
+    assert "one run per window" in steps and not any("reset" in step for step in steps)
+

@@ -10,6 +10,7 @@ import pytest
 from app.tasks.emotion.preprocess import (
     ENCODER_FEATURES,
     FEATURES,
+    SPEECH_ENCODER_FEATURES,
     FeatureParams,
     clip_windows,
     encoder_features,
@@ -193,6 +194,33 @@ def test_the_voice_encoders_parameters_describe_themselves():
         "window": "hann (periodic), centred, zero-padded", "power": 2.0, "mel_norm": "slaney", "htk": False,
         "normalisation": "per window: gained to -30 dBFS RMS over its audio; a short clip repeated to fill "
                          "the window"}
+
+
+def test_the_speech_encoders_input_is_whispers_log_mel_of_librosas_mel_power_at_minus_25_dbfs():
+    """Whisper's scaling of librosa's 80-band mel power (400-sample FFT) of the window at -25 dBFS
+    RMS: log10, floored 8 decades below the window's peak, then (x + 4) / 4."""
+    y = noise(3.0, 16000, seed=5) * np.linspace(0.0, 1.0, 48000, dtype=np.float32) ** 8  # a fade-in
+    features = window_features(y, params=SPEECH_ENCODER_FEATURES)
+    assert features.shape == (SPEECH_ENCODER_FEATURES.n_frames, SPEECH_ENCODER_FEATURES.n_features) == (301, 80)
+    level = y.astype(np.float64) * (10 ** (-25 / 20) / np.sqrt(np.mean(y.astype(np.float64) ** 2)))
+    power = librosa.feature.melspectrogram(y=level, sr=16000, n_fft=400, hop_length=160, n_mels=80,
+                                           center=True, pad_mode="constant")
+    logs = np.log10(np.maximum(power, 1e-10))
+    reference = (np.maximum(logs, logs.max() - 8.0) + 4.0) / 4.0
+    assert (logs < logs.max() - 8.0).any()  # the floor is reached in the fade-in
+    np.testing.assert_allclose(features, reference.T, rtol=1e-5, atol=1e-5)
+    batch, _ = clip_windows(y, SPEECH_ENCODER_FEATURES)
+    np.testing.assert_allclose(batch[0], features, rtol=1e-5, atol=1e-5)
+    assert SPEECH_ENCODER_FEATURES.to_dict()["scale"] == ("log10, floored 8 decades below the window's "
+                                                          "peak, then (x + 4) / 4")
+    assert "scale" not in ENCODER_FEATURES.to_dict()
+
+
+def test_the_speech_encoders_windows_do_not_depend_on_the_level():
+    y = noise(1.0, 16000, seed=6)
+    loud, quiet = encoder_features(y, SPEECH_ENCODER_FEATURES), encoder_features(y * 0.001, SPEECH_ENCODER_FEATURES)
+    np.testing.assert_allclose(quiet, loud, atol=1e-4)
+    assert loud.dtype == np.float32 and loud.max() <= (np.log10(loud.size) + 4.0) / 4.0 + 1.0
 
 
 def test_the_encoders_window_of_nothing_or_of_one_sample():

@@ -1,4 +1,4 @@
-"""The served emotion model: LiteRT ensemble over per-window MFCC maps, clip = mean of windows."""
+"""The served emotion model: a LiteRT model over per-window spectrograms, clip = mean of windows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from app.core.registry import ServedModel
 from app.core.runtime import TFLiteRunner
 from app.tasks.emotion.preprocess import (
     FEATURES,
+    LOG_MEL_DECADES,
+    LOG_MEL_OFFSET,
     FeatureParams,
     clip_windows,
     prepare_waveform,
@@ -70,12 +72,15 @@ class EmotionModel(ServedModel):
                              f"{len(self.labels)} labels")
 
     def preprocessing(self) -> dict[str, Any]:
-        encoder = self.params.kind == "mel"
-        window = (f"{self.params.n_mels}-band mel power at {self.params.level_dbfs:g} dBFS RMS (a short "
-                  "clip repeated to fill the window)" if encoder
-                  else f"{self.params.n_mfcc} MFCCs, c0 minus its window mean")
+        params = self.params
+        spectrum = {"mel": "mel power",
+                    "logmel": f"log-mel (log10, floored {10 * LOG_MEL_DECADES:g} dB below the "
+                              f"window's peak, then (x + {LOG_MEL_OFFSET:g}) / {LOG_MEL_OFFSET:g})"}
+        window = (f"{params.n_mels}-band {spectrum[params.kind]} at {params.level_dbfs:g} dBFS RMS "
+                  "(a short clip repeated to fill the window)" if params.kind in spectrum
+                  else f"{params.n_mfcc} MFCCs, c0 minus its window mean")
         run = ("one run per window, each from the model's initial state (reset the interpreter's "
-               "variable tensors first: the LSTM state)" if encoder else "one run per window")
+               "variable tensors first: the LSTM state)" if params.kind == "mel" else "one run per window")
         return {"code": "app/tasks/emotion/preprocess.py", "parameters": self.params.to_dict(),
                 "steps": ["decode to mono at the sample rate",
                           "cut to the speech span (app/tasks/emotion/model.py speech_span)",

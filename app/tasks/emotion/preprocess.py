@@ -18,10 +18,12 @@ past the end of a short clip hold the clip's mean frame, so the window holds no 
 (repeating the clip instead scored 7 points lower in CV).
 The global per-coefficient standardisation is a Normalization layer inside the exported model.
 
-Models with a voice encoder (``kind="mel"``, :data:`ENCODER_FEATURES`) take the 40-band mel power
-spectrogram the encoder was trained on instead (25 ms windows, no log): each window at
-``level_dbfs`` RMS over the audio it holds, and a short clip repeated to fill its window, since
-the encoder's LSTM would read padding as a pause.
+Models with a pretrained encoder take the spectrogram that encoder was trained on instead, each
+window at ``level_dbfs`` RMS over the audio it holds and a short clip repeated to fill its window
+(an encoder reads padding as a pause): the 40-band mel power of the GE2E voice encoder
+(``kind="mel"``, :data:`ENCODER_FEATURES`, 25 ms windows, no log) or the 80-band log-mel of
+Whisper's speech encoder (``kind="logmel"``, :data:`SPEECH_ENCODER_FEATURES`: ``log10``, floored
+80 dB below the window's peak, then ``(x + 4) / 4``, as Whisper scales it).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class FeatureParams:
     amin: float = 1e-10
     window_s: float = 3.0       # model input: 3 s covers most EmoDB utterances (mean 2.78 s)
     hop_s: float = 1.5          # long clips: windows overlap by half
-    kind: str = "mfcc"          # "mfcc", or "mel": mel power for a voice encoder
-    level_dbfs: float = -30.0   # "mel": each window's RMS level
+    kind: str = "mfcc"          # "mfcc"; "mel" (GE2E) or "logmel" (Whisper): an encoder's input
+    level_dbfs: float = -30.0   # "mel" and "logmel": each window's RMS level
 
     @property
     def n_features(self) -> int:
@@ -81,11 +83,14 @@ class FeatureParams:
                 "dct_type": 2, "norm": "ortho", "lifter": 0}
 
     def to_dict(self) -> dict[str, object]:
-        if self.kind == "mel":
+        if self.kind in ENCODER_KINDS:
+            scale = {} if self.kind == "mel" else {
+                "scale": f"log10, floored {LOG_MEL_DECADES:g} decades below the window's peak, "
+                         f"then (x + {LOG_MEL_OFFSET:g}) / {LOG_MEL_OFFSET:g}"}
             return {**asdict(self), "window_samples": self.window_samples,
                     "hop_samples": self.hop_samples, "n_frames": self.n_frames,
                     "window": "hann (periodic), centred, zero-padded", "power": 2.0,
-                    "mel_norm": "slaney", "htk": False,
+                    "mel_norm": "slaney", "htk": False, **scale,
                     "normalisation": f"per window: gained to {self.level_dbfs:g} dBFS RMS over its "
                                      "audio; a short clip repeated to fill the window"}
         return {**asdict(self), "window_samples": self.window_samples,
@@ -97,9 +102,18 @@ class FeatureParams:
                                  "standardisation inside the model"}
 
 
+ENCODER_KINDS = ("mel", "logmel")
+# Whisper's log-mel scaling: log10 of the mel power, at most 8 decades (80 dB) below the window's
+# peak, then (x + 4) / 4.
+LOG_MEL_DECADES = 8.0
+LOG_MEL_OFFSET = 4.0
+
 FEATURES = FeatureParams()
-# The voice encoder's input (training/voice_encoder.py): 40 mel bands of a 400-sample FFT.
+# The GE2E voice encoder's input: 40 mel bands of a 400-sample FFT.
 ENCODER_FEATURES = FeatureParams(n_fft=400, win_length=400, n_mels=40, kind="mel")
+# Whisper's speech encoder's input (training/speech_encoder.py): 80 log-mel bands of a 400-sample FFT.
+SPEECH_ENCODER_FEATURES = FeatureParams(n_fft=400, win_length=400, n_mels=80, kind="logmel",
+                                        level_dbfs=-25.0)
 
 
 # ---------------------------------------------------------------- waveform
@@ -279,7 +293,7 @@ def window_features(window: np.ndarray, n_valid_samples: int | None = None,
     """
     audio = np.asarray(window, dtype=np.float32)[:params.window_samples]
     n_valid = audio.size if n_valid_samples is None else min(n_valid_samples, audio.size)
-    if params.kind == "mel":
+    if params.kind in ENCODER_KINDS:
         return encoder_features(audio[:n_valid], params)
     padded = np.zeros(params.window_samples, dtype=np.float32)
     padded[:audio.size] = audio
@@ -288,15 +302,25 @@ def window_features(window: np.ndarray, n_valid_samples: int | None = None,
     return coefficients.T.astype(np.float32)
 
 
+def log_mel(power: np.ndarray) -> np.ndarray:
+    """Whisper's scaling of a mel power spectrogram: ``log10`` (power floored at 1e-10), at most
+    :data:`LOG_MEL_DECADES` below its peak, then ``(x + 4) / 4``."""
+    logs = np.log10(np.maximum(power, 1e-10))
+    logs = np.maximum(logs, logs.max() - LOG_MEL_DECADES)
+    return (logs + LOG_MEL_OFFSET) / LOG_MEL_OFFSET
+
+
 def encoder_features(audio: np.ndarray, params: FeatureParams = ENCODER_FEATURES) -> np.ndarray:
-    """Mel power ``(n_frames, n_mels)`` float32 of up to one window of audio: gained to
-    ``level_dbfs`` RMS, repeated to fill the window when shorter."""
+    """An encoder's input ``(n_frames, n_mels)`` float32 from up to one window of audio, gained to
+    ``level_dbfs`` RMS and repeated to fill the window when shorter: mel power (``kind="mel"``)
+    or :func:`log_mel` of it (``kind="logmel"``)."""
     audio = np.asarray(audio, dtype=np.float64)[:params.window_samples]
     if audio.size == 0:
         audio = np.zeros(1)
     gain = 10.0 ** (params.level_dbfs / 20.0) / max(float(np.sqrt(np.mean(audio * audio))), 1e-6)
     filled = np.resize(audio * gain, params.window_samples)
-    return mel_power(filled, params).T.astype(np.float32)
+    power = mel_power(filled, params)
+    return (log_mel(power) if params.kind == "logmel" else power).T.astype(np.float32)
 
 
 def clip_windows(waveform: np.ndarray, params: FeatureParams = FEATURES
