@@ -140,3 +140,33 @@ def test_a_log_mel_models_steps_name_whispers_scaling_and_no_state_to_reset():
                "-25 dBFS RMS (a short clip repeated to fill the window)" in step for step in steps)
     assert "one run per window" in steps and not any("reset" in step for step in steps)
 
+
+def test_a_request_analyses_voice_activity_once_and_its_answer_is_unchanged(client, model, monkeypatch):
+    """The router's voice-activity flags are the ones the model cuts the speech span with."""
+    from app.tasks.emotion import model as model_module
+    from app.tasks.emotion import router as router_module
+    from app.tasks.emotion.preprocess import speech_frames
+
+    def answer(result):
+        return result.emotion, result.probabilities, result.segments, result.duration_s
+
+    clip, _ = sf.read(EMODB / "03a01Wa.wav", dtype="float32")
+    padded = np.concatenate([np.zeros(8000, np.float32), clip, np.zeros(8000, np.float32)])
+    alone = answer(model.classify(padded, 16000))
+    assert alone[2][0]["start_s"] > 0.3  # the leading pause is cut
+    assert answer(model.classify(padded, 16000, speech_frames(padded))) == alone
+    # flags of another signal are not taken for this clip's
+    assert answer(model.classify(padded, 16000, np.zeros(10, bool))) == alone
+    assert answer(model.classify(padded, 16000, np.zeros_like(speech_frames(padded)))) != alone
+    calls = []
+
+    def counted(waveform, *args):
+        calls.append(len(waveform))
+        return speech_frames(waveform, *args)
+
+    monkeypatch.setattr(router_module, "speech_frames", counted)
+    monkeypatch.setattr(model_module, "speech_frames", counted)
+    response = client.post(URL, files={"audio": ("a.wav", wav_bytes(padded), "audio/wav")})
+    assert response.status_code == 200, response.text
+    assert calls == [padded.size]
+    assert response.json()["predictions"][0]["label"] == alone[0]

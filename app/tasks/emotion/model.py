@@ -27,12 +27,14 @@ QUIET_WINDOW_DB = 30.0
 SPEECH_MARGIN_S = 0.15
 
 
-def speech_span(waveform: np.ndarray, params: FeatureParams) -> tuple[int, int]:
+def speech_span(waveform: np.ndarray, params: FeatureParams,
+                speech: np.ndarray | None = None) -> tuple[int, int]:
     """``(start, end)`` samples from the first to the last speech frame (voice activity of
-    ``preprocess.speech_frames``) plus SPEECH_MARGIN_S each side; the whole clip if no frame
-    carries speech. Leading and trailing pauses (a recording started early, stopped late) would
-    otherwise be scored as part of the utterance. Training trims its clips with this too."""
-    frames = np.flatnonzero(speech_frames(waveform, params))
+    ``preprocess.speech_frames``, or ``speech`` where the caller has it already) plus
+    SPEECH_MARGIN_S each side; the whole clip if no frame carries speech. Leading and trailing
+    pauses (a recording started early, stopped late) would otherwise be scored as part of the
+    utterance. Training trims its clips with this too."""
+    frames = np.flatnonzero(speech_frames(waveform, params) if speech is None else speech)
     if frames.size == 0:
         return 0, int(waveform.size)
     margin = int(SPEECH_MARGIN_S * params.sample_rate)
@@ -96,12 +98,18 @@ class EmotionModel(ServedModel):
         """Window probabilities ``(windows, classes)`` for a batch of model inputs."""
         return self.runner.run(batch)
 
-    def classify(self, waveform: np.ndarray, sample_rate: int) -> EmotionResult:
+    def classify(self, waveform: np.ndarray, sample_rate: int,
+                 speech: np.ndarray | None = None) -> EmotionResult:
         """A decoded clip (any rate, mono or ``(samples, channels)``) -> clip and window results,
         from its speech span (:func:`speech_span`) when the model was trained on spans; window
-        times are in the uploaded clip."""
+        times are in the uploaded clip. ``speech``: the clip's ``speech_frames`` where the caller
+        has computed them (the router, to refuse a clip without speech), used when the clip is
+        mono at the analysis rate, so the voice activity runs once per request."""
         wav = prepare_waveform(waveform, sample_rate, self.params)
-        first, last = speech_span(wav, FEATURES) if self.speech_span else (0, wav.size)
+        if speech is not None and (sample_rate != FEATURES.sample_rate or wav.shape != np.shape(waveform)
+                                   or len(speech) != 1 + wav.size // FEATURES.hop_length):
+            speech = None  # flags of another signal: analyse this one
+        first, last = speech_span(wav, FEATURES, speech) if self.speech_span else (0, wav.size)
         speech = wav[first:last]
         batch, spans = clip_windows(speech, self.params)
         levels = np.array([rms_db(speech[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])

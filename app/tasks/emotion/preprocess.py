@@ -396,6 +396,11 @@ def speech_frames(waveform: np.ndarray, params: FeatureParams = FEATURES) -> np.
     return active & (flatness < MAX_FLATNESS) & (peak_share < MAX_PEAK_SHARE)
 
 
+def enough_speech(frames: np.ndarray, params: FeatureParams = FEATURES) -> bool:
+    """Whether :func:`speech_frames`' flags hold at least MIN_SPEECH_S of speech."""
+    return int(np.sum(frames)) * params.hop_length >= MIN_SPEECH_S * params.sample_rate
+
+
 def has_speech(waveform: np.ndarray, params: FeatureParams = FEATURES) -> bool:
     """At least MIN_SPEECH_S of speech frames."""
-    return int(speech_frames(waveform, params).sum()) * params.hop_length >= MIN_SPEECH_S * params.sample_rate
+    return enough_speech(speech_frames(waveform, params), params)

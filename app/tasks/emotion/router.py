@@ -11,7 +11,7 @@ from app.core.execution import checkpoint
 from app.core.limits import EMOTION_MAX_INSTANCES as MAX_INSTANCES
 from app.core.schemas import class_list
 from app.core.pipeline import Endpoint, Job, Outcome, register
-from app.tasks.emotion.preprocess import has_speech, summary_features
+from app.tasks.emotion.preprocess import enough_speech, speech_frames, summary_features
 from app.tasks.emotion.schemas import EmotionPredictResponse
 
 router = APIRouter()
@@ -26,11 +26,12 @@ def run(job: Job) -> Outcome:
         with job.timing.measure("decode"):
             waveform = decode_audio(instance.data, instance.field, max_seconds=job.settings.max_audio_seconds,
                                     target_rate=rate, reject_silent=False)
-            if not has_speech(waveform):  # the voice-activity analysis is its own, whatever the model
+            speech = speech_frames(waveform)  # the service's own voice activity, whatever the model
+            if not enough_speech(speech):
                 raise ProblemError(422, "no-speech", f"{instance.field} holds no speech (silence, a steady "
                                    "tone or noise); send a recording of someone speaking.", field=instance.field)
         with job.timing.measure("inference"):
-            result = model.classify(waveform, rate)
+            result = model.classify(waveform, rate, speech)
         predictions.append({
             "label": result.emotion, "confidence": result.confidence,
             "probabilities": result.probabilities, "classes": class_list(result.probabilities),
