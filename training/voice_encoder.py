@@ -18,17 +18,15 @@ cross-validation on the development speakers. Serving runs them as LiteRT's fuse
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.common import REPO_ROOT
+from training.common import REPO_ROOT, checked_wheel_member, sha256_file
 
 WHEEL_NAME = "Resemblyzer-0.1.4-py3-none-any.whl"
 WHEEL_SHA256 = "8f12eb2f1a9982d32e8db7856de754709b59c93a77bcf0ff536584b619a9dd1f"
@@ -112,13 +110,7 @@ def read_legacy_checkpoint(data: bytes) -> dict[str, Any]:
 
 def load_weights(wheel: Path = ENCODER_WHEEL) -> dict[str, np.ndarray]:
     """The encoder's state dict (``lstm.weight_ih_l0`` ...) from the checked wheel."""
-    if not wheel.is_file():
-        raise SystemExit(f"{wheel} is missing: run `make {wheel.relative_to(REPO_ROOT)}`")
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: sha256 {digest}, expected {WHEEL_SHA256}")
-    with zipfile.ZipFile(wheel) as archive:
-        checkpoint = read_legacy_checkpoint(archive.read(WEIGHTS_MEMBER))
+    checkpoint = read_legacy_checkpoint(checked_wheel_member(wheel, WHEEL_SHA256, WEIGHTS_MEMBER))
     return dict(checkpoint["model_state"])
 
 
@@ -194,4 +186,4 @@ def to_tflite(model: Any, path: Path) -> dict[str, Any]:
         tensor.quantization = schema.QuantizationParametersT()
         tensor.quantization.scale, tensor.quantization.zeroPoint = [scale], [0]
     flatbuffer_utils.write_model(flat, str(path))
-    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
