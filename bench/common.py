@@ -20,6 +20,22 @@ def serving_python() -> str | None:
     return str(candidate) if (REPO_ROOT / ".venv" / "bin" / "gunicorn").exists() else None
 
 
+def served_versions(base_url: str) -> dict[str, str]:
+    """The version each ready task of a running server serves (``GET /v1/models``)."""
+    import httpx
+
+    models = httpx.get(base_url + "/v1/models", timeout=30.0).json()["models"]
+    return {m["task"]: m["version"] for m in models if m.get("ready")}
+
+
+def newest_versions(models_dir: Path = REPO_ROOT / "models") -> dict[str, str]:
+    """The version each task's folder in ``models_dir`` serves when none is pinned: the newest."""
+    from app.core.registry import version_key
+
+    return {task.name: max((v.name for v in task.iterdir() if v.is_dir()), key=version_key)
+            for task in sorted(models_dir.iterdir()) if task.is_dir()}
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     ordered = sorted(samples_ms)
     q = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else ordered * 99

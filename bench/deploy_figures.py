@@ -46,6 +46,7 @@ def figures(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
         "stop_s": docker["docker_stop_during_a_segmentation"]["stop_s"],
         "exit_code": docker["docker_stop_during_a_segmentation"]["exit_code"],
         "docker_date": docker["measured_at"][:10],
+        "models": ", ".join(f"{task} {version}" for task, version in docker["models"].items()),
         "machine": docker["machine"],
     }
 
@@ -79,7 +80,12 @@ def docs_block(f: dict[str, Any]) -> str:
     return (f"{BEGIN}\n{table}\n\nContainer figures: `python -m bench.docker_image` "
             f"(bench/results/docker.json, {f['docker_date']}, {f['machine']}), 512 MiB, no swap, one CPU, "
             f"read-only, `WEB_CONCURRENCY=2`. PSS: `python -m bench.startup` "
-            f"(bench/results/startup.json, {f['startup_date']}).\n{END}")
+            f"(bench/results/startup.json, {f['startup_date']}). Models: {f['models']}.\n{END}")
+
+
+def measured_models(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, str]]:
+    """The model versions each deployment result was measured with, by result."""
+    return {name: results(name, results_dir).get("models", {}) for name in ("startup", "docker")}
 
 
 def rendered_app_json(f: dict[str, Any]) -> str:

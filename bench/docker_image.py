@@ -31,7 +31,7 @@ import soundfile as sf
 from PIL import Image
 
 from bench import deploy_figures
-from bench.common import REPO_ROOT, write_results
+from bench.common import REPO_ROOT, served_versions, write_results
 from bench.dockerd import Container, base_image, build_image, daemon, dyno
 from bench.liveserver import free_port
 
@@ -258,6 +258,7 @@ def measure(container: Container) -> dict[str, Any]:
     """Memory after boot, after one request per task, while each heavy kind runs on both workers at
     once (:func:`send_to_both_workers`), and through :data:`MIXED`."""
     after_boot = container.memory()
+    models = served_versions(container.base_url)
     for path, kwargs in example_requests().values():
         httpx.post(container.base_url + path, timeout=60.0, **kwargs).raise_for_status()
     after_one = container.memory()
@@ -265,7 +266,7 @@ def measure(container: Container) -> dict[str, Any]:
         pair_answers = [answer for kind in KINDS for answer in send_to_both_workers(container, kind)]
     with container.memory_sampled() as mixed:
         mixed_answers = send_heavy(container.base_url, MIXED)
-    return {"after_boot": after_boot, "after_one_request_per_task": after_one,
+    return {"models": models, "after_boot": after_boot, "after_one_request_per_task": after_one,
             "heaviest_of_each_kind_on_both_workers": pairs, "every_heavy_kind_at_once": mixed,
             "answers": {"pairs": pair_answers, "mixed": mixed_answers}}
 
@@ -283,10 +284,11 @@ def main() -> None:
             memory = measure(container)
             stopped = stop_during_request(container)
     answers = memory.pop("answers")
+    models = memory.pop("models")
     results = {
         "base_image": base, "image_mib": round(size, 1), "build_s": round(build_s, 1),
         "container": "--memory 512m --memory-swap 512m --cpus 1 --read-only, WEB_CONCURRENCY=2",
-        "boot_to_healthy_s": round(healthy_s, 1),
+        "boot_to_healthy_s": round(healthy_s, 1), "models": models,
         "memory_mib": memory,
         "heavy_requests": {phase: {"sent": len(sent), "answered_200": sum(a["status"] == 200 for a in sent),
                                    "refused": {code: sum(a["code"] == code for a in sent) for code in REFUSALS},

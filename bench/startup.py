@@ -19,7 +19,7 @@ import psutil
 from PIL import Image
 
 from bench import deploy_figures
-from bench.common import REPO_ROOT, serving_python, write_results
+from bench.common import REPO_ROOT, served_versions, serving_python, write_results
 from bench.liveserver import MemorySampler, running_server
 
 
@@ -101,7 +101,7 @@ def main() -> None:
             warmed.append(memory_mib(pids))
             heavy_requests(server, args.workers)
             heavy.append(memory_mib(pids))
-            models = httpx.get(server.base_url + "/v1/models").json()["models"]
+            models = served_versions(server.base_url)
             master = psutil.Process(server.pid).memory_full_info()
     results = {
         "environment": "serving .venv (requirements.txt)" if python else "current interpreter",
@@ -115,7 +115,7 @@ def main() -> None:
         "master_mib": {"rss": round(master.rss / 2**20, 1), "pss": round(master.pss / 2**20, 1)},
         "total_pss_mib_after_one_request_per_task": round(
             sum(w["pss"] for w in warmed[-1]) + master.pss / 2**20, 1),
-        "models": {m["task"]: m.get("version") for m in models if m.get("ready")},
+        "models": models,
         **(site_packages_mib(python) if python else {}),
         "models_dir_mib": round(sum(f.stat().st_size for f in (REPO_ROOT / "models").rglob("*")
                                     if f.is_file()) / 2**20, 2),

@@ -9,7 +9,7 @@ import re
 import shlex
 
 from bench import deploy_figures
-from bench.common import REPO_ROOT
+from bench.common import REPO_ROOT, newest_versions
 
 APP = json.loads((REPO_ROOT / "app.json").read_text())
 DOCS = (REPO_ROOT / "docs" / "deploy.md").read_text()
@@ -24,6 +24,13 @@ def test_the_figures_block_shows_the_image_size_and_the_memory_peaks():
     block = DOCS.split(deploy_figures.BEGIN)[1].split(deploy_figures.END)[0]
     assert f"{figures['image']} MiB" in block and f"{figures['peak_pairs']} MiB" in block
     assert f"{figures['pss_heavy']} MiB" in APP["env"]["WEB_CONCURRENCY"]["description"]
+
+
+def test_the_figures_were_measured_with_the_models_served_now():
+    """A new model version changes the memory and the image: measure again (bench.startup,
+    bench.docker_image) when one is added."""
+    served = newest_versions()
+    assert deploy_figures.measured_models() == {"startup": served, "docker": served}
 
 
 def by_hand_commands() -> list[list[str]]:
