@@ -110,9 +110,9 @@ class EmotionModel(ServedModel):
                                    or len(speech) != 1 + wav.size // FEATURES.hop_length):
             speech = None  # flags of another signal: analyse this one
         first, last = speech_span(wav, FEATURES, speech) if self.speech_span else (0, wav.size)
-        speech = wav[first:last]
-        batch, spans = clip_windows(speech, self.params)
-        levels = np.array([rms_db(speech[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])
+        voiced = wav[first:last]
+        batch, spans = clip_windows(voiced, self.params)
+        levels = np.array([rms_db(voiced[int(s * self.params.sample_rate):int(e * self.params.sample_rate)])
                            for s, e in spans])
         offset = first / self.params.sample_rate
         spans = [(start + offset, end + offset) for start, end in spans]
