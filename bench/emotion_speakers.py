@@ -37,8 +37,6 @@ HEAD_C = 0.03
 
 def development_features(encoder: str, workers: int) -> dict[str, np.ndarray]:
     """Clip features, labels, speakers and corpora of the development clips of the shared classes."""
-    from app.core.runtime import TFLiteRunner
-
     spec = recipe.ENCODERS[encoder]
     clips = recipe.load_emodb(SHARED_DATA / "emodb" / "wav") + recipe.load_nemo(SHARED_DATA / "nemo")
     core = {recipe.LABELS.index(label) for label in recipe.CORE}
@@ -46,9 +44,7 @@ def development_features(encoder: str, workers: int) -> dict[str, np.ndarray]:
     windows, _, owner = recipe.windows_of(clips, 0, 0, spec.features, workers)
     path = REPO_ROOT / "var" / f"emotion-speakers-{encoder}.tflite"
     path.parent.mkdir(exist_ok=True)
-    shape = (spec.features.n_frames, spec.features.n_features)
-    spec.module.to_tflite(spec.module.encoder_graph(spec.module.load_weights(), shape), path)
-    window_features = TFLiteRunner(path, num_threads=workers).run(windows)
+    window_features = spec.runner(spec.module.load_weights(), path, workers).run(windows)
     return {"features": np.stack([window_features[owner == i].mean(axis=0) for i in range(len(clips))]),
             "labels": np.array([c["label"] for c in clips]),
             "speakers": np.array([c["speaker"] for c in clips]),
@@ -57,13 +53,10 @@ def development_features(encoder: str, workers: int) -> dict[str, np.ndarray]:
 
 def new_speaker_uar(data: dict[str, np.ndarray], train: np.ndarray, test: np.ndarray) -> float:
     """UAR on ``test`` of the head fitted on ``train`` (boolean masks over the clips)."""
-    from sklearn.metrics import recall_score
-
     features, labels = data["features"], data["labels"]
     weights = recipe.group_weights(data["corpora"][train], labels[train])
     head = recipe.fit_head(features[train], labels[train], weights, len(recipe.LABELS), HEAD_C)
-    predicted = recipe.head_probabilities(head, features[test]).argmax(axis=1)
-    return float(recall_score(labels[test], predicted, average="macro"))
+    return recipe.scores(labels[test], recipe.head_probabilities(head, features[test]), recipe.LABELS)["uar"]
 
 
 def speaker_curve(data: dict[str, np.ndarray], corpus: str, draws: int, seed: int) -> dict:

@@ -118,6 +118,15 @@ class Encoder:
     model: str
     trained_on: str
 
+    def runner(self, weights: dict[str, np.ndarray], path: Path, threads: int = 2) -> Any:
+        """The encoder alone, exported to ``path`` as LiteRT runs it (``to_tflite``), and a
+        ``TFLiteRunner`` of it: features as serving computes them."""
+        from app.core.runtime import TFLiteRunner
+
+        shape = (self.features.n_frames, self.features.n_features)
+        self.module.to_tflite(self.module.encoder_graph(weights, shape), path)
+        return TFLiteRunner(path, num_threads=threads)
+
 
 ENCODERS = {
     "ge2e": Encoder(
@@ -465,11 +474,9 @@ def main() -> None:
     out_dir = model_dir("emotion", args.version, args.models_dir)
     window_shape = (params.n_frames, params.n_features)
     encoder_graph, to_tflite = encoder_spec.module.encoder_graph, encoder_spec.module.to_tflite
-    # The encoder alone, as LiteRT runs it (to_tflite): the head is fitted on the features
-    # serving computes.
+    # The encoder alone, as LiteRT runs it: the head is fitted on the features serving computes.
     encoder_path = out_dir / "encoder.tflite"
-    to_tflite(encoder_graph(weights, window_shape), encoder_path)
-    encoder = TFLiteRunner(encoder_path, num_threads=2)
+    encoder = encoder_spec.runner(weights, encoder_path)
     features = encoder.run(x_dev)  # the runner takes a batch-1 model's rows one at a time
     print(f"encoder features {features.shape} [{clock.seconds}s]", flush=True)
     n_classes = len(LABELS)
